@@ -1,0 +1,3 @@
+from mhsft.cli import main
+
+raise SystemExit(main())

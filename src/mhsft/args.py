@@ -1,0 +1,105 @@
+"""Typed arguments shared by several stages, and the parser that turns a command line (or YAML) into them.
+
+Each stage defines ONE dataclass of arguments (by inheriting the mixins below) and parses it with
+`parse_args`. transformers' HfArgumentParser gives ms-swift's `--flag true` booleans and list flags
+(`--dataset a b c`) for free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from mhsft.utils import UserError
+
+T = TypeVar("T")
+
+# ms-swift 4 renamed some flags; both spellings work. Old name -> our field name.
+ALIASES = {
+    "--tuner_type": "--train_type",
+    "--model_id_or_path": "--model",
+    "--ckpt_dir": "--adapters",
+    "--model_name": "--served_model_name",
+}
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Model id (ModelScope by default, Hugging Face with --use_hf true), a local directory, "
+                  "or builtin:tiny for the tiny locally built model."},
+    )
+    use_hf: bool = field(default=False, metadata={"help": "Resolve hub ids on Hugging Face instead of ModelScope."})
+    torch_dtype: str = field(
+        default="auto", metadata={"help": "auto | bfloat16 | float16 | float32 (auto: the checkpoint's own dtype)."}
+    )
+    attn_impl: str | None = field(
+        default=None, metadata={"help": "flash_attn | sdpa | eager | flex_attention. flash_attn falls back with a "
+                                "notice when the package is missing."}
+    )
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (else MODELSCOPE_API_TOKEN / HF_TOKEN)."})
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Datasets: local files/folders or hub ids, `#N` samples N records (e.g. data.jsonl#500)."},
+    )
+    val_dataset: list[str] = field(default_factory=list, metadata={"help": "Validation datasets (same syntax)."})
+    split_dataset_ratio: float = field(
+        default=0.0, metadata={"help": "Hold out this share of --dataset for validation when --val_dataset is empty."}
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "auto | sharegpt | messages | alpaca | emollm | cpsycound | cpsycoune (auto: per file)."},
+    )
+    strict: bool = field(default=False, metadata={"help": "Stop at the first bad record instead of skipping it."})
+    seed: int = field(default=42, metadata={"help": "Random seed (sampling with #N, splits, shuffling, training)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Maximum tokens per sample; longer dialogues lose their earliest turns."}
+    )
+
+
+def _normalize_argv(argv: list[str]) -> list[str]:
+    out = []
+    for a in argv:
+        name, eq, val = a.partition("=")
+        if name in ALIASES:
+            a = ALIASES[name] + (eq + val if eq else "")
+        out.append(a)
+    return out
+
+
+def parse_args(cls: type[T], argv: list[str], prog: str, yaml_overrides: dict | None = None) -> T:
+    """Parse `argv` into `cls`. `yaml_overrides` (from an experiment file) set defaults that flags override."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls, prog=prog)
+    if yaml_overrides:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(yaml_overrides) - names)
+        if unknown:
+            raise UserError(f"{prog}: unknown setting(s) {', '.join(unknown)}")
+        parser.set_defaults(**yaml_overrides)
+    (args,) = parser.parse_args_into_dataclasses(args=_normalize_argv(argv))
+    return args
+
+
+def args_to_dict(args) -> dict:
+    """All fields of an arguments dataclass, secrets masked."""
+    from mhsft.utils import redact_args
+
+    return redact_args(dataclasses.asdict(args))
+
+
+def command_line() -> str:
+    """The command line as typed, secrets masked, for logs and args.json."""
+    import shlex
+
+    from mhsft.utils import redact_argv
+
+    return "mhsft " + " ".join(shlex.quote(a) for a in redact_argv(sys.argv[1:]))

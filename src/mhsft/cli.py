@@ -1,0 +1,81 @@
+"""`mhsft <stage> ...`: a thin dispatcher. Each stage lives in its own module and exposes `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# stage name -> (module, one-line description). Modules are imported lazily so that `mhsft --help`
+# and `mhsft data ...` do not pay for importing torch when they do not need it.
+STAGES: dict[str, tuple[str, str]] = {
+    "data": ("mhsft.data.cli", "inspect | validate | convert | clean datasets (ShareGPT, messages, Alpaca, EmoLLM, CPsyCoun)"),
+    "sft": ("mhsft.sft", "LoRA / full supervised fine-tuning (ms-swift flags), packing, resume, SwanLab"),
+    "infer": ("mhsft.infer", "chat with a model or adapter interactively, or run a JSONL batch"),
+    "deploy": ("mhsft.serve", "OpenAI-compatible HTTP server (chat, completions with logprobs)"),
+    "export": ("mhsft.merge", "merge a LoRA adapter into its base model, shard by shard, with a numeric check"),
+    "upload": ("mhsft.upload", "publish a model directory to ModelScope or Hugging Face with a model card"),
+    "eval": ("mhsft.eval", "exam multiple choice, QA metrics, counseling dimensions by a judge"),
+    "report": ("mhsft.report", "markdown + self-contained HTML report: base vs fine-tuned"),
+    "run": ("mhsft.pipeline", "run a whole experiment from one YAML file, resuming finished stages"),
+}
+
+USAGE = """usage: mhsft <stage> [--flag value ...]     (mhsft <stage> --help for a stage's flags)
+
+Fine-tune, serve and evaluate Chinese mental-health counseling chat models. Flags use ms-swift's
+names, so `swift sft ...` runs as `mhsft sft ...`.
+
+stages:
+{stages}
+
+Use `--model builtin:tiny` anywhere for a tiny locally built model (no download).
+A `.env` file in the working directory is loaded (SWANLAB_API_KEY, MODELSCOPE_API_TOKEN, HF_TOKEN, ...).
+"""
+
+
+def usage() -> str:
+    return USAGE.format(stages="\n".join(f"  {name:<8} {desc}" for name, (_, desc) in STAGES.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mhsft.utils import UserError, get_logger, load_dotenv_file, register_env_secrets, setup_console
+
+    setup_console()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mhsft import __version__
+
+        print(f"mhsft {__version__}")
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"mhsft: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    load_dotenv_file(os.path.join(os.getcwd(), ".env"))
+    register_env_secrets()
+    module_name = STAGES[stage][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        if rest and rest[0] in ("-h", "--help"):
+            print(f"usage: mhsft {stage} ...\n\n{STAGES[stage][1]}\n\n(not implemented yet)")
+            return 0
+        print(f"mhsft {stage}: not implemented yet", file=sys.stderr)
+        return 3
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as e:
+        get_logger().error(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        get_logger().error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

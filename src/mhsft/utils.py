@@ -1,0 +1,149 @@
+"""Process-wide plumbing shared by every stage: UTF-8 output, `.env` loading, secret hygiene, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+# Argument names whose values are secrets. Matching is by substring so that e.g. `--swanlab_token`,
+# `--hub_token` and `--api_key` are all covered, and so are names later stages add.
+SECRET_ARG_PATTERN = re.compile(r"(token|api_key|apikey|secret|password)", re.I)
+SECRET_ENV_VARS = ("SWANLAB_API_KEY", "MODELSCOPE_API_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+MASK = "***"
+_known_secrets: set[str] = set()
+
+
+class UserError(Exception):
+    """An error caused by the user's input or environment: printed as one line, exit code 2."""
+
+
+def setup_console() -> None:
+    """Make stdout/stderr UTF-8 whatever the locale (LANG=C must still print Chinese)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(encoding="utf-8", errors="replace")
+            except (ValueError, OSError):
+                pass
+    if hasattr(sys.stdin, "reconfigure"):
+        try:
+            sys.stdin.reconfigure(encoding="utf-8", errors="replace")
+        except (ValueError, OSError):
+            pass
+
+
+def load_dotenv_file(path: str | os.PathLike = ".env") -> list[str]:
+    """Load `.env` from the working directory without overriding the real environment.
+    Returns the variable names loaded (never their values)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    from dotenv import dotenv_values
+
+    loaded = []
+    for key, value in dotenv_values(p).items():
+        if value is None or key in os.environ:
+            continue
+        os.environ[key] = value
+        loaded.append(key)
+    register_env_secrets()
+    return loaded
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret value so that `scrub()` hides it wherever it turns up."""
+    if value and len(value) >= 4 and value != MASK:
+        _known_secrets.add(value)
+
+
+def register_env_secrets() -> None:
+    for name in SECRET_ENV_VARS:
+        register_secret(os.environ.get(name))
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(SECRET_ARG_PATTERN.search(name))
+
+
+def scrub(text: str) -> str:
+    """Replace every known secret value in `text` with ***."""
+    for s in sorted(_known_secrets, key=len, reverse=True):
+        if s in text:
+            text = text.replace(s, MASK)
+    return text
+
+
+def redact_args(d: dict) -> dict:
+    """A copy of an arguments dict with every secret-named field's value replaced by ***."""
+    out = {}
+    for k, v in d.items():
+        if is_secret_name(k) and v not in (None, "", False):
+            register_secret(v if isinstance(v, str) else None)
+            out[k] = MASK
+        elif isinstance(v, dict):
+            out[k] = redact_args(v)
+        elif isinstance(v, str):
+            out[k] = scrub(v)
+        else:
+            out[k] = v
+    return out
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A copy of a command line with the value of every secret flag replaced by ***
+    (`--swanlab_token X` and `--swanlab_token=X` both)."""
+    out: list[str] = []
+    hide_next = False
+    for a in argv:
+        if hide_next:
+            register_secret(a)
+            out.append(MASK)
+            hide_next = False
+            continue
+        if a.startswith("--") and is_secret_name(a.split("=", 1)[0]):
+            if "=" in a:
+                name, val = a.split("=", 1)
+                register_secret(val)
+                out.append(f"{name}={MASK}")
+            else:
+                out.append(a)
+                hide_next = True
+            continue
+        out.append(scrub(a))
+    return out
+
+
+class ScrubFilter(logging.Filter):
+    """Logging filter that masks known secrets in every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = scrub(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+def get_logger(name: str = "mhsft") -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logger.handlers and name == "mhsft":
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[mhsft] %(message)s"))
+        h.addFilter(ScrubFilter())
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def cache_dir() -> Path:
+    """mhsft's cache folder (MHSFT_CACHE, else XDG cache, else ~/.cache/mhsft)."""
+    base = os.environ.get("MHSFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mhsft"
+    )
+    p = Path(base)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,36 @@
+"""Shared fixtures: the real data in ../shared/data (skipped with a reason when absent) and the tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MHSFT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep the tiny model cache inside the test session unless the caller pinned one (CI reuses it)."""
+    if "MHSFT_CACHE" not in os.environ:
+        os.environ["MHSFT_CACHE"] = str(tmp_path_factory.mktemp("mhsft_cache"))
+    os.environ.setdefault("SWANLAB_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the real data in {SHARED_DATA} (the project's ../shared/data), not present in this clone")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """Path of the built-in tiny model (built once per session)."""
+    from mhsft.builtin import resolve_model
+
+    return Path(resolve_model("builtin:tiny"))
