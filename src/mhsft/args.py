@@ -29,38 +29,60 @@ ALIASES = {
 class ModelArguments:
     model: str | None = field(
         default=None,
-        metadata={"help": "Model id (ModelScope by default, Hugging Face with --use_hf true), a local directory, "
-                  "or builtin:tiny for the tiny locally built model."},
+        metadata={
+            "help": "Model id (ModelScope by default, Hugging Face with --use_hf true), a local directory, "
+            "or builtin:tiny for the tiny locally built model."
+        },
     )
-    use_hf: bool = field(default=False, metadata={"help": "Resolve hub ids on Hugging Face instead of ModelScope."})
+    use_hf: bool = field(
+        default=False, metadata={"help": "Resolve hub ids on Hugging Face instead of ModelScope."}
+    )
     torch_dtype: str = field(
-        default="auto", metadata={"help": "auto | bfloat16 | float16 | float32 (auto: the checkpoint's own dtype)."}
+        default="auto",
+        metadata={"help": "auto | bfloat16 | float16 | float32 (auto: the checkpoint's own dtype)."},
     )
     attn_impl: str | None = field(
-        default=None, metadata={"help": "flash_attn | sdpa | eager | flex_attention. flash_attn falls back with a "
-                                "notice when the package is missing."}
+        default=None,
+        metadata={
+            "help": "flash_attn | sdpa | eager | flex_attention. flash_attn falls back with a "
+            "notice when the package is missing."
+        },
     )
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token (else MODELSCOPE_API_TOKEN / HF_TOKEN)."})
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token (else MODELSCOPE_API_TOKEN / HF_TOKEN)."}
+    )
 
 
 @dataclass
 class DataArguments:
     dataset: list[str] = field(
         default_factory=list,
-        metadata={"help": "Datasets: local files/folders or hub ids, `#N` samples N records (e.g. data.jsonl#500)."},
+        metadata={
+            "help": "Datasets: local files/folders or hub ids, `#N` samples N records (e.g. data.jsonl#500)."
+        },
     )
-    val_dataset: list[str] = field(default_factory=list, metadata={"help": "Validation datasets (same syntax)."})
+    val_dataset: list[str] = field(
+        default_factory=list, metadata={"help": "Validation datasets (same syntax)."}
+    )
     split_dataset_ratio: float = field(
-        default=0.0, metadata={"help": "Hold out this share of --dataset for validation when --val_dataset is empty."}
+        default=0.0,
+        metadata={"help": "Hold out this share of --dataset for validation when --val_dataset is empty."},
     )
     dataset_format: str = field(
         default="auto",
-        metadata={"help": "auto | sharegpt | messages | alpaca | emollm | cpsycound | cpsycoune (auto: per file)."},
+        metadata={
+            "help": "auto | sharegpt | messages | alpaca | emollm | cpsycound | cpsycoune (auto: per file)."
+        },
     )
-    strict: bool = field(default=False, metadata={"help": "Stop at the first bad record instead of skipping it."})
-    seed: int = field(default=42, metadata={"help": "Random seed (sampling with #N, splits, shuffling, training)."})
+    strict: bool = field(
+        default=False, metadata={"help": "Stop at the first bad record instead of skipping it."}
+    )
+    seed: int = field(
+        default=42, metadata={"help": "Random seed (sampling with #N, splits, shuffling, training)."}
+    )
     max_length: int | None = field(
-        default=None, metadata={"help": "Maximum tokens per sample; longer dialogues lose their earliest turns."}
+        default=None,
+        metadata={"help": "Maximum tokens per sample; longer dialogues lose their earliest turns."},
     )
 
 

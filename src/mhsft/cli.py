@@ -9,11 +9,17 @@ import sys
 # stage name -> (module, one-line description). Modules are imported lazily so that `mhsft --help`
 # and `mhsft data ...` do not pay for importing torch when they do not need it.
 STAGES: dict[str, tuple[str, str]] = {
-    "data": ("mhsft.data.cli", "inspect | validate | convert | clean datasets (ShareGPT, messages, Alpaca, EmoLLM, CPsyCoun)"),
+    "data": (
+        "mhsft.data.cli",
+        "inspect | validate | convert | clean datasets (ShareGPT, messages, Alpaca, EmoLLM, CPsyCoun)",
+    ),
     "sft": ("mhsft.sft", "LoRA / full supervised fine-tuning (ms-swift flags), packing, resume, SwanLab"),
     "infer": ("mhsft.infer", "chat with a model or adapter interactively, or run a JSONL batch"),
     "deploy": ("mhsft.serve", "OpenAI-compatible HTTP server (chat, completions with logprobs)"),
-    "export": ("mhsft.merge", "merge a LoRA adapter into its base model, shard by shard, with a numeric check"),
+    "export": (
+        "mhsft.merge",
+        "merge a LoRA adapter into its base model, shard by shard, with a numeric check",
+    ),
     "upload": ("mhsft.upload", "publish a model directory to ModelScope or Hugging Face with a model card"),
     "eval": ("mhsft.eval", "exam multiple choice, QA metrics, counseling dimensions by a judge"),
     "report": ("mhsft.report", "markdown + self-contained HTML report: base vs fine-tuned"),

@@ -11,7 +11,13 @@ from pathlib import Path
 # Argument names whose values are secrets. Matching is by substring so that e.g. `--swanlab_token`,
 # `--hub_token` and `--api_key` are all covered, and so are names later stages add.
 SECRET_ARG_PATTERN = re.compile(r"(token|api_key|apikey|secret|password)", re.I)
-SECRET_ENV_VARS = ("SWANLAB_API_KEY", "MODELSCOPE_API_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+SECRET_ENV_VARS = (
+    "SWANLAB_API_KEY",
+    "MODELSCOPE_API_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "OPENAI_API_KEY",
+)
 MASK = "***"
 _known_secrets: set[str] = set()
 

@@ -96,7 +96,14 @@ class DataError(Exception):
     def to_reject(self) -> dict:
         """The line written to a rejects JSONL file."""
         s = self.source
-        return {"file": s.file, "line": s.line, "index": s.index, "id": s.id, "reason": self.reason, "record": self.raw}
+        return {
+            "file": s.file,
+            "line": s.line,
+            "index": s.index,
+            "id": s.id,
+            "reason": self.reason,
+            "record": self.raw,
+        }
 
 
 def validate_dialogue(d: Dialogue) -> None:
@@ -108,7 +115,9 @@ def validate_dialogue(d: Dialogue) -> None:
         if t.role not in ("user", "assistant"):
             raise DataError(d.source, f"turn {i + 1}: unknown role {t.role!r}")
         if not isinstance(t.content, str):
-            raise DataError(d.source, f"turn {i + 1} ({t.role}): text is {type(t.content).__name__}, not a string")
+            raise DataError(
+                d.source, f"turn {i + 1} ({t.role}): text is {type(t.content).__name__}, not a string"
+            )
         if not t.content.strip():
             raise DataError(d.source, f"turn {i + 1} ({t.role}): empty text")
     if d.turns[0].role != "user":
@@ -116,7 +125,8 @@ def validate_dialogue(d: Dialogue) -> None:
     for i in range(1, len(d.turns)):
         if d.turns[i].role == d.turns[i - 1].role:
             raise DataError(
-                d.source, f"turn {i + 1}: two {d.turns[i].role} turns in a row (run `mhsft data clean` to merge them)"
+                d.source,
+                f"turn {i + 1}: two {d.turns[i].role} turns in a row (run `mhsft data clean` to merge them)",
             )
     if d.num_assistant_turns == 0:
         raise DataError(d.source, "dialogue has no assistant turn")

@@ -1,0 +1,168 @@
+"""Run directories and checkpoints: layout, atomic writes, rotation, resume lookup, and self-description.
+
+Layout (ms-swift's): `output_dir/vN-YYYYMMDD-HHMMSS/{args.json, logging.jsonl, checkpoint-STEP/}`. Each
+checkpoint holds the PEFT adapter (or full weights), the tokenizer, `args.json` naming the base model under
+`model` (as ms-swift does, so our checkpoints and ms-swift's are read the same way), and the training
+state needed to resume bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from mhsft.utils import UserError
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+VERSION_RE = re.compile(r"^v(\d+)-\d{8}-\d{6}$")
+STATE_FILE = "trainer_state.json"
+
+
+def new_run_dir(output_dir: str | Path) -> Path:
+    """`output_dir/vN-YYYYMMDD-HHMMSS` with N one past the highest existing version."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    versions = [int(m.group(1)) for p in out.iterdir() if (m := VERSION_RE.match(p.name))]
+    n = max(versions, default=-1) + 1
+    while True:
+        run = out / f"v{n}-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:  # two runs started in the same second
+            n += 1
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first. A checkpoint counts only once its state file exists,
+    and it is the last file written before the atomic rename."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def find_resume_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
+    """`--resume_from_checkpoint auto`: the newest complete checkpoint of the newest run in output_dir that has
+    one; a path: that checkpoint (checked)."""
+    if spec == "auto":
+        out = Path(output_dir)
+        if not out.is_dir():
+            return None
+        runs = sorted(
+            (p for p in out.iterdir() if VERSION_RE.match(p.name)),
+            key=lambda p: int(p.name[1:].split("-")[0]),
+        )
+        for run in reversed(runs):
+            ckpts = list_checkpoints(run)
+            if ckpts:
+                return ckpts[-1]
+        return None
+    p = Path(spec)
+    if not (p / STATE_FILE).is_file():
+        raise UserError(f"--resume_from_checkpoint {spec}: not a complete mhsft checkpoint (no {STATE_FILE})")
+    return p
+
+
+def atomic_checkpoint(run_dir: Path, step: int, write) -> Path:
+    """Call `write(tmp_dir)` then rename the temp folder to `checkpoint-STEP` in one step, so that a kill at
+    any moment leaves either the complete checkpoint or none (a stale `.tmp-*` folder is ignored and cleaned)."""
+    final = run_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir))
+    try:
+        write(tmp)
+        _fsync_dir_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. final == last periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def rotate_checkpoints(run_dir: Path, limit: int | None, keep: Path | None = None) -> list[Path]:
+    """Delete the oldest checkpoints beyond `limit`; never the newest, never `keep` (the best or resumed one)."""
+    for stale in run_dir.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if not limit or limit < 1:
+        return []
+    ckpts = list_checkpoints(run_dir)
+    removed = []
+    excess = len(ckpts) - limit
+    for p in ckpts[:-1]:
+        if excess <= 0:
+            break
+        if keep is not None and p.resolve() == keep.resolve():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+        excess -= 1
+    return removed
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint_args(path: str | Path) -> dict:
+    """The training arguments a checkpoint (ours or ms-swift's) carries: its own args.json, else the run's."""
+    p = Path(path)
+    for cand in (p / "args.json", p.parent / "args.json"):
+        if cand.is_file():
+            try:
+                return json.loads(cand.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"{cand}: unreadable args.json ({e})") from None
+    return {}
+
+
+def base_model_of(adapter_dir: str | Path) -> str | None:
+    """The base model an adapter was trained on: args.json `model` (mhsft and ms-swift), else PEFT's
+    adapter_config.json `base_model_name_or_path`."""
+    args = read_checkpoint_args(adapter_dir)
+    if args.get("model"):
+        return str(args["model"])
+    cfg = Path(adapter_dir) / "adapter_config.json"
+    if cfg.is_file():
+        try:
+            return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                with open(os.path.join(dirpath, name), "rb+") as f:
+                    os.fsync(f.fileno())
+            except OSError:
+                pass
+        _fsync_dir(Path(dirpath))

@@ -1,0 +1,166 @@
+"""Dataset statistics for `mhsft data inspect`: streaming, one pass, memory bounded by one small int per dialogue."""
+
+from __future__ import annotations
+
+from array import array
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mhsft.data.schema import DataError, Dialogue
+
+
+def percentiles(values: array, qs=(50, 90, 99)) -> dict:
+    if not values:
+        return {f"p{q}": 0 for q in qs} | {"max": 0, "mean": 0.0}
+    import numpy as np
+
+    a = np.frombuffer(values, dtype=np.int32) if values.typecode == "i" else np.asarray(values)
+    out = {f"p{q}": int(np.percentile(a, q, method="nearest")) for q in qs}
+    out["max"] = int(a.max())
+    out["mean"] = round(float(a.mean()), 1)
+    return out
+
+
+@dataclass
+class Stats:
+    """Accumulates per-dialogue numbers. Lengths are kept as int32 arrays (4 bytes per dialogue:
+    4 MB for a million dialogues) because exact percentiles need them."""
+
+    max_length: int | None = None
+    dialogues: int = 0
+    rejected: int = 0
+    reject_reasons: Counter = field(default_factory=Counter)
+    files: Counter = field(default_factory=Counter)
+    with_system: int = 0
+    turns: int = 0
+    assistant_turns: int = 0
+    chars: array = field(default_factory=lambda: array("i"))
+    turns_per_dialogue: array = field(default_factory=lambda: array("i"))
+    tokens: array = field(default_factory=lambda: array("i"))
+    label_tokens: int = 0
+    truncated_dialogues: int = 0
+    dropped_turn_pairs: int = 0
+    cut_dialogues: int = 0
+
+    def add(self, item: Dialogue | DataError, tokenizer=None) -> None:
+        if isinstance(item, DataError):
+            self.rejected += 1
+            # the reason without per-record detail (e.g. "turn 3: empty text" -> "empty text") groups well
+            self.reject_reasons[item.reason.split(": ")[-1][:80]] += 1
+            return
+        d = item
+        self.dialogues += 1
+        self.files[d.source.file] += 1
+        self.with_system += bool(d.system)
+        self.turns += len(d.turns)
+        self.assistant_turns += d.num_assistant_turns
+        self.chars.append(d.num_chars())
+        self.turns_per_dialogue.append(len(d.turns))
+        if tokenizer is not None:
+            from mhsft.data.render import render_dialogue
+
+            full = render_dialogue(tokenizer, d, None)
+            self.tokens.append(len(full.input_ids))
+            if self.max_length:
+                r = render_dialogue(tokenizer, d, self.max_length)
+                self.label_tokens += sum(x != -100 for x in r.labels)
+                if r.num_dropped_turns or r.truncated:
+                    self.truncated_dialogues += 1
+                self.dropped_turn_pairs += r.num_dropped_turns
+                self.cut_dialogues += bool(r.truncated)
+            else:
+                self.label_tokens += sum(x != -100 for x in full.labels)
+
+    def packing(self) -> dict | None:
+        """Best-fit-decreasing packing of the (truncated) lengths into rows of max_length."""
+        if not self.max_length or not self.tokens:
+            return None
+        from mhsft.packing import pack_bfd
+
+        lengths = [min(n, self.max_length) for n in self.tokens]
+        rows = pack_bfd(lengths, self.max_length)
+        eff = sum(lengths) / (len(rows) * self.max_length)
+        padded = len(lengths) * self.max_length
+        return {
+            "rows": len(rows),
+            "efficiency": round(eff, 4),
+            "padding_efficiency": round(sum(lengths) / padded, 4),
+        }
+
+    def to_dict(self) -> dict:
+        out = {
+            "dialogues": self.dialogues,
+            "rejected": self.rejected,
+            "reject_reasons": dict(self.reject_reasons.most_common(10)),
+            "files": len(self.files),
+            "with_system_prompt": self.with_system,
+            "turns": self.turns,
+            "assistant_turns": self.assistant_turns,
+            "turns_per_dialogue": percentiles(self.turns_per_dialogue),
+            "characters": {"total": int(sum(self.chars)), **percentiles(self.chars)},
+        }
+        if self.tokens:
+            out["tokens"] = {"total": int(sum(self.tokens)), **percentiles(self.tokens)}
+            out["label_tokens"] = self.label_tokens
+        if self.max_length and self.tokens:
+            n = max(self.dialogues, 1)
+            out["max_length"] = self.max_length
+            out["truncation"] = {
+                "dialogues": self.truncated_dialogues,
+                "rate": round(self.truncated_dialogues / n, 4),
+                "turn_pairs_dropped": self.dropped_turn_pairs,
+                "cut_inside_last_turn": self.cut_dialogues,
+            }
+            out["packing"] = self.packing()
+        return out
+
+
+def collect(items: Iterable[Dialogue | DataError], tokenizer=None, max_length: int | None = None) -> Stats:
+    s = Stats(max_length=max_length)
+    for it in items:
+        s.add(it, tokenizer)
+    return s
+
+
+def format_table(d: dict, title: str) -> str:
+    """A plain-text table (box drawing via rich when it renders to a string)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("statistic")
+    t.add_column("value", justify="right")
+
+    def pct(p: dict) -> str:
+        return (
+            f"mean {p['mean']:,} · p50 {p['p50']:,} · p90 {p['p90']:,} · p99 {p['p99']:,} · max {p['max']:,}"
+        )
+
+    t.add_row("dialogues", f"{d['dialogues']:,}")
+    t.add_row("rejected records", f"{d['rejected']:,}")
+    for reason, n in d["reject_reasons"].items():
+        t.add_row(f"  {reason}", f"{n:,}")
+    t.add_row("files", f"{d['files']:,}")
+    t.add_row("with system prompt", f"{d['with_system_prompt']:,}")
+    t.add_row("turns (user + assistant)", f"{d['turns']:,}")
+    t.add_row("assistant turns", f"{d['assistant_turns']:,}")
+    t.add_row("turns per dialogue", pct(d["turns_per_dialogue"]))
+    t.add_row("characters per dialogue", pct(d["characters"]))
+    t.add_row("characters total", f"{d['characters']['total']:,}")
+    if "tokens" in d:
+        t.add_row("tokens per dialogue", pct(d["tokens"]))
+        t.add_row("tokens total", f"{d['tokens']['total']:,}")
+        t.add_row("trained (assistant) tokens", f"{d['label_tokens']:,}")
+    if "truncation" in d:
+        tr = d["truncation"]
+        t.add_row(f"truncated at max_length {d['max_length']:,}", f"{tr['dialogues']:,} ({tr['rate']:.1%})")
+        t.add_row("  earliest turn pairs dropped", f"{tr['turn_pairs_dropped']:,}")
+        t.add_row("  cut inside the last turn", f"{tr['cut_inside_last_turn']:,}")
+        pk = d["packing"]
+        t.add_row("packing efficiency (BFD)", f"{pk['efficiency']:.1%} in {pk['rows']:,} rows")
+        t.add_row("padding efficiency (no packing)", f"{pk['padding_efficiency']:.1%}")
+    console = Console(width=110, record=False, force_terminal=False, color_system=None)
+    with console.capture() as cap:
+        console.print(t)
+    return cap.get()

@@ -1,0 +1,54 @@
+"""Causal-LM loss without materializing the full logits.
+
+For Qwen2.5's 152k vocabulary, 24k tokens of fp32 logits are 15 GB (plus the same again for their
+gradient). We run the LM head and cross-entropy over chunks of tokens under activation checkpointing,
+so only one chunk's logits exist at a time, in the forward and in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the positions that predict them: position t predicts token t+1."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[..., :-1] = labels[..., 1:]
+    return out
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Sum (not mean) of token cross-entropies over every labelled position.
+
+    `hidden` [..., T, H] are the final hidden states, `labels` [..., T] the unshifted labels (-100 = no loss).
+    Returning the sum lets the caller divide by the number of labelled tokens in the whole optimizer step
+    (across micro-batches and ranks), which is the token-level mean that gradient accumulation must preserve.
+    """
+    target = shift_labels(labels).reshape(-1)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    keep = target != IGNORE_INDEX
+    # Only labelled positions need logits at all: assistant tokens are often under half of a counseling dialogue.
+    h, target = h[keep], target[keep]
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk_size):
+        hc, tc = h[i : i + chunk_size], target[i : i + chunk_size]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, hc, weight, bias, tc, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hc, weight, bias, tc)
+    return total

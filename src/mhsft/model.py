@@ -1,0 +1,153 @@
+"""Find and load a model and its tokenizer: `builtin:tiny`, a local folder, or a hub id (ModelScope by
+default, Hugging Face with `use_hf=True`). Every failure a user can cause (a typo in the id, no network,
+a folder that is not a model) becomes a one-line UserError."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from mhsft.builtin import is_builtin, resolve_model
+from mhsft.utils import UserError, get_logger, scrub
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "float32": "float32",
+}
+# ms-swift's --attn_impl names -> transformers' attn_implementation.
+ATTN_IMPLS = {
+    "flash_attn": "flash_attention_2",
+    "flash_attention_2": "flash_attention_2",
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "flex_attention": "flex_attention",
+}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return scrub(lines[0] if lines else type(e).__name__)
+
+
+def _looks_like_path(s: str) -> bool:
+    return (
+        s.startswith((".", "/", "~"))
+        or "\\" in s
+        or s.count("/") > 1
+        or re.match(r"[A-Za-z]:", s) is not None
+    )
+
+
+def resolve_model_dir(model: str | None, use_hf: bool = False, token: str | None = None) -> str:
+    """A local folder for `model`, downloading hub ids into the hub's own cache."""
+    if not model:
+        raise UserError("no model given: pass --model (a hub id, a local folder, or builtin:tiny)")
+    if is_builtin(model):
+        return resolve_model(model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise UserError(f"--model {model} is a file; pass the folder that holds config.json")
+    if _looks_like_path(model) or not HUB_ID_RE.match(model):
+        raise UserError(f"--model {model}: no such folder, and not a hub id like Qwen/Qwen2.5-7B-Instruct")
+    return _download(model, use_hf, token)
+
+
+def _download(model_id: str, use_hf: bool, token: str | None) -> str:
+    hub = "Hugging Face" if use_hf else "ModelScope"
+    get_logger().info(f"fetching {model_id} from {hub} (cached after the first time)")
+    try:
+        if use_hf:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(model_id, token=token or None)
+        from modelscope import snapshot_download
+
+        return snapshot_download(model_id, token=token or os.environ.get("MODELSCOPE_API_TOKEN") or None)
+    except Exception as e:  # network, auth, not-found: each hub raises its own types
+        other = "ModelScope (drop --use_hf)" if use_hf else "Hugging Face (--use_hf true)"
+        raise UserError(
+            f"cannot fetch model {model_id} from {hub}: {_first_line(e)} "
+            f"(check the id and your network, try {other}, or pass a local folder)"
+        ) from e
+
+
+def load_tokenizer(model: str, use_hf: bool = False, token: str | None = None):
+    """The model's tokenizer, with a pad token (the eos token when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(model, use_hf, token)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # OSError (missing files), ValueError (unknown class), json errors, ...
+        raise UserError(f"cannot load a tokenizer from {path}: {_first_line(e)}") from e
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(name: str | None):
+    """`auto` (the checkpoint's own dtype) or a torch dtype from a name like bfloat16 / fp16."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return "auto"
+    key = str(name).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise UserError(f"unknown --torch_dtype {name!r}: use auto, bfloat16, float16 or float32")
+    return getattr(torch, DTYPES[key])
+
+
+def attn_implementation(name: str | None) -> str | None:
+    """transformers' attn_implementation for an ms-swift --attn_impl value (flash_attn falls back to sdpa
+    with a notice when the flash-attn package is not installed)."""
+    if name in (None, "", "auto"):
+        return None
+    impl = ATTN_IMPLS.get(name)
+    if impl is None:
+        raise UserError(
+            f"unknown --attn_impl {name!r}: use one of {', '.join(sorted(set(ATTN_IMPLS) - {'flash_attention_2'}))}"
+        )
+    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        get_logger().info("--attn_impl flash_attn: the flash-attn package is not installed; using sdpa")
+        return "sdpa"
+    return impl
+
+
+def load_model(
+    model: str,
+    dtype: str | None = "auto",
+    attn_impl: str | None = None,
+    device: str | None = None,
+    use_hf: bool = False,
+    token: str | None = None,
+):
+    """A causal LM from `model` (builtin:tiny, folder or hub id), in `dtype`, optionally moved to `device`."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_dir(model, use_hf, token)
+    kwargs: dict = {}
+    # transformers renamed torch_dtype to dtype in 4.56.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch_dtype(dtype)
+    impl = attn_implementation(attn_impl)
+    if impl:
+        kwargs["attn_implementation"] = impl
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # OSError (no weights), ValueError (unknown architecture), ImportError (kernels)
+        raise UserError(f"cannot load a causal LM from {path}: {_first_line(e)}") from e
+    if device:
+        try:
+            m = m.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise UserError(f"cannot move the model to {device}: {_first_line(e)}") from e
+    return m

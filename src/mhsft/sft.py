@@ -1,0 +1,800 @@
+"""`mhsft sft`: LoRA (or full) supervised fine-tuning with ms-swift's flags.
+
+Reads top to bottom: arguments -> checks that must fail before anything heavy -> data -> model -> loop -> save.
+The loop is our own (not transformers' Trainer) so that the loss is the token-level mean over a whole
+optimizer step, packing uses kernels that need no flash-attn package, and resume is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mhsft.args import DataArguments, ModelArguments, args_to_dict, command_line, parse_args
+from mhsft.checkpoint import (
+    STATE_FILE,
+    atomic_checkpoint,
+    base_model_of,
+    find_resume_checkpoint,
+    new_run_dir,
+    rotate_checkpoints,
+    write_json,
+)
+from mhsft.tracking import Tracker, TrackingArguments, check_tracking
+from mhsft.utils import UserError, get_logger
+
+log = get_logger()
+
+
+@dataclass
+class SftArguments(ModelArguments, DataArguments, TrackingArguments):
+    train_type: str = field(default="lora", metadata={"help": "lora | full (ms-swift 4: --tuner_type)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / rank)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules to adapt; all-linear excludes lm_head."},
+    )
+    adapters: list[str] = field(
+        default_factory=list, metadata={"help": "Start from this LoRA checkpoint (ours or ms-swift's)."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training set."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."}
+    )
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "Rows (packed) or samples per micro-batch."}
+    )
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Micro-batch for validation."})
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batches per optimizer step (default: 16 / batch / GPUs, as ms-swift)."},
+    )
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak LR (default 1e-4 LoRA, 1e-5 full)."}
+    )
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | linear | constant."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming the LR up."})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Warm-up steps (overrides warmup_ratio when > 0)."}
+    )
+    packing: bool = field(default=False, metadata={"help": "Pack whole samples into rows of max_length."})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations to save memory."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "Train in bfloat16 (fp16 fallback on older GPUs)."}
+    )
+    fp16: bool | None = field(default=None, metadata={"help": "Train in float16 with loss scaling."})
+    save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep at most N checkpoints (never the newest)."}
+    )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Validate every N steps (default: save_steps)."}
+    )
+    logging_steps: int = field(default=5, metadata={"help": "One log line every N steps."})
+    output_dir: str = field(default="output", metadata={"help": "Runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/."})
+    add_version: bool = field(
+        default=True, metadata={"help": "Put the run in a new vN-... folder of output_dir."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint dir, or auto (the newest in output_dir)."}
+    )
+    deepspeed: str | None = field(default=None, metadata={"help": "zero2 | zero3 | a DeepSpeed JSON config."})
+    loss_chunk_size: int = field(default=4096, metadata={"help": "Tokens per LM-head + loss chunk."})
+
+    def __post_init__(self):
+        if self.train_type not in ("lora", "full"):
+            raise UserError(f"--train_type must be lora or full, not {self.train_type!r}")
+        if self.learning_rate is None:
+            self.learning_rate = 1e-4 if self.train_type == "lora" else 1e-5
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+        if self.max_length is None:
+            self.max_length = 2048
+        for name in ("per_device_train_batch_size", "logging_steps", "save_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def render_samples(dialogues, tokenizer, max_length: int) -> tuple[list[dict], dict]:
+    """Chat-template each dialogue with assistant-only labels; count what truncation did."""
+    from mhsft.data.render import render_dialogue
+
+    samples, counts = [], {"dialogues": len(dialogues), "dropped_turn_pairs": 0, "cut": 0, "no_labels": 0}
+    for d in dialogues:
+        r = render_dialogue(tokenizer, d, max_length)
+        counts["dropped_turn_pairs"] += r.num_dropped_turns
+        counts["cut"] += bool(r.truncated)
+        if all(x == -100 for x in r.labels):
+            counts["no_labels"] += 1
+            continue
+        samples.append({"input_ids": r.input_ids, "labels": r.labels, "source": d.source.where()})
+    return samples, counts
+
+
+def epoch_plan(samples: list[dict], epoch: int, args: SftArguments) -> list[list[list[int]]]:
+    """The epoch's micro-batches, each a list of rows, each row a list of sample indices (one index per row when
+    not packing). Deterministic in (seed, epoch), which is what makes resume exact."""
+    rng = random.Random(args.seed * 1000 + epoch)
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    if args.packing:
+        from mhsft.packing import pack_bfd
+
+        bins = pack_bfd([len(samples[i]["input_ids"]) for i in order], args.max_length)
+        rows = [[order[j] for j in b] for b in bins]
+        rng.shuffle(rows)
+    else:
+        rows = [[i] for i in order]
+    bs = args.per_device_train_batch_size
+    return [rows[i : i + bs] for i in range(0, len(rows), bs)]
+
+
+def collate(samples: list[dict], rows: list[list[int]], args: SftArguments, pad_id: int) -> dict:
+    from mhsft.packing import collate_packed, collate_padded
+
+    if args.packing:
+        return collate_packed([[samples[i] for i in row] for row in rows])
+    return collate_padded([samples[row[0]] for row in rows], pad_id)
+
+
+# ----------------------------------------------------------------------------------------------- model
+class CausalLMLoss:
+    """Wraps the model so that DDP / DeepSpeed see one forward that returns (sum of token losses, #tokens)
+    without ever building the full logits tensor."""
+
+    def __new__(cls, model, chunk_size: int):
+        import torch
+
+        from mhsft.loss import chunked_lm_loss
+
+        class _Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **kw):
+                lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                out = lm.get_decoder()(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    attention_mask=attention_mask,
+                    use_cache=False,
+                    **kw,
+                )
+                return chunked_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, chunk_size)
+
+        return _Wrapper()
+
+
+def choose_dtype(args: SftArguments, device) -> tuple[object, list[str]]:
+    import torch
+
+    notices = []
+    if args.fp16:
+        return torch.float16, notices
+    if args.bf16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            notices.append("this GPU has no bfloat16: training in float16 with loss scaling instead")
+            return torch.float16, notices
+        return torch.bfloat16, notices
+    if args.torch_dtype not in ("auto", None):
+        return getattr(torch, args.torch_dtype), notices
+    if device.type == "cuda":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), notices
+    return torch.float32, notices
+
+
+def choose_attention(device, args: SftArguments) -> tuple[str, str | None]:
+    """The attention implementation to load the model with, and a one-line notice when the request changes.
+    Packed rows need a kernel that respects sample boundaries; none of them needs the flash-attn package."""
+    import importlib.util
+
+    if args.packing:
+        from mhsft.packing import register_packed_attention, select_attn_backend
+
+        backend, notice = select_attn_backend(device, args.attn_impl)
+        return register_packed_attention(backend), notice
+    req = args.attn_impl
+    if req in ("flash_attn", "flash_attention_2"):
+        if importlib.util.find_spec("flash_attn") is None:
+            return "sdpa", "flash_attn is not installed; using PyTorch sdpa attention"
+        return "flash_attention_2", None
+    return (req or "sdpa"), None
+
+
+def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, notices: list[str]):
+    from mhsft.model import load_model
+
+    model = load_model(model_path, dtype=dtype, attn_impl=attn_impl)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.train_type == "full":
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if args.adapters:
+        adapter = resolve_adapter(args.adapters)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        notices.append(f"continuing from the LoRA adapter in {adapter}")
+        return model
+    targets = args.target_modules
+    target = "all-linear" if targets in (["all-linear"], ["all_linear"], ["ALL"]) else targets
+    cfg = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def resolve_adapter(adapters: list[str]) -> str:
+    if len(adapters) != 1:
+        raise UserError("sft takes one --adapters checkpoint to continue from")
+    p = Path(adapters[0])
+    if not (p / "adapter_config.json").is_file():
+        raise UserError(f"--adapters {p}: no adapter_config.json there (not a LoRA checkpoint)")
+    return str(p)
+
+
+def lr_lambda(args: SftArguments, total_steps: int):
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if args.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def memory_gib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 tensor-core peak of known GPUs, for MFU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (
+        ("H200", 989),
+        ("H100", 989),
+        ("H800", 989),
+        ("A100", 312),
+        ("A800", 312),
+        ("L40", 181),
+        ("4090", 165),
+        ("A10", 125),
+    ):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+OOM_ADVICE = (
+    "CUDA out of memory. Try, in this order: a smaller --per_device_train_batch_size with a larger "
+    "--gradient_accumulation_steps (same tokens per step); --gradient_checkpointing true; --deepspeed zero3 "
+    "on several GPUs; a lower --max_length."
+)
+
+
+def save_rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str]) -> int:
+    args = parse_args(SftArguments, argv, prog="mhsft sft")
+    train(args)
+    return 0
+
+
+def train(args: SftArguments) -> Path:
+    """Run training; returns the final checkpoint directory."""
+    # 1. Checks that must fail before anything heavy happens.
+    if not args.model and not args.adapters and not args.resume_from_checkpoint:
+        raise UserError("give --model (a hub id, a local directory, or builtin:tiny)")
+    if not args.dataset:
+        raise UserError("give --dataset (files, folders or hub ids; `#N` samples N records)")
+    notices = check_tracking(args)
+    resume_ckpt = None
+    if args.resume_from_checkpoint:
+        resume_ckpt = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if resume_ckpt is None:
+            notices.append(
+                f"--resume_from_checkpoint auto: no checkpoint in {args.output_dir} yet, starting fresh"
+            )
+    if not args.model:
+        args.model = base_model_of(resume_ckpt or args.adapters[0])
+        if not args.model:
+            raise UserError("cannot tell the base model from the checkpoint: give --model")
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from mhsft.distributed import deepspeed_plugin
+
+    accelerator = Accelerator(deepspeed_plugin=deepspeed_plugin(args))
+    device, is_main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
+    if args.gradient_accumulation_steps is None:
+        args.gradient_accumulation_steps = max(1, math.ceil(16 / args.per_device_train_batch_size / world))
+    set_seed(args.seed)
+    dtype, dtype_notes = choose_dtype(args, device)
+    notices += dtype_notes
+
+    # 2. Run directory: resuming continues the checkpoint's own run so that logs stay in one place.
+    if resume_ckpt is not None:
+        run_dir = resume_ckpt.parent
+    elif args.add_version:
+        run_dir = new_run_dir(args.output_dir) if is_main else None
+        if world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    else:
+        run_dir = Path(args.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # 3. Data.
+    from mhsft.data.loader import load_datasets
+    from mhsft.model import load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(args.model, use_hf=args.use_hf)
+    tokenizer = load_tokenizer(model_path)
+    data = load_datasets(
+        args.dataset,
+        fmt=args.dataset_format,
+        use_hf=args.use_hf,
+        seed=args.seed,
+        strict=args.strict,
+        val_specs=args.val_dataset,
+        split_ratio=args.split_dataset_ratio,
+        rejects_path=run_dir / "rejects.jsonl",
+    )
+    train_samples, tcounts = render_samples(data.train, tokenizer, args.max_length)
+    val_samples, _ = render_samples(data.val, tokenizer, args.max_length)
+    if not train_samples:
+        raise UserError(
+            "no trainable sample: every dialogue was rejected or lost its assistant turns to truncation"
+        )
+    if tcounts["no_labels"]:
+        notices.append(
+            f"{tcounts['no_labels']} dialogue(s) kept no assistant token within --max_length and are skipped"
+        )
+
+    # 4. Model.
+    attn_impl, attn_notice = choose_attention(device, args)
+    if attn_notice:
+        notices.append(attn_notice)
+    model = build_model(args, model_path, dtype, attn_impl, notices)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        fused=fused,
+    )
+    per_epoch = math.ceil(
+        len(epoch_plan(train_samples, 0, args)) / (args.gradient_accumulation_steps * world)
+    )
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    wrapped = CausalLMLoss(model, args.loss_chunk_size)
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+
+    # 5. Resume: weights, optimizer, scheduler, RNG, and the position in the data.
+    step = 0
+    if resume_ckpt is not None:
+        step = load_training_state(resume_ckpt, model, optimizer, scheduler, scaler, args)
+        notices.append(f"resumed from {resume_ckpt} at step {step}")
+
+    # 6. Describe the run before the first step.
+    config = args_to_dict(args) | {
+        "command": command_line(),
+        "model_dir": model_path,
+        "run_dir": str(run_dir),
+        "trainable_parameters": n_train,
+        "total_parameters": n_total,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": attn_impl,
+        "world_size": world,
+        "total_steps": total_steps,
+        "train_samples": len(train_samples),
+        "val_samples": len(val_samples),
+        "truncation": tcounts,
+        "rejected_records": data.num_rejected,
+        "mhsft_version": __import__("mhsft").__version__,
+    }
+    tracker = None
+    if is_main:
+        write_json(run_dir / "args.json", config)
+        truncate_log(run_dir / "logging.jsonl", step)
+        tracker = Tracker(run_dir, args, config)
+        for n in notices:
+            log.info(n)
+        log.info(f"run directory: {run_dir}")
+        log.info(
+            f"{len(train_samples):,} training samples, {len(val_samples):,} validation; {n_train:,} trainable of "
+            f"{n_total:,} parameters ({100 * n_train / n_total:.3f}%); {total_steps:,} steps of "
+            f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {world} "
+            f"{'packed rows' if args.packing else 'samples'}"
+        )
+
+    # 7. The loop.
+    try:
+        final = run_loop(
+            args,
+            accelerator,
+            model,
+            wrapped,
+            optimizer,
+            scheduler,
+            scaler,
+            tokenizer,
+            train_samples,
+            val_samples,
+            run_dir,
+            tracker,
+            step,
+            total_steps,
+            per_epoch,
+            config,
+        )
+    except torch.OutOfMemoryError:
+        raise UserError(OOM_ADVICE) from None
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    return final
+
+
+def run_loop(
+    args,
+    accelerator,
+    model,
+    wrapped,
+    optimizer,
+    scheduler,
+    scaler,
+    tokenizer,
+    train_samples,
+    val_samples,
+    run_dir,
+    tracker,
+    step,
+    total_steps,
+    per_epoch,
+    config,
+) -> Path:
+    import torch
+    from tqdm import tqdm
+
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    is_main = accelerator.is_main_process
+    ga = args.gradient_accumulation_steps
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    flops_per_token = (6 if args.train_type == "full" else 4) * config["total_parameters"]
+    peak = peak_flops(device)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="training",
+        unit="step",
+        file=sys.stderr,
+        disable=not is_main,
+        dynamic_ncols=True,
+    )
+    window = {"loss": 0.0, "tokens": 0, "label_tokens": 0, "t0": time.perf_counter(), "steps": 0}
+    t_start, step_at_start = time.perf_counter(), step
+    last_ckpt, grad_norm = None, float("nan")
+    model.train()
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, per_epoch)
+        plan = epoch_plan(train_samples, epoch, args)
+        per_step = ga * world
+        group = plan[in_epoch * per_step : (in_epoch + 1) * per_step]
+        if len(group) < per_step and world > 1:  # every rank needs the same number of micro-batches
+            group = group + plan[: per_step - len(group)]
+        mine = group[rank::world]
+        batches = [collate(train_samples, mb, args, pad_id) for mb in mine]
+        n_label = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)
+        if world > 1:
+            t = torch.tensor([n_label], device=device)
+            n_label_all = int(accelerator.reduce(t, reduction="sum").item())
+        else:
+            n_label_all = n_label
+        step_loss = 0.0
+        for i, b in enumerate(batches):
+            b = {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
+            sync = i == len(batches) - 1
+            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else _nullcontext()
+            with ctx:
+                loss_sum = wrapped(**b)
+                # DDP averages gradients over ranks, so scale by world to get the global token mean.
+                loss = loss_sum * world / max(n_label_all, 1)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    accelerator.backward(loss)
+            step_loss += float(loss_sum.detach())
+            # real tokens only: padding (unpacked batches) does not count towards tokens/s
+            mask = b.get("attention_mask")
+            window["tokens"] += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if args.max_grad_norm > 0:
+            grad_norm = float(
+                accelerator.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], args.max_grad_norm
+                )
+            )
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window["loss"] += step_loss
+        window["label_tokens"] += n_label
+        window["steps"] += 1
+        bar.update(1)
+
+        if step % args.logging_steps == 0 or step == total_steps:
+            metrics = log_metrics(
+                args,
+                accelerator,
+                window,
+                step,
+                total_steps,
+                per_epoch,
+                scheduler,
+                grad_norm,
+                t_start,
+                step_at_start,
+                flops_per_token,
+                peak,
+            )
+            if is_main:
+                bar.write(format_line(metrics, total_steps))
+                tracker.log(metrics, step)
+            window = {"loss": 0.0, "tokens": 0, "label_tokens": 0, "t0": time.perf_counter(), "steps": 0}
+        if val_samples and (step % args.eval_steps == 0 or step == total_steps):
+            eval_loss = evaluate(args, wrapped, model, val_samples, pad_id, accelerator)
+            if is_main:
+                bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                tracker.log({"eval_loss": eval_loss, "step": step, "epoch": round(step / per_epoch, 4)}, step)
+            model.train()
+        if step % args.save_steps == 0 or step == total_steps:
+            last_ckpt = save_checkpoint(
+                args, accelerator, model, optimizer, scheduler, scaler, tokenizer, run_dir, step, config
+            )
+            if is_main:
+                bar.write(f"saved {last_ckpt}")
+    bar.close()
+    if is_main:
+        log.info(f"done: {step} steps; final checkpoint {last_ckpt}")
+    return last_ckpt
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def log_metrics(
+    args,
+    accelerator,
+    window,
+    step,
+    total_steps,
+    per_epoch,
+    scheduler,
+    grad_norm,
+    t_start,
+    step_at_start,
+    flops_per_token,
+    peak,
+) -> dict:
+    import torch
+
+    device = accelerator.device
+    dt = max(time.perf_counter() - window["t0"], 1e-9)
+    vals = torch.tensor(
+        [window["loss"], window["label_tokens"], window["tokens"]], device=device, dtype=torch.float64
+    )
+    if accelerator.num_processes > 1:
+        vals = accelerator.reduce(vals, reduction="sum")
+    loss = float(vals[0] / max(vals[1], 1))
+    tps = float(vals[2]) / dt
+    elapsed = time.perf_counter() - t_start
+    done = step - step_at_start
+    eta = elapsed / max(done, 1) * (total_steps - step)
+    m = {
+        "step": step,
+        "epoch": round(step / per_epoch, 4),
+        "progress": round(step / total_steps, 4),
+        "loss": round(loss, 6),
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": round(grad_norm, 6) if grad_norm == grad_norm else None,
+        "tokens_per_s": round(tps, 1),
+        "memory_gib": round(memory_gib(device), 2),
+        "elapsed_s": round(elapsed, 1),
+        "eta_s": round(eta, 1),
+    }
+    if peak:
+        m["mfu"] = round(tps * flops_per_token / (peak * accelerator.num_processes), 4)
+    return m
+
+
+def format_line(m: dict, total_steps: int) -> str:
+    gn = f"{m['grad_norm']:.3f}" if m["grad_norm"] is not None else "n/a"
+    line = (
+        f"step {m['step']}/{total_steps} ({100 * m['progress']:.1f}%) loss {m['loss']:.4f} lr {m['lr']:.2e} "
+        f"grad_norm {gn} tokens/s {m['tokens_per_s']:,.0f} mem {m['memory_gib']:.1f} GiB"
+    )
+    if "mfu" in m:
+        line += f" MFU {100 * m['mfu']:.1f}%"
+    return line + f" ETA {fmt_eta(m['eta_s'])}"
+
+
+def evaluate(args, wrapped, model, val_samples, pad_id, accelerator) -> float:
+    """Token-mean validation loss."""
+    import torch
+
+    from mhsft.packing import collate_padded
+
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    bs = args.per_device_eval_batch_size
+    mine = list(range(len(val_samples)))[rank::world]
+    with torch.no_grad():
+        for i in range(0, len(mine), bs):
+            b = collate_padded([val_samples[j] for j in mine[i : i + bs]], pad_id)
+            b = {k: v.to(accelerator.device) if hasattr(v, "to") else v for k, v in b.items()}
+            total[0] += float(wrapped(**b))
+            total[1] += int((b["labels"][..., 1:] != -100).sum())
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / max(total[1], 1))
+
+
+def save_checkpoint(args, accelerator, model, optimizer, scheduler, scaler, tokenizer, run_dir, step, config):
+    import torch
+
+    accelerator.wait_for_everyone()
+    path = run_dir / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+
+        def write(tmp: Path):
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            torch.save(save_rng_state(), tmp / "rng_state.pt")
+            write_json(tmp / "args.json", config)
+            # Written last: a checkpoint is complete exactly when this file exists.
+            write_json(
+                tmp / STATE_FILE,
+                {
+                    "global_step": step,
+                    "total_steps": config["total_steps"],
+                    "train_type": args.train_type,
+                    "base_model": args.model,
+                },
+            )
+
+        path = atomic_checkpoint(run_dir, step, write)
+        rotate_checkpoints(run_dir, args.save_total_limit)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_training_state(ckpt: Path, model, optimizer, scheduler, scaler, args) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    if args.train_type == "lora":
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(str(ckpt / "adapter_model.safetensors"))
+        res = set_peft_model_state_dict(model, weights)
+        if getattr(res, "unexpected_keys", None):
+            raise UserError(f"{ckpt}: adapter does not match this LoRA configuration")
+    else:
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        load_sharded_checkpoint(model, str(ckpt), strict=True) if not (
+            ckpt / "model.safetensors"
+        ).is_file() else model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    if scaler is not None and (ckpt / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
+    load_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
+    return int(state["global_step"])
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint so the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
