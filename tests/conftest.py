@@ -24,7 +24,9 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"needs the real data in {SHARED_DATA} (the project's ../shared/data), not present in this clone")
+        pytest.skip(
+            f"needs the real data in {SHARED_DATA} (the project's ../shared/data), not present in this clone"
+        )
     return SHARED_DATA
 
 

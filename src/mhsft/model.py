@@ -110,6 +110,8 @@ def attn_implementation(name: str | None) -> str | None:
     with a notice when the flash-attn package is not installed)."""
     if name in (None, "", "auto"):
         return None
+    if name.startswith("mhsft_packed_"):  # registered by mhsft.packing for packed rows
+        return name
     impl = ATTN_IMPLS.get(name)
     if impl is None:
         raise UserError(

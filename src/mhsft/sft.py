@@ -223,7 +223,10 @@ def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, noti
     model = load_model(model_path, dtype=dtype, attn_impl=attn_impl)
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.train_type == "full":
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -392,9 +395,9 @@ def train(args: SftArguments) -> Path:
 
     # 3. Data.
     from mhsft.data.loader import load_datasets
-    from mhsft.model import load_tokenizer, resolve_model_path
+    from mhsft.model import load_tokenizer, resolve_model_dir
 
-    model_path = resolve_model_path(args.model, use_hf=args.use_hf)
+    model_path = resolve_model_dir(args.model, use_hf=args.use_hf, token=args.hub_token)
     tokenizer = load_tokenizer(model_path)
     data = load_datasets(
         args.dataset,
@@ -404,7 +407,7 @@ def train(args: SftArguments) -> Path:
         strict=args.strict,
         val_specs=args.val_dataset,
         split_ratio=args.split_dataset_ratio,
-        rejects_path=run_dir / "rejects.jsonl",
+        rejects_path=run_dir / "rejects.jsonl" if is_main else None,
     )
     train_samples, tcounts = render_samples(data.train, tokenizer, args.max_length)
     val_samples, _ = render_samples(data.val, tokenizer, args.max_length)

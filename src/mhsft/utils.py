@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -30,15 +31,11 @@ def setup_console() -> None:
     """Make stdout/stderr UTF-8 whatever the locale (LANG=C must still print Chinese)."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
-            try:
+            with contextlib.suppress(ValueError, OSError):
                 stream.reconfigure(encoding="utf-8", errors="replace")
-            except (ValueError, OSError):
-                pass
     if hasattr(sys.stdin, "reconfigure"):
-        try:
+        with contextlib.suppress(ValueError, OSError):
             sys.stdin.reconfigure(encoding="utf-8", errors="replace")
-        except (ValueError, OSError):
-            pass
 
 
 def load_dotenv_file(path: str | os.PathLike = ".env") -> list[str]:
@@ -133,10 +130,22 @@ class ScrubFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (so redirection and test capture see our lines)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def get_logger(name: str = "mhsft") -> logging.Logger:
     logger = logging.getLogger(name)
     if not logger.handlers and name == "mhsft":
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("[mhsft] %(message)s"))
         h.addFilter(ScrubFilter())
         logger.addHandler(h)

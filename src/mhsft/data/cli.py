@@ -68,7 +68,7 @@ class Rejects:
         if self.path is not None:
             if self._fh is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "w", encoding="utf-8")
+                self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
             self._fh.write(json.dumps(err.to_reject(), ensure_ascii=False, default=str) + "\n")
 
     def close(self) -> str:

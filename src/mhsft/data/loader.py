@@ -15,6 +15,7 @@ Bad records are skipped, counted, logged (the first few) and written to a reject
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -29,9 +30,9 @@ from mhsft.utils import UserError, get_logger
 
 MAX_PRINTED_REJECTS = 20
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-SPLIT_RE = {  # file-name conventions of `datasets` (its default data_files patterns), to keep test sets out
-    "train": re.compile(r"(^|[-_./ ])(train|training)([-_./ ]|$)", re.I),
-}
+# How `datasets` recognises a train split by file name (its default data_files patterns): when a hub
+# dataset has such files, only they are read, so that its test split stays out of training.
+TRAIN_FILE_RE = re.compile(r"(^|[-_./ ])(train|training)([-_./ ]|$)", re.I)
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,19 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, an unknown ~user, a name too long
+        return False
+
+
 def parse_spec(text: str) -> DatasetSpec:
     """`path`, `path#N`, `ORG/NAME[:subset[/subset2]][#N]` -> DatasetSpec. Raises UserError."""
     text = text.strip()
     if not text:
         raise UserError("empty dataset name")
-    if Path(text).expanduser().exists():  # a real path wins, even one containing '#' or ':'
+    if _exists(text):  # a real path wins, even one containing '#' or ':'
         return DatasetSpec(text, str(Path(text).expanduser()))
     name, sample = text, None
     m = re.fullmatch(r"(.+)#(\d+)", text)
@@ -78,7 +86,7 @@ def parse_spec(text: str) -> DatasetSpec:
         name, sample = m.group(1), int(m.group(2))
         if sample == 0:
             raise UserError(f"dataset {text}: #0 samples nothing; give a positive count or drop #N")
-    if Path(name).expanduser().exists():
+    if _exists(name):
         return DatasetSpec(text, str(Path(name).expanduser()), sample=sample)
     repo, _, subsets = name.partition(":")
     looks_local = repo.startswith((".", "/", "~")) or repo.lower().endswith(DATA_SUFFIXES)
@@ -151,6 +159,16 @@ def _readme_configs(root: Path) -> dict[str, list[str]]:
     return out
 
 
+def _glob(root: Path, patterns: list[str]) -> list[Path]:
+    out = []
+    for pat in patterns:
+        try:
+            out += sorted(root.glob(pat))
+        except (ValueError, NotImplementedError):  # an absolute or malformed pattern in the card
+            continue
+    return out
+
+
 def _hub_paths(root: Path, spec: DatasetSpec) -> list[Path]:
     """The files or folders of a downloaded dataset that make up its (sub)set's train split."""
     configs = _readme_configs(root)
@@ -158,7 +176,7 @@ def _hub_paths(root: Path, spec: DatasetSpec) -> list[Path]:
         paths = []
         for s in spec.subsets:
             if s in configs:
-                paths += [p for pat in configs[s] for p in sorted(root.glob(pat))]
+                paths += _glob(root, configs[s])
             elif (root / s).is_dir():
                 paths.append(root / s)
             else:
@@ -169,10 +187,10 @@ def _hub_paths(root: Path, spec: DatasetSpec) -> list[Path]:
                     f"dataset {spec.name}: no subset {s!r}; available: {', '.join(names) or 'none'}"
                 )
     elif configs:
-        paths = [p for pat in next(iter(configs.values())) for p in sorted(root.glob(pat))]
+        paths = _glob(root, next(iter(configs.values())))
     else:
         paths = list_data_files(root)
-        train = [p for p in paths if SPLIT_RE["train"].search(str(p.relative_to(root)))]
+        train = [p for p in paths if TRAIN_FILE_RE.search(str(p.relative_to(root)))]
         paths = train or paths
     readable = [p for p in paths if p.is_dir() or p.name.lower().endswith(DATA_SUFFIXES)]
     if not readable:
@@ -263,8 +281,6 @@ class _Rejects:
 
 
 def _reject_line(err: DataError) -> str:
-    import json
-
     rec = err.to_reject()
     try:
         line = json.dumps(rec, ensure_ascii=False, default=str)
