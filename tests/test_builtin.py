@@ -70,18 +70,24 @@ def test_build_is_deterministic_across_processes(tiny_model_dir, tmp_path):
     assert _hashes(out) == _hashes(tiny_model_dir)
 
 
-def test_losing_a_build_race_keeps_the_winners_copy(tiny_model_dir, tmp_path, monkeypatch):
+def test_concurrent_builds_build_once(tmp_path):
+    """torchrun starts every rank at once: one process builds, the others wait on the lock and reuse it."""
     root = tmp_path / "builtin"
-    final = root / tiny_model_dir.name
-
-    def build_while_another_process_wins(out):
-        shutil.copytree(tiny_model_dir, final)  # the other process renames its folder in first
-        shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-
-    monkeypatch.setattr(builtin, "build_tiny", build_while_another_process_wins)
-    assert ensure_tiny(root) == final
-    assert [p.name for p in root.iterdir()] == [final.name]  # our temporary folder is gone
-    assert _hashes(final) == _hashes(tiny_model_dir)
+    code = "import sys; from mhsft.builtin import ensure_tiny; print(ensure_tiny(sys.argv[1]))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )  # fmt: skip
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {o.strip() for o, _ in outs}
+    assert len(paths) == 1
+    assert sum("building the built-in tiny model" in e for _, e in outs) == 1
+    final = Path(paths.pop())
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [final.name]
+    assert all((final / f).is_file() for f in builtin.MODEL_FILES)
 
 
 def test_damaged_cache_folder_is_rebuilt(tiny_model_dir, tmp_path, monkeypatch):

@@ -202,3 +202,31 @@ def test_ms_swift_flag_renames_and_adapter_continuation(tmp_path):
                  "--report_to", "none", "--max_steps", "1", "--max_length", "256"]) == 0  # fmt: skip
     (run,) = [p for p in out.iterdir() if p.name.startswith("v")]
     assert json.loads((run / "args.json").read_text())["model"] == "builtin:tiny"
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) x 2 micro-batches == 1 process x 4: same global batch, same update."""
+    common = ["-m", "mhsft", "sft", "--model", "builtin:tiny", "--dataset", DEMO + "#16", "--max_steps", "2",
+              "--report_to", "none", "--packing", "true", "--max_length", "256", "--lora_dropout", "0",
+              "--per_device_train_batch_size", "1", "--learning_rate", "1e-3"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+    ]
+    p = subprocess.run([*torchrun, *common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    q = subprocess.run([sys.executable, *common, "--gradient_accumulation_steps", "4", "--output_dir",
+                        str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert q.returncode == 0, q.stderr[-3000:]
+    (a,) = (tmp_path / "ddp").glob("v*/checkpoint-2/adapter_model.safetensors")
+    (b,) = (tmp_path / "one").glob("v*/checkpoint-2/adapter_model.safetensors")
+    wa, wb = load_file(str(a)), load_file(str(b))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)

@@ -156,26 +156,27 @@ def ensure_tiny(root: Path | None = None) -> Path:
     final = root / f"tiny-{recipe_hash()}"
     if _is_complete(final):
         return final
-    get_logger().info(f"building the built-in tiny model into {final} (once)")
-    tmp = None
+    from filelock import FileLock
+
     try:
         root.mkdir(parents=True, exist_ok=True)
-        # A folder only ever appears here complete (by rename), so an incomplete one was damaged by hand.
-        if final.exists() and not _is_complete(final):
-            shutil.rmtree(final, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-tmp-", dir=root))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared (CI)
-        build_tiny(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _is_complete(final):  # not a lost race: a real failure
-                raise
+        # One builder at a time (torchrun starts every rank at once); the others wait, then reuse its copy.
+        with FileLock(str(root / f".tiny-{recipe_hash()}.lock"), timeout=600):
+            if _is_complete(final):
+                return final
+            get_logger().info(f"building the built-in tiny model into {final} (once)")
+            # A folder only ever appears here complete (by rename), so an incomplete one was damaged by hand.
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tiny-tmp-", dir=root))
+            try:
+                tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared (CI)
+                build_tiny(tmp)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         raise UserError(f"cannot write the built-in tiny model under {root}: {e}") from e
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

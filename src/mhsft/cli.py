@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"mhsft: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    load_dotenv_file(os.path.join(os.getcwd(), ".env"))
+    try:
+        load_dotenv_file(os.path.join(os.getcwd(), ".env"))
+    except UserError as e:
+        get_logger().error(f"error: {e}")
+        return 2
     register_env_secrets()
     module_name = STAGES[stage][0]
     try:
@@ -73,14 +78,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"mhsft {stage}: not implemented yet", file=sys.stderr)
         return 3
+    from mhsft.data.schema import DataError
+
     try:
         return int(module.main(rest) or 0)
-    except UserError as e:
+    except (UserError, DataError) as e:  # a DataError escaping a stage is still the data's fault
         get_logger().error(f"error: {e}")
         return 2
     except KeyboardInterrupt:
         get_logger().error("interrupted")
         return 130
+    except BrokenPipeError:
+        # `mhsft data inspect ... | head`: the reader left; exit quietly instead of a traceback at shutdown.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

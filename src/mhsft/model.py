@@ -143,6 +143,9 @@ def load_model(
     impl = attn_implementation(attn_impl)
     if impl:
         kwargs["attn_implementation"] = impl
+    if device and str(device).startswith("cuda"):
+        # straight onto the GPU: a 7B model would otherwise pass through 15 GB of host memory first
+        kwargs["device_map"] = {"": device}
     try:
         m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # OSError (no weights), ValueError (unknown architecture), ImportError (kernels)

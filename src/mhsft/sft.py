@@ -217,16 +217,17 @@ def choose_attention(device, args: SftArguments) -> tuple[str, str | None]:
     return (req or "sdpa"), None
 
 
-def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, notices: list[str]):
+def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, notices: list[str], device):
     from mhsft.model import load_model
 
-    model = load_model(model_path, dtype=dtype, attn_impl=attn_impl)
+    model = load_model(model_path, dtype=dtype, attn_impl=attn_impl, device=str(device))
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed the API; 5.17 (the GPU image) only has the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.train_type == "full":
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -372,7 +373,8 @@ def train(args: SftArguments) -> Path:
 
     from mhsft.distributed import deepspeed_plugin
 
-    accelerator = Accelerator(deepspeed_plugin=deepspeed_plugin(args))
+    # cpu=True lets torchrun on a machine without GPUs run DDP over gloo (accelerate needs to be told)
+    accelerator = Accelerator(deepspeed_plugin=deepspeed_plugin(args), cpu=not torch.cuda.is_available())
     device, is_main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     if args.gradient_accumulation_steps is None:
         args.gradient_accumulation_steps = max(1, math.ceil(16 / args.per_device_train_batch_size / world))
@@ -424,7 +426,7 @@ def train(args: SftArguments) -> Path:
     attn_impl, attn_notice = choose_attention(device, args)
     if attn_notice:
         notices.append(attn_notice)
-    model = build_model(args, model_path, dtype, attn_impl, notices)
+    model = build_model(args, model_path, dtype, attn_impl, notices, device)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())

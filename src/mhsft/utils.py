@@ -46,8 +46,18 @@ def load_dotenv_file(path: str | os.PathLike = ".env") -> list[str]:
         return []
     from dotenv import dotenv_values
 
+    try:
+        values = dotenv_values(p, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        # The reason only, never the file's text: it holds secrets.
+        why = (
+            f"not UTF-8 text (byte {e.start})"
+            if isinstance(e, UnicodeDecodeError)
+            else f"cannot read it ({e.strerror or e})"
+        )
+        raise UserError(f"{p}: {why}; fix or remove it") from None
     loaded = []
-    for key, value in dotenv_values(p).items():
+    for key, value in values.items():
         if value is None or key in os.environ:
             continue
         os.environ[key] = value

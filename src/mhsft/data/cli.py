@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +63,7 @@ class Rejects:
 
     def add(self, err: DataError) -> None:
         if self.strict:
-            raise UserError(str(err))
+            raise UserError(f"{err} (--strict: stopping at the first bad record)")
         self.count += 1
         if self.count <= MAX_PRINTED_ERRORS:
             print(str(err), file=sys.stderr)
@@ -81,12 +83,50 @@ class Rejects:
         return f"{self.count:,} rejected record(s)" if self.count else "no rejected records"
 
 
+BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}
+
+
 def _split_positional(argv: list[str]) -> list[str]:
-    """`mhsft data inspect a.json b.json --model X` -> `--dataset a.json b.json --model X`."""
-    lead = []
-    while argv and not argv[0].startswith("-"):
-        lead.append(argv.pop(0))
-    return (["--dataset", *lead] if lead else []) + argv
+    """Datasets may be given without `--dataset`, before, between or after the flags:
+    `mhsft data inspect --model X a.json b.json` -> `--dataset a.json b.json --model X`.
+
+    A bare word is a dataset unless it is the value of the flag before it: one value for most flags,
+    an optional true/false for booleans, every following word for `--dataset` itself."""
+    # Resolved hints, not `Field.type`: that is a string here, and HfArgumentParser rewrites it in place.
+    kinds = {k: str(v) for k, v in typing.get_type_hints(DataCommandArguments).items()}
+    datasets: list[str] = []
+    flags: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if not a.startswith("-") or a == "-":
+            datasets.append(a)
+            continue
+        name = a.lstrip("-")
+        if name.startswith("dataset="):
+            datasets.append(name.split("=", 1)[1])
+            continue
+        if name == "dataset":
+            while i < len(argv) and not argv[i].startswith("-"):
+                datasets.append(argv[i])
+                i += 1
+            continue
+        flags.append(a)
+        kind = kinds.get(name, "")
+        if "=" in a or a in ("-h", "--help") or name.startswith("no_") and name[3:] in kinds:
+            continue
+        if kind == str(bool):
+            takes = i < len(argv) and argv[i].lower() in BOOL_WORDS
+        elif kind.startswith("list"):
+            takes = len(argv)
+        else:
+            takes = 1
+        while takes and i < len(argv) and not argv[i].startswith("-"):
+            flags.append(argv[i])
+            i += 1
+            takes -= 1
+    return (["--dataset", *datasets] if datasets else []) + flags
 
 
 def _default_rejects(args: DataCommandArguments) -> Path:
@@ -100,14 +140,56 @@ def _default_rejects(args: DataCommandArguments) -> Path:
 
 
 def _items(args: DataCommandArguments):
-    from mhsft.data.loader import iter_datasets
-
-    it = iter_datasets(args.dataset, fmt=args.dataset_format, use_hf=args.use_hf, seed=args.seed)
+    it = _iter_specs(args)
     if not args.progress or not sys.stderr.isatty():
         return it
     from tqdm import tqdm
 
     return tqdm(it, desc="reading", unit=" dialogues", file=sys.stderr, mininterval=0.5)
+
+
+def _iter_specs(args: DataCommandArguments):
+    """Every record of every dataset; a dataset that holds no record at all (an empty file, a folder with
+    no data files) is a UserError: it is a wrong path far more often than an intended empty dataset."""
+    from mhsft.data.loader import iter_datasets
+
+    for spec in args.dataset:
+        n = 0
+        for item in iter_datasets([spec], fmt=args.dataset_format, use_hf=args.use_hf, seed=args.seed):
+            n += 1
+            yield item
+        if n == 0:
+            raise UserError(f"dataset {spec}: {_why_empty(spec)}")
+
+
+def _why_empty(spec: str) -> str:
+    from mhsft.data.readers import list_data_files
+
+    p = Path(spec).expanduser()
+    if not p.exists():  # `data.jsonl#100`
+        p = Path(spec.rsplit("#", 1)[0]).expanduser()
+    if p.is_dir():
+        if not list_data_files(p):
+            return "no .json, .jsonl or .txt data files in this folder"
+        return "its data files are empty"
+    if p.is_file():
+        return "the file is empty"
+    return "no records found"
+
+
+def _recover(err: DataError, fmt: str) -> Dialogue | None:
+    """The dialogue of a record that was rejected only by validation (two turns of one role in a row, an
+    empty turn, ...), so that `clean` can repair what it can; None when the record is not even readable."""
+    from mhsft.data.readers import CONVERTERS, detect_record
+
+    rec = err.raw
+    kind = detect_record(rec) if fmt == "auto" else fmt
+    if not isinstance(rec, dict) or kind not in CONVERTERS:
+        return None
+    try:
+        return CONVERTERS[kind](rec, err.source)
+    except DataError:
+        return None
 
 
 def cmd_inspect(args: DataCommandArguments) -> int:
@@ -119,9 +201,12 @@ def cmd_inspect(args: DataCommandArguments) -> int:
 
         tokenizer = load_tokenizer(args.model, use_hf=args.use_hf)
     stats = Stats(max_length=args.max_length if tokenizer is not None else None)
+    first_error = None
     for item in _items(args):
-        if isinstance(item, DataError) and args.strict:
-            raise UserError(str(item))
+        if isinstance(item, DataError):
+            if args.strict:
+                raise UserError(f"{item} (--strict: stopping at the first bad record)")
+            first_error = first_error or item
         stats.add(item, tokenizer)
     d = {"datasets": args.dataset, "model": args.model, **stats.to_dict()}
     if args.json:
@@ -129,10 +214,14 @@ def cmd_inspect(args: DataCommandArguments) -> int:
     else:
         title = ", ".join(args.dataset) + (f"  (tokens: {args.model})" if args.model else "")
         print(format_table(d, title), end="")
-        if stats.rejected:
-            print(f"{stats.rejected:,} record(s) are invalid: `mhsft data validate` lists them one per line.")
         if args.max_length and not args.model:
-            print("--max_length needs --model for token statistics.")
+            print("--max_length needs --model for token statistics.", file=sys.stderr)
+    if stats.rejected:
+        print(
+            f"{stats.rejected:,} record(s) are invalid, the first: {first_error or 'see validate'}\n"
+            "`mhsft data validate` lists them one per line.",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -152,14 +241,10 @@ def cmd_validate(args: DataCommandArguments) -> int:
 def _write(dialogues: list[Dialogue] | object, args: DataCommandArguments) -> int:
     from mhsft.data.readers import write_jsonl
 
-    if args.to not in ("sharegpt", "messages"):
-        raise UserError(f"--to must be sharegpt or messages, not {args.to!r}")
     return write_jsonl(dialogues, args.output, fmt=args.to)
 
 
 def cmd_convert(args: DataCommandArguments) -> int:
-    if not args.output:
-        raise UserError("convert needs --output FILE.jsonl")
     rejects = Rejects(_default_rejects(args), args.strict)
 
     def good():
@@ -178,13 +263,16 @@ def cmd_convert(args: DataCommandArguments) -> int:
 def cmd_clean(args: DataCommandArguments) -> int:
     from mhsft.data.clean import clean_dialogues
 
-    if not args.output:
-        raise UserError("clean needs --output FILE.jsonl")
     rejects = Rejects(_default_rejects(args), args.strict)
     dialogues = []
     for item in _items(args):
         if isinstance(item, DataError):
-            rejects.add(item)
+            # Clean exists to repair e.g. two user turns in a row, which reading alone rejects.
+            d = _recover(item, args.dataset_format)
+            if d is None:
+                rejects.add(item)
+            else:
+                dialogues.append(d)
         else:
             dialogues.append(item)
     res = clean_dialogues(
@@ -194,16 +282,41 @@ def cmd_clean(args: DataCommandArguments) -> int:
         rejects.add(err)
     n = _write(res.dialogues, args)
     summary = rejects.close()
+    st = res.stats
+    pii = ", ".join(f"{k} {v:,}" for k, v in sorted(st.pii.items())) or "none"
     print(f"wrote {n:,} clean dialogue(s) to {args.output}; {summary}")
-    for k, v in res.stats.to_dict().items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{kk} {vv:,}" for kk, vv in v.items()) or "none"
-        print(f"  {k}: {v}")
-    if res.near_duplicates:
-        print(f"  near-duplicate pairs (kept, not dropped): {len(res.near_duplicates):,}")
-        for a, b, sim in res.near_duplicates[:10]:
-            print(f"    {a.where()} ~ {b.where()}  Jaccard {sim:.2f}")
+    print(f"  dialogues read: {st.input:,}")
+    print(f"  exact duplicates dropped: {st.exact_duplicates:,}")
+    print(f"  same-role turns merged: {st.turns_merged:,}")
+    print(f"  personal data redacted: {pii}" + (f" (total {sum(st.pii.values()):,})" if st.pii else ""))
+    print(f"  control characters removed: {st.control_chars_removed:,}")
+    print(f"  whitespace characters removed: {st.whitespace_chars_removed:,}")
+    print(f"  rejected after cleaning: {st.rejected:,}")
+    print(f"  near-duplicate pairs (kept, not dropped): {st.near_duplicates:,}")
+    for a, b, sim in res.near_duplicates[:10]:
+        print(f"    {a.where()} ~ {b.where()}  Jaccard {sim:.2f}")
     return 0
+
+
+def _check_args(args: DataCommandArguments, sub: str) -> None:
+    """Flag values that would otherwise fail only after reading the whole dataset."""
+    if not args.dataset:
+        raise UserError(f"mhsft data {sub}: give at least one dataset (a file, folder or hub id)")
+    if args.max_length is not None and args.max_length < 1:
+        raise UserError(f"--max_length must be a positive number of tokens, got {args.max_length}")
+    if sub in ("convert", "clean"):
+        if not args.output:
+            raise UserError(f"{sub} needs --output FILE.jsonl")
+        if args.to not in ("sharegpt", "messages"):
+            raise UserError(f"--to must be sharegpt or messages, not {args.to!r}")
+    for flag, path in (("--output", args.output), ("--rejects", args.rejects)):
+        if path and Path(path).is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name like {Path(path) / 'data.jsonl'}")
+        blocker = next((p for p in Path(path or ".").parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
+    if not 0 <= args.near_dup_threshold <= 1:
+        raise UserError(f"--near_dup_threshold must be between 0 and 1, got {args.near_dup_threshold}")
 
 
 def main(argv: list[str]) -> int:
@@ -215,10 +328,21 @@ def main(argv: list[str]) -> int:
     sub, rest = argv[0], _split_positional(list(argv[1:]))
     if sub not in SUBCOMMANDS:
         raise UserError(f"unknown data command {sub!r}; choose one of: {', '.join(SUBCOMMANDS)}")
-    args = parse_args(DataCommandArguments, rest, prog=f"mhsft data {sub}")
-    if not args.dataset:
-        raise UserError(f"mhsft data {sub}: give at least one dataset (a file, folder or hub id)")
+    if "-h" in rest or "--help" in rest:
+        print(f"mhsft data {sub}: {SUBCOMMANDS[sub]}\n")
+    try:
+        args = parse_args(DataCommandArguments, rest, prog=f"mhsft data {sub}")
+    except ValueError as e:  # HfArgumentParser's way of saying "unrecognized arguments: [...]"
+        m = re.search(r"\[(.*)\]\s*$", str(e))
+        extra = m.group(1).replace("'", "") if m else str(e)
+        raise UserError(
+            f"mhsft data {sub}: unrecognized argument(s) {extra}; see mhsft data {sub} --help"
+        ) from None
+    _check_args(args, sub)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return {"inspect": cmd_inspect, "validate": cmd_validate, "convert": cmd_convert, "clean": cmd_clean}[
-        sub
-    ](args)
+    command = {"inspect": cmd_inspect, "validate": cmd_validate, "convert": cmd_convert, "clean": cmd_clean}
+    try:
+        return command[sub](args)
+    except OSError as e:  # an unwritable --output or rejects path, a full disk, ...
+        where = f"{e.filename}: " if e.filename else ""
+        raise UserError(f"mhsft data {sub}: {where}{e.strerror or e}") from None

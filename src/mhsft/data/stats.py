@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mhsft.data.schema import DataError, Dialogue
+
+# Per-record detail that would split one kind of problem into many groups: a leading `turn 3 (user): `,
+# numbers (`byte 17`, `element 5`), and everything after the first `: `, ` (` or `; ` (quoted text, hints).
+_REASON_LEAD = re.compile(r"^(?:turn|utterance|history) \d+(?: \([^)]*\))?(?: \w+)?: ")
+_REASON_TAIL = re.compile(r": | \(|; ")
+_NUMBER = re.compile(r"(?<![\w-])\d+(?![\w-])")
+
+
+def reason_group(reason: str) -> str:
+    """The kind of a reject reason, for counting: `turn 3 (assistant): empty text` -> `empty text`,
+    `invalid JSON: Expecting value: ...` -> `invalid JSON`."""
+    r = _REASON_LEAD.sub("", reason, count=1)
+    r = _REASON_TAIL.split(r, maxsplit=1)[0]
+    return _NUMBER.sub("N", r).strip()[:80] or "invalid record"
 
 
 def percentiles(values: array, qs=(50, 90, 99)) -> dict:
@@ -38,47 +53,58 @@ class Stats:
     chars: array = field(default_factory=lambda: array("i"))
     turns_per_dialogue: array = field(default_factory=lambda: array("i"))
     tokens: array = field(default_factory=lambda: array("i"))
+    fitted_tokens: array = field(default_factory=lambda: array("i"))  # after truncation to max_length
     label_tokens: int = 0
     truncated_dialogues: int = 0
     dropped_turn_pairs: int = 0
     cut_dialogues: int = 0
 
     def add(self, item: Dialogue | DataError, tokenizer=None) -> None:
+        if tokenizer is not None and not isinstance(item, DataError):
+            try:
+                lengths = self._render(item, tokenizer)
+            except DataError as e:  # the chat template refuses this dialogue: a bad record like any other
+                item = e
+        self.files[item.source.file] += 1
         if isinstance(item, DataError):
             self.rejected += 1
-            # the reason without per-record detail (e.g. "turn 3: empty text" -> "empty text") groups well
-            self.reject_reasons[item.reason.split(": ")[-1][:80]] += 1
+            self.reject_reasons[reason_group(item.reason)] += 1
             return
         d = item
         self.dialogues += 1
-        self.files[d.source.file] += 1
         self.with_system += bool(d.system)
         self.turns += len(d.turns)
         self.assistant_turns += d.num_assistant_turns
         self.chars.append(d.num_chars())
         self.turns_per_dialogue.append(len(d.turns))
         if tokenizer is not None:
-            from mhsft.data.render import render_dialogue
-
-            full = render_dialogue(tokenizer, d, None)
-            self.tokens.append(len(full.input_ids))
+            full, fitted, labels, dropped, cut = lengths
+            self.tokens.append(full)
+            self.label_tokens += labels
             if self.max_length:
-                r = render_dialogue(tokenizer, d, self.max_length)
-                self.label_tokens += sum(x != -100 for x in r.labels)
-                if r.num_dropped_turns or r.truncated:
-                    self.truncated_dialogues += 1
-                self.dropped_turn_pairs += r.num_dropped_turns
-                self.cut_dialogues += bool(r.truncated)
-            else:
-                self.label_tokens += sum(x != -100 for x in full.labels)
+                self.fitted_tokens.append(fitted)
+                self.truncated_dialogues += bool(dropped or cut)
+                self.dropped_turn_pairs += dropped
+                self.cut_dialogues += cut
+
+    def _render(self, d: Dialogue, tokenizer) -> tuple[int, int, int, int, bool]:
+        """(full tokens, tokens after fitting max_length, trained tokens after fitting, dropped pairs, cut)."""
+        from mhsft.data.render import render_dialogue
+
+        full = render_dialogue(tokenizer, d, None)
+        r = full
+        if self.max_length and len(full.input_ids) > self.max_length:
+            r = render_dialogue(tokenizer, d, self.max_length)
+        return len(full.input_ids), len(r.input_ids), r.num_label_tokens, r.num_dropped_turns, r.truncated
 
     def packing(self) -> dict | None:
-        """Best-fit-decreasing packing of the (truncated) lengths into rows of max_length."""
-        if not self.max_length or not self.tokens:
+        """Best-fit-decreasing packing of the lengths as training sees them (earliest turns dropped to fit
+        max_length) into rows of max_length."""
+        if not self.max_length or not self.fitted_tokens:
             return None
         from mhsft.packing import pack_bfd
 
-        lengths = [min(n, self.max_length) for n in self.tokens]
+        lengths = list(self.fitted_tokens)
         rows = pack_bfd(lengths, self.max_length)
         eff = sum(lengths) / (len(rows) * self.max_length)
         padded = len(lengths) * self.max_length

@@ -1,0 +1,52 @@
+"""Build a random-weight model directory with a real architecture (Qwen2.5-7B / 32B) for speed work on a GPU.
+
+The weights are random (no hub is reachable from the GPU machine), the tokenizer is mhsft's tiny one: speed and
+memory depend on the shapes only. Usage: python benchmarks/random_model.py qwen2.5-7b /tmp/qwen7b
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def build(name: str, out: str | Path, device: str = "cuda") -> Path:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from mhsft.builtin import resolve_model
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    tiny = resolve_model("builtin:tiny")
+    tok = AutoTokenizer.from_pretrained(tiny)
+    cfg = Qwen2Config(
+        vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, torch_dtype="bfloat16", **CONFIGS[name],
+    )  # fmt: skip
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    tok.save_pretrained(out)
+    print(f"built {name} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params) in {out} "
+          f"in {time.perf_counter() - t:.0f}s")  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    build(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "cuda")
