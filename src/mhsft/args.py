@@ -87,11 +87,22 @@ class DataArguments:
 
 
 def _normalize_argv(argv: list[str]) -> list[str]:
+    """ms-swift renames -> our names; a secret flag left without a value (`--swanlab_token ${SWANLAB_API_KEY}`
+    with the variable unset expands to nothing) is dropped with a notice instead of swallowing the next flag,
+    so that the key is then looked up in the environment and `.env` as usual."""
+    from mhsft.utils import get_logger, is_secret_name
+
     out = []
-    for a in argv:
+    for i, a in enumerate(argv):
         name, eq, val = a.partition("=")
         if name in ALIASES:
             a = ALIASES[name] + (eq + val if eq else "")
+            name = ALIASES[name]
+        if name.startswith("--") and is_secret_name(name) and not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or (nxt.startswith("--") and len(nxt) > 2):
+                get_logger().info(f"{name} was given no value (an unset environment variable?): ignoring it")
+                continue
         out.append(a)
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -166,3 +167,67 @@ def _fsync_dir_tree(root: Path) -> None:
             except OSError:
                 pass
         _fsync_dir(Path(dirpath))
+
+
+def save_rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_training_state(ckpt: Path, model, optimizer, scheduler, scaler, args) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    if args.train_type == "lora":
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(str(ckpt / "adapter_model.safetensors"))
+        res = set_peft_model_state_dict(model, weights)
+        if getattr(res, "unexpected_keys", None):
+            raise UserError(f"{ckpt}: adapter does not match this LoRA configuration")
+    else:
+        # full weights as save_pretrained wrote them (one file or shards), loaded one shard at a time
+        shards = sorted(ckpt.glob("model*.safetensors"))
+        if not shards:
+            raise UserError(f"{ckpt}: no model*.safetensors to resume full fine-tuning from")
+        for f in shards:
+            model.load_state_dict(load_file(str(f)), strict=False)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    if scaler is not None and (ckpt / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
+    load_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
+    return int(state["global_step"])
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint so the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)

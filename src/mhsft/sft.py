@@ -7,9 +7,8 @@ optimizer step, packing uses kernels that need no flash-attn package, and resume
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
 import random
 import sys
 import time
@@ -22,10 +21,14 @@ from mhsft.checkpoint import (
     atomic_checkpoint,
     base_model_of,
     find_resume_checkpoint,
+    load_training_state,
     new_run_dir,
     rotate_checkpoints,
+    save_rng_state,
+    truncate_log,
     write_json,
 )
+from mhsft.progress import format_line, log_metrics, peak_flops
 from mhsft.tracking import Tracker, TrackingArguments, check_tracking
 from mhsft.utils import UserError, get_logger
 
@@ -94,6 +97,17 @@ class SftArguments(ModelArguments, DataArguments, TrackingArguments):
     )
     deepspeed: str | None = field(default=None, metadata={"help": "zero2 | zero3 | a DeepSpeed JSON config."})
     loss_chunk_size: int = field(default=4096, metadata={"help": "Tokens per LM-head + loss chunk."})
+    system: str | None = field(
+        default=None,
+        metadata={"help": "System prompt for dialogues that have none (else the template's default)."},
+    )
+    dataloader_num_workers: int | None = field(
+        default=None, metadata={"help": "Accepted for ms-swift compatibility; batches are built in-process."}
+    )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Accepted for ms-swift compatibility; tokenization runs in one process."},
+    )
 
     def __post_init__(self):
         if self.train_type not in ("lora", "full"):
@@ -110,12 +124,18 @@ class SftArguments(ModelArguments, DataArguments, TrackingArguments):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def render_samples(dialogues, tokenizer, max_length: int) -> tuple[list[dict], dict]:
+def render_samples(
+    dialogues, tokenizer, max_length: int, system: str | None = None
+) -> tuple[list[dict], dict]:
     """Chat-template each dialogue with assistant-only labels; count what truncation did."""
+    import dataclasses
+
     from mhsft.data.render import render_dialogue
 
     samples, counts = [], {"dialogues": len(dialogues), "dropped_turn_pairs": 0, "cut": 0, "no_labels": 0}
     for d in dialogues:
+        if system and not d.system:
+            d = dataclasses.replace(d, system=system)
         r = render_dialogue(tokenizer, d, max_length)
         counts["dropped_turn_pairs"] += r.num_dropped_turns
         counts["cut"] += bool(r.truncated)
@@ -274,70 +294,11 @@ def lr_lambda(args: SftArguments, total_steps: int):
     return f
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-def memory_gib(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
-
-
-def peak_flops(device) -> float | None:
-    """Dense bf16 tensor-core peak of known GPUs, for MFU."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in (
-        ("H200", 989),
-        ("H100", 989),
-        ("H800", 989),
-        ("A100", 312),
-        ("A800", 312),
-        ("L40", 181),
-        ("4090", 165),
-        ("A10", 125),
-    ):
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
-def fmt_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 OOM_ADVICE = (
     "CUDA out of memory. Try, in this order: a smaller --per_device_train_batch_size with a larger "
     "--gradient_accumulation_steps (same tokens per step); --gradient_checkpointing true; --deepspeed zero3 "
     "on several GPUs; a lower --max_length."
 )
-
-
-def save_rng_state() -> dict:
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def load_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -355,6 +316,9 @@ def train(args: SftArguments) -> Path:
     if not args.dataset:
         raise UserError("give --dataset (files, folders or hub ids; `#N` samples N records)")
     notices = check_tracking(args)
+    for name in ("dataloader_num_workers", "dataset_num_proc"):
+        if getattr(args, name) is not None:
+            notices.append(f"--{name} has no effect in mhsft (accepted for ms-swift compatibility)")
     resume_ckpt = None
     if args.resume_from_checkpoint:
         resume_ckpt = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -411,8 +375,8 @@ def train(args: SftArguments) -> Path:
         split_ratio=args.split_dataset_ratio,
         rejects_path=run_dir / "rejects.jsonl" if is_main else None,
     )
-    train_samples, tcounts = render_samples(data.train, tokenizer, args.max_length)
-    val_samples, _ = render_samples(data.val, tokenizer, args.max_length)
+    train_samples, tcounts = render_samples(data.train, tokenizer, args.max_length, args.system)
+    val_samples, _ = render_samples(data.val, tokenizer, args.max_length, args.system)
     if not train_samples:
         raise UserError(
             "no trainable sample: every dialogue was rejected or lost its assistant turns to truncation"
@@ -572,7 +536,7 @@ def run_loop(
         for i, b in enumerate(batches):
             b = {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
             sync = i == len(batches) - 1
-            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else _nullcontext()
+            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
             with ctx:
                 loss_sum = wrapped(**b)
                 # DDP averages gradients over ranks, so scale by world to get the global token mean.
@@ -643,70 +607,6 @@ def run_loop(
     return last_ckpt
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def log_metrics(
-    args,
-    accelerator,
-    window,
-    step,
-    total_steps,
-    per_epoch,
-    scheduler,
-    grad_norm,
-    t_start,
-    step_at_start,
-    flops_per_token,
-    peak,
-) -> dict:
-    import torch
-
-    device = accelerator.device
-    dt = max(time.perf_counter() - window["t0"], 1e-9)
-    vals = torch.tensor(
-        [window["loss"], window["label_tokens"], window["tokens"]], device=device, dtype=torch.float64
-    )
-    if accelerator.num_processes > 1:
-        vals = accelerator.reduce(vals, reduction="sum")
-    loss = float(vals[0] / max(vals[1], 1))
-    tps = float(vals[2]) / dt
-    elapsed = time.perf_counter() - t_start
-    done = step - step_at_start
-    eta = elapsed / max(done, 1) * (total_steps - step)
-    m = {
-        "step": step,
-        "epoch": round(step / per_epoch, 4),
-        "progress": round(step / total_steps, 4),
-        "loss": round(loss, 6),
-        "lr": scheduler.get_last_lr()[0],
-        "grad_norm": round(grad_norm, 6) if grad_norm == grad_norm else None,
-        "tokens_per_s": round(tps, 1),
-        "memory_gib": round(memory_gib(device), 2),
-        "elapsed_s": round(elapsed, 1),
-        "eta_s": round(eta, 1),
-    }
-    if peak:
-        m["mfu"] = round(tps * flops_per_token / (peak * accelerator.num_processes), 4)
-    return m
-
-
-def format_line(m: dict, total_steps: int) -> str:
-    gn = f"{m['grad_norm']:.3f}" if m["grad_norm"] is not None else "n/a"
-    line = (
-        f"step {m['step']}/{total_steps} ({100 * m['progress']:.1f}%) loss {m['loss']:.4f} lr {m['lr']:.2e} "
-        f"grad_norm {gn} tokens/s {m['tokens_per_s']:,.0f} mem {m['memory_gib']:.1f} GiB"
-    )
-    if "mfu" in m:
-        line += f" MFU {100 * m['mfu']:.1f}%"
-    return line + f" ETA {fmt_eta(m['eta_s'])}"
-
-
 def evaluate(args, wrapped, model, val_samples, pad_id, accelerator) -> float:
     """Token-mean validation loss."""
     import torch
@@ -761,45 +661,3 @@ def save_checkpoint(args, accelerator, model, optimizer, scheduler, scaler, toke
         rotate_checkpoints(run_dir, args.save_total_limit)
     accelerator.wait_for_everyone()
     return path
-
-
-def load_training_state(ckpt: Path, model, optimizer, scheduler, scaler, args) -> int:
-    import torch
-    from safetensors.torch import load_file
-
-    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-    if args.train_type == "lora":
-        from peft import set_peft_model_state_dict
-
-        weights = load_file(str(ckpt / "adapter_model.safetensors"))
-        res = set_peft_model_state_dict(model, weights)
-        if getattr(res, "unexpected_keys", None):
-            raise UserError(f"{ckpt}: adapter does not match this LoRA configuration")
-    else:
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(model, str(ckpt), strict=True) if not (
-            ckpt / "model.safetensors"
-        ).is_file() else model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    if scaler is not None and (ckpt / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
-    load_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
-    return int(state["global_step"])
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log reads as one uninterrupted run."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
