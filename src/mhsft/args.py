@@ -136,3 +136,27 @@ def command_line() -> str:
     from mhsft.utils import redact_argv
 
     return "mhsft " + " ".join(shlex.quote(a) for a in redact_argv(sys.argv[1:]))
+
+
+@dataclass
+class GenerationArguments:
+    """Sampling settings shared by `mhsft infer`, `mhsft deploy` (request defaults) and `mhsft eval`."""
+
+    max_new_tokens: int = field(default=512, metadata={"help": "Most tokens to generate per reply."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (deterministic)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens (1 = off)."})
+    seed: int | None = field(default=None, metadata={"help": "Sampling seed (None: nondeterministic)."})
+    stream: bool = field(default=False, metadata={"help": "Stream the reply as it is generated."})
+    system: str | None = field(default=None, metadata={"help": "System prompt (else the chat template's default)."})
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        """Keyword arguments for transformers' `generate`."""
+        kw: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature and self.temperature > 0:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kw["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return kw

@@ -156,3 +156,75 @@ def load_model(
         except (RuntimeError, AssertionError) as e:
             raise UserError(f"cannot move the model to {device}: {_first_line(e)}") from e
     return m
+
+
+def parse_adapters(adapters: list[str] | None) -> dict[str, str]:
+    """`--adapters ckpt` or `--adapters name1=ckpt1 name2=ckpt2` -> {name: path}. An unnamed adapter is called
+    `default` (PEFT's name), or after its folder when several are given."""
+    out: dict[str, str] = {}
+    for spec in adapters or []:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            path = spec
+            name = "default" if len(adapters) == 1 else Path(spec.rstrip("/")).name
+        p = Path(path).expanduser()
+        if not (p / "adapter_config.json").is_file():
+            raise UserError(f"--adapters {spec}: no adapter_config.json in {p} (not a LoRA checkpoint)")
+        if name in out:
+            raise UserError(f"--adapters: the name {name!r} is used twice")
+        out[name] = str(p)
+    return out
+
+
+def base_model_for(model: str | None, adapters: dict[str, str]) -> str:
+    """`--model`, or the base model the (first) adapter names in its args.json (ours and ms-swift's)."""
+    from mhsft.checkpoint import base_model_of
+
+    if model:
+        return model
+    for path in adapters.values():
+        base = base_model_of(path)
+        if base:
+            return base
+    raise UserError(
+        "give --model, or --adapters pointing at a checkpoint whose args.json names its base model"
+    )
+
+
+def load_for_inference(
+    model: str | None,
+    adapters: list[str] | None = None,
+    dtype: str | None = "auto",
+    attn_impl: str | None = None,
+    device: str | None = None,
+    use_hf: bool = False,
+    token: str | None = None,
+):
+    """(model, tokenizer, adapter names) ready for generation: the base model with every adapter loaded under its
+    name (PEFT), in eval mode. The tokenizer comes from the first adapter's checkpoint when it saved one (the chat
+    template it was trained with), else from the base model."""
+    import torch
+
+    named = parse_adapters(adapters)
+    base = base_model_for(model, named)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype in (None, "auto") and device == "cpu":
+        dtype = "float32"  # half precision on a CPU is slow and imprecise
+    m = load_model(base, dtype=dtype, attn_impl=attn_impl, device=device, use_hf=use_hf, token=token)
+    tok_src = next((p for p in named.values() if (Path(p) / "tokenizer_config.json").is_file()), None)
+    tok = load_tokenizer(tok_src or base, use_hf=use_hf, token=token)
+    if named:
+        from peft import PeftModel
+
+        items = list(named.items())
+        try:
+            m = PeftModel.from_pretrained(m, items[0][1], adapter_name=items[0][0])
+            for name, path in items[1:]:
+                m.load_adapter(path, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise UserError(
+                f"cannot load adapter onto {base}: {_first_line(e)} (is it the right base model?)"
+            ) from e
+    m.eval()
+    return m, tok, list(named)
