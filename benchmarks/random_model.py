@@ -22,25 +22,34 @@ CONFIGS = {
 }  # fmt: skip
 
 
+def qwen_config(name: str):
+    """The real architecture's config, with the tiny tokenizer's special-token ids (vocab stays 152064)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        bos_token_id=2048, eos_token_id=2050, pad_token_id=2048, torch_dtype="bfloat16", use_cache=False,
+        **CONFIGS[name],
+    )  # fmt: skip
+
+
 def build(name: str, out: str | Path, device: str = "cuda") -> Path:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from mhsft.builtin import resolve_model
 
     out = Path(out)
     if (out / "config.json").is_file():
         return out
-    tiny = resolve_model("builtin:tiny")
-    tok = AutoTokenizer.from_pretrained(tiny)
-    cfg = Qwen2Config(
-        vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, torch_dtype="bfloat16", **CONFIGS[name],
-    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny"))
+    cfg = qwen_config(name)
+    assert (cfg.eos_token_id, cfg.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
     t = time.perf_counter()
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 32B model in fp32 would not fit
     with torch.device(device):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+        model = Qwen2ForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
     model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
     tok.save_pretrained(out)
     print(f"built {name} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params) in {out} "

@@ -118,7 +118,12 @@ def parse_args(cls: type[T], argv: list[str], prog: str, yaml_overrides: dict | 
         if unknown:
             raise UserError(f"{prog}: unknown setting(s) {', '.join(unknown)}")
         parser.set_defaults(**yaml_overrides)
-    (args,) = parser.parse_args_into_dataclasses(args=_normalize_argv(argv))
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=_normalize_argv(argv))
+    except (
+        ValueError
+    ) as e:  # unknown flags: "Some specified arguments are not used by the HfArgumentParser: [...]"
+        raise UserError(f"{prog}: {str(e).splitlines()[0]} (see {prog} --help)") from None
     return args
 
 
@@ -146,17 +151,25 @@ class GenerationArguments:
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy (deterministic)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens (1 = off)."})
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Penalty for repeated tokens (1 = off)."}
+    )
     seed: int | None = field(default=None, metadata={"help": "Sampling seed (None: nondeterministic)."})
     stream: bool = field(default=False, metadata={"help": "Stream the reply as it is generated."})
-    system: str | None = field(default=None, metadata={"help": "System prompt (else the chat template's default)."})
+    system: str | None = field(
+        default=None, metadata={"help": "System prompt (else the chat template's default)."}
+    )
 
     def generate_kwargs(self, tokenizer) -> dict:
         """Keyword arguments for transformers' `generate`."""
         kw: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
         if self.temperature and self.temperature > 0:
-            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+            kw.update(
+                do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None
+            )
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        kw["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kw["pad_token_id"] = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         return kw

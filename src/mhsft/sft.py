@@ -241,6 +241,11 @@ def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, noti
     from mhsft.model import load_model
 
     model = load_model(model_path, dtype=dtype, attn_impl=attn_impl, device=str(device))
+    return prepare_model(model, args, notices)
+
+
+def prepare_model(model, args: SftArguments, notices: list[str]):
+    """Checkpointing and the LoRA (or full) trainable setup on a loaded model (the benchmark calls this too)."""
     model.config.use_cache = False
     if args.gradient_checkpointing:
         # transformers 5.2x renamed the API; 5.17 (the GPU image) only has the old name

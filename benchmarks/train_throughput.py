@@ -1,0 +1,229 @@
+"""Training throughput on one GPU: (a) HF + PEFT, (b) HF + PEFT + Liger, (c) mhsft's trainer step, same batches.
+
+The batches are packed rows of real-length samples: dialogues from the given files rendered with the chat
+template (the tiny tokenizer: no hub here), truncated to --seq, packed best-fit-decreasing into rows of --seq.
+Every stack sees the same micro-batches in the same order and starts from the same random weights (seeded);
+tokens/s counts real tokens only (row padding excluded). Each stack runs in its own process, so an out-of-memory
+stack does not disturb the next. Prints a table; writes JSON.
+
+    python benchmarks/train_throughput.py --config qwen2.5-7b --micro_batch 8 --seq 3072 \
+        --data DATA.json [more files] --stacks hf,liger,mhsft --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def make_batches(args) -> str:
+    """Render, truncate and pack the data once; save the micro-batches' rows to a file the workers read."""
+    import random
+
+    import torch
+
+    from mhsft.builtin import resolve_model
+    from mhsft.data.loader import load_datasets
+    from mhsft.data.render import render_dialogue
+    from mhsft.model import load_tokenizer
+    from mhsft.packing import pack_bfd
+
+    tok = load_tokenizer(resolve_model("builtin:tiny"))
+    data = load_datasets(args.data, seed=0)
+    samples = []
+    for d in data.train:
+        r = render_dialogue(tok, d, args.seq)
+        if any(x != -100 for x in r.labels):
+            samples.append({"input_ids": r.input_ids, "labels": r.labels})
+    rng = random.Random(0)
+    rng.shuffle(samples)
+    bins = pack_bfd([len(s["input_ids"]) for s in samples], args.seq)
+    rng.shuffle(bins)
+    need = (args.warmup + args.steps) * args.micro_batch
+    rows = [[samples[i] for i in b] for b in bins[:need]]
+    if len(rows) < need:
+        raise SystemExit(f"only {len(rows)} packed rows, need {need}: give more data")
+    micro = [rows[i : i + args.micro_batch] for i in range(0, need, args.micro_batch)]
+    lengths = [len(s["input_ids"]) for s in samples]
+    path = Path(args.workdir) / f"batches-{args.config}-{args.micro_batch}x{args.seq}.pt"
+    torch.save({"micro": micro, "lengths": lengths}, path)
+    fill = sum(len(s["input_ids"]) for r in rows for s in r) / (len(rows) * args.seq)
+    print(f"{len(samples)} samples (median {sorted(lengths)[len(lengths) // 2]} tokens), row fill {fill:.1%}")
+    return str(path)
+
+
+def padded_rows(rows, seq: int, pad_id: int):
+    """HF layout: [B, seq] rows, position ids restarting per sample (transformers detects packing from them and
+    masks attention per document), padding at the end of each row with labels -100."""
+    import torch
+
+    ids, labels, pos = [], [], []
+    for row in rows:
+        i, lab, p = [], [], []
+        for s in row:
+            i += s["input_ids"]
+            lab += [-100] + s["labels"][1:]  # never predict across a sample boundary
+            p += list(range(len(s["input_ids"])))
+        n = seq - len(i)
+        ids.append(i + [pad_id] * n)
+        labels.append(lab + [-100] * n)
+        pos.append(p + list(range(n)))
+    return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos)
+
+
+def worker(args) -> dict:
+    import torch
+    from random_model import qwen_config
+    from transformers import Qwen2ForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    stack, variant = args.worker.split(":") if ":" in args.worker else (args.worker, "")
+    data = torch.load(args.batches, weights_only=False)
+    micro = data["micro"]
+    dev = torch.device("cuda")
+    cfg = qwen_config(args.config)
+    if stack == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)  # fmt: skip
+    attn = "sdpa"
+    mhsft_args = None
+    if stack == "mhsft":
+        from mhsft.packing import register_packed_attention, select_attn_backend
+        from mhsft.sft import SftArguments
+
+        backend, _ = select_attn_backend(dev, "flash_attn")
+        attn = register_packed_attention(backend)
+        mhsft_args = SftArguments(model="bench", dataset=["bench"], lora_dropout=args.lora_dropout,
+                                  gradient_checkpointing=not args.no_gc, max_length=args.seq)  # fmt: skip
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 32B model in fp32 would not fit
+    with torch.device(dev):
+        model = Qwen2ForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    init_s = time.perf_counter() - t0
+    if stack == "mhsft":
+        from mhsft.sft import CausalLMLoss, prepare_model
+
+        model = prepare_model(model, mhsft_args, [])
+        wrapped = CausalLMLoss(model, mhsft_args.loss_chunk_size)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        model.config.use_cache = False
+        if not args.no_gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules="all-linear",
+                          task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    torch.cuda.reset_peak_memory_stats()
+    losses, times, real_tokens = [], [], []
+    from mhsft.packing import collate_packed
+
+    for i, rows in enumerate(micro):
+        n_real = sum(len(s["input_ids"]) for r in rows for s in r)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        if stack == "mhsft":
+            b = {k: v.to(dev) if hasattr(v, "to") else v for k, v in collate_packed(rows).items()}
+            n_label = int((b["labels"][..., 1:] != -100).sum())
+            loss_sum = wrapped(**b)
+            loss = loss_sum / n_label
+        else:
+            ids, labels, pos = (x.to(dev) for x in padded_rows(rows, args.seq, 0))
+            loss = model(input_ids=ids, labels=labels, position_ids=pos).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lv = float(loss.detach())
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        losses.append(lv)
+        if i >= args.warmup:
+            times.append(dt)
+            real_tokens.append(n_real)
+    return {
+        "stack": args.worker,
+        "config": args.config,
+        "micro_batch": args.micro_batch,
+        "seq": args.seq,
+        "gradient_checkpointing": not args.no_gc,
+        "lora_dropout": args.lora_dropout,
+        "tokens_per_s": round(sum(real_tokens) / sum(times), 1),
+        "step_s_median": round(sorted(times)[len(times) // 2], 3),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "losses": [round(x, 5) for x in losses],
+        "init_s": round(init_s, 1),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="qwen2.5-7b")
+    ap.add_argument("--micro_batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=3072)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lora_dropout", type=float, default=0.05)
+    ap.add_argument("--no_gc", action="store_true")
+    ap.add_argument("--stacks", default="hf,liger,mhsft")
+    ap.add_argument("--data", nargs="+", default=[str(ROOT.parent / "shared/data/train/emollm_data.json")])
+    ap.add_argument("--workdir", default="/tmp")
+    ap.add_argument("--out", default="train_throughput.json")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--batches", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    batches = make_batches(args)
+    results = []
+    for stack in args.stacks.split(","):
+        cmd = [sys.executable, __file__, "--worker", stack, "--batches", batches, *sys.argv[1:]]
+        t = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line:
+            r = json.loads(line[7:])
+        else:
+            oom = "OutOfMemoryError" in p.stderr or "out of memory" in p.stderr
+            r = {"stack": stack, "config": args.config, "error": "out of memory" if oom else p.stderr[-1500:]}
+        r["wall_s"] = round(time.perf_counter() - t, 1)
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+    base = next((r for r in results if r["stack"] == "hf" and "losses" in r), None)
+    print(f"\n{args.config}  micro-batch {args.micro_batch} x {args.seq}  checkpointing {not args.no_gc}  "
+          f"LoRA dropout {args.lora_dropout}")  # fmt: skip
+    print(f"{'stack':<14}{'tokens/s':>10}{'peak GiB':>10}{'vs hf':>8}{'loss[0]':>10}{'|dloss| max':>13}")
+    for r in results:
+        if "tokens_per_s" not in r:
+            print(f"{r['stack']:<14}{r['error'][:60]}")
+            continue
+        rel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        dl = max(abs(a - b) for a, b in zip(r["losses"], base["losses"])) if base else float("nan")
+        print(f"{r['stack']:<14}{r['tokens_per_s']:>10,.0f}{r['peak_gib']:>10.1f}{rel:>8}{r['losses'][0]:>10.4f}"
+              f"{dl:>13.4f}")  # fmt: skip
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""HTTP clients for mhsft's own servers (deploy, and the engines it starts) that never send loopback traffic
+through a proxy: a corporate HTTP(S)_PROXY would otherwise receive, and usually refuse, requests meant for
+127.0.0.1. Used by `mhsft eval`, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def ensure_loopback_no_proxy(env: dict | None = None) -> None:
+    """Add the loopback hosts to NO_PROXY / no_proxy (in `env`, default os.environ) so that every HTTP library
+    that reads the environment (requests, httpx, aiohttp with trust_env, curl) reaches local servers directly."""
+    env = os.environ if env is None else env
+    for name in ("NO_PROXY", "no_proxy"):
+        have = [h.strip() for h in env.get(name, "").split(",") if h.strip()]
+        add = [h for h in LOOPBACK_HOSTS if h not in have]
+        if add:
+            env[name] = ",".join(have + add)
+
+
+def is_loopback(url: str) -> bool:
+    host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def openai_client(
+    base_url: str,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+    max_retries: int = 2,
+    async_client: bool = False,
+):
+    """An `openai.OpenAI` (or AsyncOpenAI) client for `base_url` (e.g. http://127.0.0.1:8000/v1). For a loopback
+    address its HTTP client ignores proxy settings from the environment. The key defaults to OPENAI_API_KEY,
+    else a placeholder (our server without --api_key accepts any)."""
+    import openai
+
+    key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    kwargs: dict = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": max_retries}
+    if is_loopback(base_url):
+        http_cls = openai.DefaultAsyncHttpxClient if async_client else openai.DefaultHttpxClient
+        kwargs["http_client"] = http_cls(trust_env=False, timeout=timeout)
+    return openai.AsyncOpenAI(**kwargs) if async_client else openai.OpenAI(**kwargs)
+
+
+def _opener(url: str):
+    handlers = [urllib.request.ProxyHandler({})] if is_loopback(url) else []
+    return urllib.request.build_opener(*handlers)
+
+
+def get_json(url: str, api_key: str | None = None, timeout: float = 10.0) -> tuple[int, dict | None]:
+    """GET a JSON endpoint without proxies for loopback: (status, body or None)."""
+    req = urllib.request.Request(url)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with _opener(url).open(req, timeout=timeout) as r:
+            body = r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        body, status = e.read(), e.code
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, None
+
+
+def wait_for_server(base_url: str, timeout: float = 300.0, proc=None, interval: float = 0.25) -> None:
+    """Wait until `base_url` (the server root or its /v1) answers GET /health with 200. Raises TimeoutError, or
+    RuntimeError when `proc` (the server's Popen) exits first."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            if get_json(f"{root}/health", timeout=2.0)[0] == 200:
+                return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{root}/health did not answer within {timeout:.0f}s")

@@ -1,0 +1,524 @@
+"""A continuous-batching generation engine for `mhsft infer` and `mhsft deploy --infer_backend pt`.
+
+One scheduler thread owns the model. Requests arrive from any thread (`submit`), wait for a free slot, are
+prefilled together, then decode one token per step alongside every other running request of the same adapter;
+a finished or cancelled request frees its slot at once and a waiting one takes it at the next step. Results go
+back through each request's `emit` callback (an asyncio queue for the server, a plain queue for the CLI).
+
+Why not transformers' own continuous batching (`generate_batch` / ContinuousBatchingManager)? It runs one model
+state for all requests, so it cannot serve several PEFT adapters side by side, has no per-request sampling
+settings, seed or cancellation from a client that left, and no prompt logprobs for lm-eval's `echo`; measured on
+an H100 it was also slower than a static `generate` batch (514 vs 778 tokens/s at 64 streams).
+
+The KV cache is ours (`SlotCache`): one fixed tensor per layer, [slot, kv head, position, dim], so each row can
+sit at its own position and a row can join or leave between two steps. It plugs into the Hugging Face model
+through the cache object's `update`, with a ready 4-D attention mask (both are public extension points), so
+the model code, PEFT's LoRA layers included, is used unchanged. On CUDA the decode step is captured as a CUDA
+graph per (adapter, batch bucket, KV-length bucket): a 7B decode step is otherwise dominated by the launch
+overhead of ~1,500 small kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import inspect
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mhsft.sampling import RowState, SamplingParams, sample
+from mhsft.utils import UserError, get_logger
+
+BASE = None  # adapter name meaning "the base model, adapters off"
+KV_BUCKET = 256  # decode attends over the longest row rounded up to this (a graph per bucket)
+
+
+@dataclass
+class Event:
+    kind: str  # "prompt_logprobs" | "token" | "done" | "error"
+    token: int | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    is_stop: bool = False  # the token is an end-of-sequence token (scored, never shown as text)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]] | None]] | None = None
+    message: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    adapter: str | None = BASE
+    id: str = ""
+    cancelled: bool = False
+    # scheduler state
+    slot: int = -1
+    cache_len: int = 0  # tokens of this request written into its slot
+    last_token: int = -1  # sampled, not yet in the cache
+    generated: int = 0
+    row: RowState | None = None
+    arrived: float = field(default_factory=time.monotonic)
+
+
+def bucket(n: int, sizes: list[int]) -> int:
+    return next((s for s in sizes if s >= n), sizes[-1])
+
+
+class SlotCache:
+    """KV cache of fixed slots. Before each forward the engine sets which slots the batch rows use
+    (`slots`), where each new token goes (`positions`) and how many positions attention reads (`kv_len`)."""
+
+    def __init__(self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.kv_len = 0
+
+    # Called by every attention layer; extra arguments differ between transformers versions.
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        rows = self.slots[:, None]
+        k[rows, :, self.positions] = key_states.transpose(1, 2).to(k.dtype)
+        v[rows, :, self.positions] = value_states.transpose(1, 2).to(v.dtype)
+        return k[self.slots, :, : self.kv_len], v[self.slots, :, : self.kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+
+def kv_cache_bytes(config, slots: int, max_len: int, dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return slots * max_len * per_token * torch.empty((), dtype=dtype).element_size()
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        adapters: list[str] | None = None,
+        max_batch_size: int = 8,
+        max_model_len: int | None = None,
+        max_prefill_tokens: int = 8192,
+        cuda_graphs: bool | None = None,
+        batch_wait_s: float = 0.005,
+        max_queue: int = 4096,
+        pad_batches: bool | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = list(adapters or [])
+        self.inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = self.inner.model if hasattr(self.inner, "model") else self.inner.get_decoder()
+        self.lm_head = self.inner.get_output_embeddings()
+        # transformers 5.2x renamed the decoder's `past_key_values` argument to `cache`.
+        params = inspect.signature(self.decoder.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        cfg = self.inner.config
+        self.config = cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.vocab = int(cfg.vocab_size)
+        limit = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+        self.max_model_len = min(int(max_model_len or min(limit, 4096)), limit)
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_prefill_tokens = max(self.max_model_len, int(max_prefill_tokens))
+        self.batch_wait_s = batch_wait_s
+        self.max_queue = max_queue
+        self.eos_ids = stop_token_ids(model, tokenizer)
+        impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
+        if impl not in ("sdpa", "eager"):
+            # Our 4-D masks need an attention that takes arbitrary masks; flash-attention 2 does not.
+            get_logger().info(f"generation uses sdpa attention (not {impl}) for its per-row masks")
+            self.inner.set_attn_implementation("sdpa")
+            impl = "sdpa"
+        self.float_mask = impl == "eager"  # eager adds the mask; sdpa takes a boolean one
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # One slot past the last is scratch space: padding rows of a bucketed batch write there.
+        self.scratch = self.max_batch_size
+        try:
+            self.cache = SlotCache(
+                cfg.num_hidden_layers,
+                self.max_batch_size + 1,
+                self.max_model_len,
+                cfg.num_key_value_heads,
+                head_dim,
+                self.dtype,
+                self.device,
+            )
+        except torch.OutOfMemoryError:
+            need = kv_cache_bytes(cfg, self.max_batch_size + 1, self.max_model_len, self.dtype) / 2**30
+            raise UserError(
+                f"the KV cache ({need:.1f} GiB for {self.max_batch_size} x {self.max_model_len} tokens) does not "
+                "fit: lower --max_batch_size or --max_model_len"
+            ) from None
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs and on_cuda)
+        self.pad_batches = self.use_graphs if pad_batches is None else pad_batches
+        self.batch_sizes = sorted({min(2**i, self.max_batch_size) for i in range(12)} | {self.max_batch_size})
+        self.graphs: dict[tuple, _Graph] = {}
+        self.graph_pool = None
+        self.active_adapter: object = object()  # unknown until the first switch
+        self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}
+        self.free = list(range(self.max_batch_size))
+        heapq.heapify(self.free)
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.ids = itertools.count()
+        self.pending = 0  # submitted, not finished (inbox + waiting + running)
+        self.lock = threading.Lock()
+        self.stats = {"requests": 0, "generated_tokens": 0, "prefill_tokens": 0, "steps": 0}
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def start(self) -> Engine:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="mhsft-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+            self.thread = None
+
+    def submit(self, req: Request) -> None:
+        """Queue a request. Raises UserError when it can never run (too long) and RuntimeError when the
+        engine is stopped or its queue is full."""
+        if self.stopping:
+            raise RuntimeError("the engine is shutting down")
+        if req.adapter is not BASE and req.adapter not in self.adapters:
+            raise UserError(f"unknown adapter {req.adapter!r}")
+        if not req.prompt_ids:
+            raise UserError("the prompt is empty")
+        if len(req.prompt_ids) >= self.max_model_len:
+            raise UserError(
+                f"the prompt has {len(req.prompt_ids)} tokens; this server's context is {self.max_model_len}"
+            )
+        with self.lock:
+            if self.pending >= self.max_queue:
+                raise RuntimeError(f"too many requests in flight ({self.pending})")
+            self.pending += 1
+        req.id = req.id or f"r{next(self.ids)}"
+        self.inbox.put(req)
+        self.wake.set()
+
+    def cancel(self, req: Request) -> None:
+        """Stop generating for `req` (its client left); its slot is freed at the next step."""
+        req.cancelled = True
+        self.wake.set()
+
+    def load(self) -> int:
+        return self.pending
+
+    # ------------------------------------------------------------------ scheduler thread
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self.stopping:
+                try:
+                    self._iteration()
+                except Exception as e:  # never let one bad batch take the server down
+                    get_logger().error(f"generation failed: {type(e).__name__}: {e}")
+                    for req in list(self.running.values()) + list(self.waiting):
+                        self._finish(req, error=f"generation failed: {type(e).__name__}")
+                    self.waiting.clear()
+            for req in list(self.running.values()) + list(self.waiting) + self._drain_inbox():
+                self._finish(req, error="the server is shutting down")
+
+    def _drain_inbox(self) -> list[Request]:
+        out = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self.inbox.get_nowait())
+        return out
+
+    def _iteration(self) -> None:
+        idle = not self.running and not self.waiting
+        if idle:
+            self.wake.wait(timeout=0.5)
+            self.wake.clear()
+            if self.inbox.empty():
+                return
+            # Requests sent together arrive a few milliseconds apart: wait briefly to prefill them as one batch.
+            time.sleep(self.batch_wait_s)
+        self.waiting.extend(self._drain_inbox())
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            self._finish(req, reason="cancelled")
+        for req in [r for r in self.running.values() if r.cancelled]:
+            self._finish(req, reason="cancelled")
+        self._admit()
+        by_adapter: dict[object, list[Request]] = {}
+        for req in sorted(self.running.values(), key=lambda r: r.slot):
+            if req.last_token >= 0:
+                by_adapter.setdefault(req.adapter, []).append(req)
+        for adapter, rows in by_adapter.items():
+            self._decode(adapter, rows)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots, a batch per adapter, within the prefill token budget."""
+        batch: dict[object, list[Request]] = {}
+        budget = self.max_prefill_tokens
+        while self.waiting and self.free:
+            req = self.waiting[0]
+            n = len(req.prompt_ids)
+            if n > budget and any(batch.values()):
+                break
+            self.waiting.popleft()
+            budget -= n
+            req.slot = heapq.heappop(self.free)
+            req.row = RowState.create(req.params, req.prompt_ids, self.vocab, self.device)
+            self.running[req.slot] = req
+            batch.setdefault(req.adapter, []).append(req)
+        for adapter, reqs in batch.items():
+            try:
+                self._prefill(adapter, reqs)
+            except torch.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                for req in reqs:
+                    self._finish(req, error="out of memory during prefill; send shorter or fewer prompts")
+
+    def _use_adapter(self, adapter) -> None:
+        if adapter == self.active_adapter or not self.adapters:
+            return
+        base = self.model.base_model
+        if adapter is BASE:
+            base.disable_adapter_layers()
+        else:
+            base.enable_adapter_layers()
+            try:
+                self.model.set_adapter(adapter, inference_mode=True)
+            except TypeError:  # peft < 0.15
+                self.model.set_adapter(adapter)
+        self.active_adapter = adapter
+
+    def _mask(self, allowed: torch.Tensor):
+        if self.float_mask:
+            return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~allowed, torch.finfo(self.dtype).min
+            )
+        return allowed
+
+    def _forward(self, ids, positions, slots, mask, kv_len) -> torch.Tensor:
+        """Hidden states (B, T, H) of the decoder for `ids` at `positions`, reading/writing the rows' slots."""
+        self.cache.slots, self.cache.positions, self.cache.kv_len = slots, positions, kv_len
+        out = self.decoder(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask={"full_attention": mask, "sliding_attention": mask},
+            use_cache=True,
+            **{self.cache_kwarg: self.cache},
+        )
+        return out.last_hidden_state
+
+    def _prefill(self, adapter, reqs: list[Request]) -> None:
+        self._use_adapter(adapter)
+        lens = [len(r.prompt_ids) for r in reqs]
+        T = max(lens)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([r.prompt_ids + [pad] * (T - len(r.prompt_ids)) for r in reqs], device=self.device)
+        positions = torch.arange(T, device=self.device)[None].expand(len(reqs), T)
+        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        mask = self._mask(causal[None, None].expand(len(reqs), 1, T, T))
+        hidden = self._forward(ids, positions, slots, mask, T)
+        last = hidden[torch.arange(len(reqs), device=self.device), torch.tensor(lens, device=self.device) - 1]
+        logits = self.lm_head(last)
+        for i, r in enumerate(reqs):
+            r.cache_len = lens[i]
+            if r.params.prompt_logprobs is not None:
+                r.emit(Event("prompt_logprobs", prompt_logprobs=self._prompt_logprobs(hidden[i], r)))
+        self.stats["prefill_tokens"] += sum(lens)
+        live = []
+        for i, r in enumerate(reqs):
+            if r.params.max_new_tokens <= 0:  # scoring the prompt only (echo with max_tokens 0)
+                self._finish(r, reason="length")
+            else:
+                live.append(i)
+        if live:
+            self._take(logits[live], [reqs[i] for i in live])
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req: Request, chunk: int = 512) -> list:
+        """Logprob of each prompt token given the ones before it (None for the first), and the top k."""
+        ids = torch.tensor(req.prompt_ids, device=self.device)
+        k = req.params.prompt_logprobs or 0
+        out: list = [(None, None)]
+        n = len(req.prompt_ids)
+        for s in range(0, n - 1, chunk):
+            e = min(n - 1, s + chunk)
+            lp = self.lm_head(hidden[s:e]).float().log_softmax(dim=-1)
+            tok = lp.gather(-1, ids[s + 1 : e + 1, None]).squeeze(-1).tolist()
+            if k:
+                tv, ti = lp.topk(k, dim=-1)
+                tops = [list(zip(a, b)) for a, b in zip(ti.tolist(), tv.tolist())]
+            else:
+                tops = [[] for _ in tok]
+            out += list(zip(tok, tops))
+        return out
+
+    def _decode(self, adapter, rows: list[Request]) -> None:
+        self._use_adapter(adapter)
+        n = len(rows)
+        B = bucket(n, self.batch_sizes) if self.pad_batches else n
+        kv_len = min(self.max_model_len, -(-(max(r.cache_len for r in rows) + 1) // KV_BUCKET) * KV_BUCKET)
+        ids = [r.last_token for r in rows] + [0] * (B - n)
+        pos = [r.cache_len for r in rows] + [0] * (B - n)
+        slots = [r.slot for r in rows] + [self.scratch] * (B - n)
+        dev = self.device
+        ids_t = torch.tensor(ids, device=dev)[:, None]
+        pos_t = torch.tensor(pos, device=dev)[:, None]
+        slots_t = torch.tensor(slots, device=dev)
+        try:
+            if self.use_graphs:
+                logits = self._graph_step(adapter, B, kv_len, ids_t, pos_t, slots_t)
+            else:
+                logits = self._eager_step(ids_t, pos_t, slots_t, kv_len)
+        except torch.OutOfMemoryError:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            for r in rows:
+                self._finish(r, error="out of memory while generating")
+            return
+        self.stats["steps"] += 1
+        for r in rows:
+            r.cache_len += 1
+        self._take(logits[:n], rows)
+
+    def _eager_step(self, ids, pos, slots, kv_len) -> torch.Tensor:
+        allowed = torch.arange(kv_len, device=self.device)[None] <= pos  # (B, kv_len)
+        hidden = self._forward(ids, pos, slots, self._mask(allowed[:, None, None, :]), kv_len)
+        return self.lm_head(hidden[:, -1]).float()
+
+    def _graph_step(self, adapter, B, kv_len, ids, pos, slots) -> torch.Tensor:
+        key = (adapter, B, kv_len)
+        g = self.graphs.get(key)
+        if g is None:
+            try:
+                g = self._capture(B, kv_len)
+            except Exception as e:  # a model or kernel that cannot be captured: fall back for good
+                get_logger().warning(f"CUDA graphs off ({type(e).__name__}: {e}); decoding eagerly")
+                self.use_graphs = False
+                self.graphs.clear()
+                return self._eager_step(ids, pos, slots, kv_len)
+            self.graphs[key] = g
+        g.ids.copy_(ids)
+        g.pos.copy_(pos)
+        g.slots.copy_(slots)
+        g.graph.replay()
+        return g.logits
+
+    def _capture(self, B, kv_len) -> _Graph:
+        dev = self.device
+        g = _Graph(
+            ids=torch.zeros(B, 1, dtype=torch.long, device=dev),
+            pos=torch.zeros(B, 1, dtype=torch.long, device=dev),
+            slots=torch.full((B,), self.scratch, dtype=torch.long, device=dev),
+        )
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (kernel selection, lazy init)
+                self._eager_step(g.ids, g.pos, g.slots, kv_len)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self.graph_pool):
+            g.logits = self._eager_step(g.ids, g.pos, g.slots, kv_len)
+        self.graph_pool = g.graph.pool()
+        return g
+
+    def _take(self, logits: torch.Tensor, rows: list[Request]) -> None:
+        """Sample the next token of each row, report it, and retire rows that are done."""
+        out = sample(logits, [r.row for r in rows])
+        for i, r in enumerate(rows):
+            tok = out.tokens[i]
+            r.generated += 1
+            is_stop = tok in self.eos_ids and not r.params.ignore_eos
+            r.emit(Event("token", token=tok, logprob=out.logprobs[i], top=out.top[i], is_stop=is_stop))
+            if is_stop:
+                self._finish(r, reason="stop")
+            elif r.generated >= r.params.max_new_tokens or r.cache_len + 1 >= self.max_model_len:
+                self._finish(r, reason="length")
+            else:
+                r.last_token = tok
+        self.stats["generated_tokens"] += len(rows)
+
+    def _finish(self, req: Request, reason: str | None = None, error: str | None = None) -> None:
+        if req.slot >= 0 and self.running.get(req.slot) is req:
+            del self.running[req.slot]
+            heapq.heappush(self.free, req.slot)
+        req.slot = -1
+        req.last_token = -1
+        with self.lock:
+            self.pending -= 1
+        self.stats["requests"] += 1
+        try:
+            req.emit(Event("error", message=error) if error else Event("done", finish_reason=reason))
+        except Exception:  # the consumer is gone (event loop closed); nothing to tell
+            pass
+
+
+@dataclass
+class _Graph:
+    ids: torch.Tensor
+    pos: torch.Tensor
+    slots: torch.Tensor
+    graph: object = None
+    logits: torch.Tensor | None = None
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the generation config's (Qwen lists <|im_end|> and <|endoftext|>) and the
+    tokenizer's."""
+    ids: set[int] = set()
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    for x in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if x is not None:
+            ids.add(int(x))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids for a conversation under the tokenizer's chat template, ready for the assistant's reply."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_engine(
+    model: str | None,
+    adapters: list[str] | None = None,
+    dtype: str | None = "auto",
+    attn_impl: str | None = None,
+    device: str | None = None,
+    use_hf: bool = False,
+    token: str | None = None,
+    **engine_kwargs,
+) -> Engine:
+    """Load the base model with its named adapters and start an engine on it."""
+    from mhsft.model import load_for_inference
+
+    m, tok, names = load_for_inference(model, adapters, dtype, attn_impl, device, use_hf=use_hf, token=token)
+    if getattr(tok, "chat_template", None) is None:
+        get_logger().info("the tokenizer has no chat template: chat requests will fail, completions work")
+    return Engine(m, tok, names, **engine_kwargs).start()
