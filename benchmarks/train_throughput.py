@@ -104,8 +104,14 @@ def worker(args) -> dict:
 
         backend, _ = select_attn_backend(dev, "flash_attn")
         attn = register_packed_attention(backend)
+        opts = set(variant.split("+")) if variant else set()
         mhsft_args = SftArguments(model="bench", dataset=["bench"], lora_dropout=args.lora_dropout,
-                                  gradient_checkpointing=not args.no_gc, max_length=args.seq)  # fmt: skip
+                                  gradient_checkpointing=not args.no_gc, max_length=args.seq,
+                                  use_liger_kernel="liger" in opts, torch_compile="compile" in opts)  # fmt: skip
+        if "peft" in opts:  # PEFT's own LoRA forward, for comparison with mhsft.kernels.fast_lora_forward
+            import mhsft.kernels
+
+            mhsft.kernels.fast_lora_forward = lambda model: 0
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -117,7 +123,10 @@ def worker(args) -> dict:
     if stack == "mhsft":
         from mhsft.sft import CausalLMLoss, prepare_model
 
-        model = prepare_model(model, mhsft_args, [])
+        notes: list[str] = []
+        model = prepare_model(model, mhsft_args, notes)
+        for n in notes:
+            print(n, file=sys.stderr)
         wrapped = CausalLMLoss(model, mhsft_args.loss_chunk_size)
     else:
         from peft import LoraConfig, get_peft_model

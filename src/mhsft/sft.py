@@ -97,6 +97,11 @@ class SftArguments(ModelArguments, DataArguments, TrackingArguments):
     )
     deepspeed: str | None = field(default=None, metadata={"help": "zero2 | zero3 | a DeepSpeed JSON config."})
     loss_chunk_size: int = field(default=4096, metadata={"help": "Tokens per LM-head + loss chunk."})
+    use_liger_kernel: bool = field(
+        default=False,
+        metadata={"help": "Liger's fused RMSNorm / SwiGLU / RoPE kernels (needs liger-kernel)."},
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer."})
     system: str | None = field(
         default=None,
         metadata={"help": "System prompt for dialogues that have none (else the template's default)."},
@@ -254,14 +259,14 @@ def prepare_model(model, args: SftArguments, notices: list[str]):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.train_type == "full":
-        return model
+        return speedups(model, args, notices)
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if args.adapters:
         adapter = resolve_adapter(args.adapters)
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         notices.append(f"continuing from the LoRA adapter in {adapter}")
-        return model
+        return speedups(model, args, notices)
     targets = args.target_modules
     target = "all-linear" if targets in (["all-linear"], ["all_linear"], ["ALL"]) else targets
     cfg = LoraConfig(
@@ -271,7 +276,20 @@ def prepare_model(model, args: SftArguments, notices: list[str]):
         target_modules=target,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg)
+    return speedups(get_peft_model(model, cfg), args, notices)
+
+
+def speedups(model, args: SftArguments, notices: list[str]):
+    """The measured speed paths (mhsft/kernels.py, benchmarks/NOTES.md)."""
+    from mhsft import kernels
+
+    if args.train_type == "lora":
+        kernels.fast_lora_forward(model)
+    if args.use_liger_kernel and (msg := kernels.apply_liger(model)):
+        notices.append(msg)
+    if args.torch_compile:
+        kernels.compile_layers(model)
+    return model
 
 
 def resolve_adapter(adapters: list[str]) -> str:
