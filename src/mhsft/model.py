@@ -61,16 +61,25 @@ def resolve_model_dir(model: str | None, use_hf: bool = False, token: str | None
 
 
 def _download(model_id: str, use_hf: bool, token: str | None) -> str:
+    from mhsft.utils import hub_reachable
+
     hub = "Hugging Face" if use_hf else "ModelScope"
-    get_logger().info(f"fetching {model_id} from {hub} (cached after the first time)")
+    # no network: answer from the client's cache, or fail in seconds instead of after its retries
+    cached_only = not hub_reachable(use_hf)
+    if not cached_only:
+        get_logger().info(f"fetching {model_id} from {hub} (cached after the first time)")
     try:
         if use_hf:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(model_id, token=token or None)
+            return snapshot_download(model_id, token=token or None, local_files_only=cached_only)
         from modelscope import snapshot_download
 
-        return snapshot_download(model_id, token=token or os.environ.get("MODELSCOPE_API_TOKEN") or None)
+        return snapshot_download(
+            model_id,
+            token=token or os.environ.get("MODELSCOPE_API_TOKEN") or None,
+            local_files_only=cached_only,
+        )
     except Exception as e:  # network, auth, not-found: each hub raises its own types
         other = "ModelScope (drop --use_hf)" if use_hf else "Hugging Face (--use_hf true)"
         raise UserError(

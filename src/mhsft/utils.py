@@ -172,3 +172,25 @@ def cache_dir() -> Path:
     p = Path(base)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def hub_reachable(use_hf: bool, timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connect within `timeout`. The clients retry for tens of seconds on
+    a machine without network; we look first, then use their caches (local_files_only) or fail fast."""
+    import socket
+    from urllib.parse import urlparse
+
+    if use_hf:
+        url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    else:
+        url = os.environ.get("MODELSCOPE_DOMAIN") or "https://www.modelscope.cn"
+        if "://" not in url:
+            url = "https://" + url
+    u = urlparse(url)
+    try:
+        with socket.create_connection(
+            (u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout
+        ):
+            return True
+    except OSError:
+        return False

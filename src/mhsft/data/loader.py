@@ -101,6 +101,13 @@ def download_dataset(repo_id: str, use_hf: bool = False) -> Path:
     hub = "Hugging Face" if use_hf else "ModelScope"
     offline_var = "HF_HUB_OFFLINE" if use_hf else "MODELSCOPE_OFFLINE"
     offline = _env_true(offline_var)
+    if not offline:
+        from mhsft.utils import hub_reachable
+
+        # no network: answer from the client's cache, or fail in seconds instead of after its retries
+        offline = not hub_reachable(use_hf)
+        if offline:
+            offline_var = f"{hub} is unreachable from this machine"
     try:
         if use_hf:
             from huggingface_hub import snapshot_download
@@ -113,7 +120,10 @@ def download_dataset(repo_id: str, use_hf: bool = False) -> Path:
     except Exception as e:  # each client raises its own zoo of types; the user needs one line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         hint = (
-            f"it is not in the local cache and {offline_var}=1; unset {offline_var} to download it"
+            (
+                f"it is not in the local cache and {offline_var}"
+                + ("=1; unset it to download" if offline_var.isupper() else "; check your network or proxy")
+            )
             if offline
             else "check the id and your network"
             + ("" if use_hf else ", or add --use_hf true if it lives on Hugging Face")
