@@ -118,12 +118,11 @@ def parse_args(cls: type[T], argv: list[str], prog: str, yaml_overrides: dict | 
         if unknown:
             raise UserError(f"{prog}: unknown setting(s) {', '.join(unknown)}")
         parser.set_defaults(**yaml_overrides)
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=_normalize_argv(argv))
-    except (
-        ValueError
-    ) as e:  # unknown flags: "Some specified arguments are not used by the HfArgumentParser: [...]"
-        raise UserError(f"{prog}: {str(e).splitlines()[0]} (see {prog} --help)") from None
+    args, extra = parser.parse_args_into_dataclasses(
+        args=_normalize_argv(argv), return_remaining_strings=True
+    )
+    if extra:
+        raise UserError(f"{prog}: unrecognized argument(s) {' '.join(extra)}; see {prog} --help")
     return args
 
 

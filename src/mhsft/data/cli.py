@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -330,14 +329,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"unknown data command {sub!r}; choose one of: {', '.join(SUBCOMMANDS)}")
     if "-h" in rest or "--help" in rest:
         print(f"mhsft data {sub}: {SUBCOMMANDS[sub]}\n")
-    try:
-        args = parse_args(DataCommandArguments, rest, prog=f"mhsft data {sub}")
-    except ValueError as e:  # HfArgumentParser's way of saying "unrecognized arguments: [...]"
-        m = re.search(r"\[(.*)\]\s*$", str(e))
-        extra = m.group(1).replace("'", "") if m else str(e)
-        raise UserError(
-            f"mhsft data {sub}: unrecognized argument(s) {extra}; see mhsft data {sub} --help"
-        ) from None
+    args = parse_args(DataCommandArguments, rest, prog=f"mhsft data {sub}")
     _check_args(args, sub)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command = {"inspect": cmd_inspect, "validate": cmd_validate, "convert": cmd_convert, "clean": cmd_clean}
