@@ -107,7 +107,8 @@ def worker(args) -> dict:
         opts = set(variant.split("+")) if variant else set()
         mhsft_args = SftArguments(model="bench", dataset=["bench"], lora_dropout=args.lora_dropout,
                                   gradient_checkpointing=not args.no_gc, max_length=args.seq,
-                                  use_liger_kernel="liger" in opts, torch_compile="compile" in opts)  # fmt: skip
+                                  use_liger_kernel="liger" in opts, torch_compile="compile" in opts,
+                                  gradient_checkpointing_ratio=args.gc_ratio)  # fmt: skip
         if "peft" in opts:  # PEFT's own LoRA forward, for comparison with mhsft.kernels.fast_lora_forward
             import mhsft.kernels
 
@@ -174,6 +175,7 @@ def worker(args) -> dict:
         "micro_batch": args.micro_batch,
         "seq": args.seq,
         "gradient_checkpointing": not args.no_gc,
+        "gc_ratio": args.gc_ratio,
         "lora_dropout": args.lora_dropout,
         "tokens_per_s": round(sum(real_tokens) / sum(times), 1),
         "step_s_median": round(sorted(times)[len(times) // 2], 3),
@@ -194,6 +196,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--no_gc", action="store_true")
+    ap.add_argument("--gc_ratio", type=float, default=1.0, help="mhsft: share of layers that recompute")
     ap.add_argument("--stacks", default="hf,liger,mhsft")
     ap.add_argument("--data", nargs="+", default=[str(ROOT.parent / "shared/data/train/emollm_data.json")])
     ap.add_argument("--workdir", default="/tmp")
@@ -220,7 +223,8 @@ def main() -> None:
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
     base = next((r for r in results if r["stack"] == "hf" and "losses" in r), None)
-    print(f"\n{args.config}  micro-batch {args.micro_batch} x {args.seq}  checkpointing {not args.no_gc}  "
+    print(f"\n{args.config}  micro-batch {args.micro_batch} x {args.seq}  checkpointing {not args.no_gc} "
+          f"(mhsft ratio {args.gc_ratio})  "
           f"LoRA dropout {args.lora_dropout}")  # fmt: skip
     print(f"{'stack':<14}{'tokens/s':>10}{'peak GiB':>10}{'vs hf':>8}{'loss[0]':>10}{'|dloss| max':>13}")
     for r in results:
