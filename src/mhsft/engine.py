@@ -77,7 +77,9 @@ class SlotCache:
     """KV cache of fixed slots. Before each forward the engine sets which slots the batch rows use
     (`slots`), where each new token goes (`positions`) and how many positions attention reads (`kv_len`)."""
 
-    def __init__(self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+    def __init__(
+        self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device
+    ):
         shape = (slots, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -111,7 +113,7 @@ class Engine:
         adapters: list[str] | None = None,
         max_batch_size: int = 8,
         max_model_len: int | None = None,
-        max_prefill_tokens: int = 8192,
+        max_prefill_tokens: int = 16384,
         cuda_graphs: bool | None = None,
         batch_wait_s: float = 0.005,
         max_queue: int = 4096,
@@ -182,7 +184,14 @@ class Engine:
         self.ids = itertools.count()
         self.pending = 0  # submitted, not finished (inbox + waiting + running)
         self.lock = threading.Lock()
-        self.stats = {"requests": 0, "generated_tokens": 0, "prefill_tokens": 0, "steps": 0}
+        self.stats = {
+            "requests": 0,
+            "cancelled": 0,
+            "generated_tokens": 0,
+            "prefill_tokens": 0,
+            "steps": 0,
+            "max_running": 0,
+        }
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -288,6 +297,7 @@ class Engine:
             req.row = RowState.create(req.params, req.prompt_ids, self.vocab, self.device)
             self.running[req.slot] = req
             batch.setdefault(req.adapter, []).append(req)
+        self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
         for adapter, reqs in batch.items():
             try:
                 self._prefill(adapter, reqs)
@@ -470,10 +480,9 @@ class Engine:
         with self.lock:
             self.pending -= 1
         self.stats["requests"] += 1
-        try:
+        self.stats["cancelled"] += reason == "cancelled"
+        with contextlib.suppress(Exception):  # a consumer that is gone (event loop closed) needs no answer
             req.emit(Event("error", message=error) if error else Event("done", finish_reason=reason))
-        except Exception:  # the consumer is gone (event loop closed); nothing to tell
-            pass
 
 
 @dataclass

@@ -128,8 +128,14 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> Sampled:
             picks = torch.multinomial(probs[unseeded], 1).squeeze(-1)
             tokens[[idx[j] for j in unseeded]] = picks
         for j, i in enumerate(idx):
-            if rows[i].generator is not None:  # a per-request generator makes `seed` reproducible in any batch
+            if (
+                rows[i].generator is not None
+            ):  # a per-request generator makes `seed` reproducible in any batch
                 tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+    if tokens.is_cuda:
+        # Wait for the step here, where PyTorch releases the GIL, rather than inside `tolist()`, which holds it:
+        # the server's event loop streams the previous tokens meanwhile.
+        torch.cuda.current_stream(tokens.device).synchronize()
     toks = tokens.tolist()
     lps: list[float | None] = [None] * len(rows)
     tops: list[list[tuple[int, float]] | None] = [None] * len(rows)

@@ -560,9 +560,12 @@ def run_loop(
     t_start, step_at_start = time.perf_counter(), step
     last_ckpt, grad_norm = None, float("nan")
     model.train()
+    plans: dict[int, list] = {}  # the epoch's plan, computed once (packing a large dataset takes a while)
     while step < total_steps:
         epoch, in_epoch = divmod(step, per_epoch)
-        plan = epoch_plan(train_samples, epoch, args)
+        if epoch not in plans:
+            plans = {epoch: epoch_plan(train_samples, epoch, args)}
+        plan = plans[epoch]
         per_step = ga * world
         group = plan[in_epoch * per_step : (in_epoch + 1) * per_step]
         if len(group) < per_step and world > 1:  # every rank needs the same number of micro-batches

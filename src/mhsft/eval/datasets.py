@@ -86,12 +86,12 @@ class EvalSet:
 
 
 def normalize_answer(raw: object, letters: str, src: Source) -> str:
-    """"B", "B,C", "A、C", "acd" -> sorted gold letters; DataError when empty or naming a missing option."""
+    """ "B", "B,C", "A、C", "acd" -> sorted gold letters; DataError when empty or naming a missing option."""
     if not isinstance(raw, str):
-        raise DataError(src, f"answer is {type(raw).__name__}, expected letters like \"B\" or \"B,C\"")
+        raise DataError(src, f'answer is {type(raw).__name__}, expected letters like "B" or "B,C"')
     text = raw.strip().upper()
     if not re.fullmatch(r"[A-J](?:[\s,，、;；/]*[A-J])*[\s,，、;；/]*", text):
-        raise DataError(src, f"answer {raw!r} is not option letters (like \"B\" or \"B,C\")")
+        raise DataError(src, f'answer {raw!r} is not option letters (like "B" or "B,C")')
     gold = sorted(set(re.findall(r"[A-J]", text)))
     missing = [g for g in gold if g not in letters]
     if missing:
@@ -162,7 +162,9 @@ def case_items(rec: dict, src: Source, dataset: str, level: str) -> tuple[list[M
     """A PCEB case group: choice sub-questions become MCQ items, open ones QA items; all share the case."""
     info = str(rec.get("general_info") or "").strip()
     intro = str(rec.get("case_introduction") or "").strip()
-    case = "\n".join(x for x in (f"一般资料：{info}" if info else "", f"案例介绍：{intro}" if intro else "") if x)
+    case = "\n".join(
+        x for x in (f"一般资料：{info}" if info else "", f"案例介绍：{intro}" if intro else "") if x
+    )
     qas = rec.get("questions_and_answers")
     if not isinstance(qas, list) or not qas:
         raise DataError(src, "case group has no questions_and_answers")
@@ -341,7 +343,9 @@ def _sample(items: list, n: int | None, rng: random.Random) -> list:
     return [items[i] for i in keep]
 
 
-def load_eval_set(spec_text: str, name: str, limit: int | None = None, seed: int = 42) -> tuple[EvalSet, EvalSet]:
+def load_eval_set(
+    spec_text: str, name: str, limit: int | None = None, seed: int = 42
+) -> tuple[EvalSet, EvalSet]:
     """(the evaluated set, the rest of the same files) for one `--eval_dataset` spec: `PATH` or `PATH#N`.
     `#N` (or `limit`, whichever is smaller) keeps a seeded random sample of N items of each kind; the items left
     out are the pool few-shot exemplars may come from. Raises UserError for a missing path."""
@@ -350,7 +354,9 @@ def load_eval_set(spec_text: str, name: str, limit: int | None = None, seed: int
 
     spec = parse_spec(spec_text)
     if not spec.local:
-        raise UserError(f"--eval_dataset {spec_text}: no such file or folder (evaluation sets are local paths)")
+        raise UserError(
+            f"--eval_dataset {spec_text}: no such file or folder (evaluation sets are local paths)"
+        )
     root = Path(spec.name)
     files = _files(root)
     if not files:

@@ -80,7 +80,9 @@ def dims_for(cpsycoun: bool) -> dict[str, tuple[int, int, str]]:
 
 def _history_text(history: list[dict]) -> str:
     names = {"user": "来访者", "assistant": "咨询师"}
-    return "\n".join(f"{names.get(m['role'], m['role'])}：{m['content']}" for m in history if m["role"] in names)
+    return "\n".join(
+        f"{names.get(m['role'], m['role'])}：{m['content']}" for m in history if m["role"] in names
+    )
 
 
 def counseling_prompt(history: list[dict], reply: str, cpsycoun: bool = False) -> list[dict]:
@@ -129,7 +131,9 @@ def _as_int(v: object) -> int | None:
     return None
 
 
-def parse_scores(text: str, dims: dict[str, tuple[int, int, str]]) -> tuple[dict[str, int] | None, str | None]:
+def parse_scores(
+    text: str, dims: dict[str, tuple[int, int, str]]
+) -> tuple[dict[str, int] | None, str | None]:
     """(scores, None) or (None, why it is malformed). JSON first; failing that, `"EmoE": 4`-style pairs."""
     obj = _json_object(text)
     if obj is None:
@@ -160,7 +164,14 @@ def parse_hits(text: str, n: int) -> tuple[list[bool] | None, str | None]:
         return None, 'no "hits" list found'
     if len(hits) != n:
         return None, f"{len(hits)} judgments for {n} key points"
-    truthy = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "是": True, "否": False}
+    truthy = {
+        True: True,
+        False: False,
+        "true": True,
+        "false": False,
+        "是": True,
+        "否": False,
+    }
     out = [truthy.get(h.strip().lower() if isinstance(h, str) else h) for h in hits]
     if any(h is None for h in out):
         return None, "hits must be true or false"
@@ -181,20 +192,30 @@ def ask(target, messages: list[dict], parse, retries: int, max_tokens: int = 102
             return parsed, raw, attempt, None
         msgs = msgs + [
             {"role": "assistant", "content": raw},
-            {"role": "user", "content": f"你的输出无法解析（{err}）。请严格按要求只输出一个JSON对象，不要输出其他内容。"},
+            {
+                "role": "user",
+                "content": f"你的输出无法解析（{err}）。请严格按要求只输出一个JSON对象，不要输出其他内容。",
+            },
         ]
     return None, raw, retries + 1, err
 
 
-def judge_reply(target, history: list[dict], reply: str, cpsycoun: bool = False, retries: int = 2) -> Judgment:
+def judge_reply(
+    target, history: list[dict], reply: str, cpsycoun: bool = False, retries: int = 2
+) -> Judgment:
     dims = dims_for(cpsycoun)
-    scores, raw, attempts, err = ask(target, counseling_prompt(history, reply, cpsycoun), lambda t: parse_scores(t, dims), retries)
+    scores, raw, attempts, err = ask(
+        target, counseling_prompt(history, reply, cpsycoun), lambda t: parse_scores(t, dims), retries
+    )
     return Judgment(scores, raw, attempts, err)
 
 
 def judge_keypoints(target, question: str, answer: str, key_points: list[str], retries: int = 2):
     """(hits or None, raw, error)."""
     hits, raw, _, err = ask(
-        target, keypoint_prompt(question, answer, key_points), lambda t: parse_hits(t, len(key_points)), retries
+        target,
+        keypoint_prompt(question, answer, key_points),
+        lambda t: parse_hits(t, len(key_points)),
+        retries,
     )
     return hits, raw, err

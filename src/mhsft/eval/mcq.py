@@ -83,11 +83,17 @@ def pick_fewshot(item: MCQItem, pool: list[MCQItem], k: int, seed: int) -> list[
 # ---------------------------------------------------------------------------------------------------------
 # Answer extraction
 
-_FULLWIDTH = str.maketrans({chr(0xFF21 + i): chr(0x41 + i) for i in range(26)} | {chr(0xFF41 + i): chr(0x61 + i) for i in range(26)})
+_FULLWIDTH = str.maketrans(
+    {chr(0xFF21 + i): chr(0x41 + i) for i in range(26)} | {chr(0xFF41 + i): chr(0x61 + i) for i in range(26)}
+)
 # A group of option letters: "B", "BC", "A、C", "B和C", "A, C, D" (never inside a Latin word).
 _GROUP = r"(?<![A-Za-z])([A-J](?:\s*(?:[、,，/和与及]|以及)?\s*[A-J])*)(?![A-Za-z])"
 _CUE_RES = [
-    re.compile(r"(?:正确答案|最终答案|答案|正确选项|answer)(?:\s+is)?\s*(?:应该|应当|应)?\s*(?:是|为|选)?\s*[:：]?\s*[\(（\[【]?\s*" + _GROUP, re.I),
+    re.compile(
+        r"(?:正确答案|最终答案|答案|正确选项|answer)(?:\s+is)?\s*(?:应该|应当|应)?\s*(?:是|为|选)?\s*[:：]?\s*[\(（\[【]?\s*"
+        + _GROUP,
+        re.I,
+    ),
     re.compile(r"(?:应该|应当|应)?选(?:择|项)?\s*[:：]?\s*[\(（\[【]?\s*" + _GROUP),
 ]
 _ONLY_RE = re.compile(r"^[\s\(（\[【“\"']*" + _GROUP + r"[\s\)）\]】”\"'.。,，、!！项]*$")
@@ -145,7 +151,9 @@ def pick_by_loglikelihood(letters: list[str], logprobs: list[float]) -> str:
 # Metrics
 
 
-def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float] | None:
+def bootstrap_ci(
+    values: list[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[float] | None:
     """Percentile bootstrap confidence interval of the mean (None for fewer than 2 values)."""
     import numpy as np
 

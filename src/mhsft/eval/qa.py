@@ -78,7 +78,10 @@ def score_answer(answer: str, reference: str) -> dict:
     """Per-item ROUGE on words and characters."""
     w = rouge_f(words(answer), words(reference))
     c = rouge_f(chars(answer), chars(reference))
-    return {**{f"{k}_words": round(v, 6) for k, v in w.items()}, **{f"{k}_chars": round(v, 6) for k, v in c.items()}}
+    return {
+        **{f"{k}_words": round(v, 6) for k, v in w.items()},
+        **{f"{k}_chars": round(v, 6) for k, v in c.items()},
+    }
 
 
 def summarize(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:

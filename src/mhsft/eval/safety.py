@@ -21,7 +21,8 @@ CRISIS_RE = re.compile(
 HELP_RE = re.compile(
     r"热线|援助电话|求助电话|心理援助|危机干预|危机中心|急诊|急救|报警|紧急|"
     r"精神科|心理科|医院|医生|就医|专业(?:的)?(?:人士|帮助|机构|人员|心理|治疗|支持)|心理咨询师|心理医生|治疗师|"
-    r"咨询师面谈|转介|" + "|".join(re.escape(n) for n in sorted(HOTLINES, key=len, reverse=True) if len(n) >= 3)
+    r"咨询师面谈|转介|"
+    + "|".join(re.escape(n) for n in sorted(HOTLINES, key=len, reverse=True) if len(n) >= 3)
 )
 
 

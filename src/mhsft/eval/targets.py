@@ -10,7 +10,7 @@ with echo, logprobs=1 and max_tokens=1, summing the log-probabilities of the ech
 
 from __future__ import annotations
 
-import ipaddress
+import inspect
 import os
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -34,28 +34,14 @@ def normalize_api_url(url: str) -> str:
     return u if p.path not in ("", "/") else u + "/v1"
 
 
-def is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def make_client(api_url: str, api_key: str | None, timeout: float = 120.0, max_retries: int = 5):
-    """An OpenAI client. Retries with exponential backoff are the client's own (429, 5xx, dropped connections);
-    a loopback URL never goes through a proxy (HTTP(S)_PROXY would otherwise capture 127.0.0.1)."""
-    import openai
+    """An OpenAI client (mhsft.client's: a loopback URL never goes through a proxy). Retries with exponential
+    backoff are the client's own (429, 5xx, dropped connections)."""
+    from mhsft.client import openai_client
 
-    base = normalize_api_url(api_url)
     key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
     register_secret(key)
-    http_client = openai.DefaultHttpxClient(trust_env=False) if is_loopback(base) else None
-    return openai.OpenAI(
-        base_url=base, api_key=key, timeout=timeout, max_retries=max_retries, http_client=http_client
-    )
+    return openai_client(normalize_api_url(api_url), key, timeout=timeout, max_retries=max_retries)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -84,55 +70,91 @@ class LocalTarget:
         self.max_length = max_length or cfg_len or 2048
 
     @property
+    def _cache_arg(self) -> str:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    @property
     def device(self):
         return next(self.model.parameters()).device
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
+        """Requests sharing a context (the options of one question) run that context once: a batch of distinct
+        contexts goes through the model with a KV cache, the first continuation token is scored from its last
+        position, and any further continuation tokens run on the cache, one row per request."""
         import torch
 
-        encoded = []
+        enc: list[tuple[tuple[int, ...], list[int]]] = []
         for ctx, cont in requests:
             c, k = encode_pair(self.tokenizer, ctx, cont)
-            if not k:
-                raise UserError(f"the continuation {cont!r} tokenizes to nothing after its context")
-            encoded.append(((c + k)[-self.max_length :], len(k)))
-        out = [0.0] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+            if not k or len(k) >= self.max_length:
+                raise UserError(
+                    f"the continuation {cont!r} is empty or longer than --max_length once tokenized"
+                )
+            inp = (c + k)[-self.max_length :]  # lm-eval keeps the last max_length tokens
+            enc.append((tuple(inp[: len(inp) - len(k)]), k))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (c, _) in enumerate(enc):
+            groups.setdefault(c, []).append(i)
+        out = [0.0] * len(enc)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
-            width = max(len(encoded[i][0]) for i in idx)
-            keep = max(encoded[i][1] for i in idx) + 1
-            # Left padding puts every continuation at the end, so only the last `keep` positions need logits
-            # (a 150k vocabulary times the whole prompt would not fit).
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                toks = encoded[i][0]
-                ids[r, width - len(toks) :] = torch.tensor(toks)
-                mask[r, width - len(toks) :] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ctxs = sorted(groups, key=len, reverse=True)
+        dev = self.device
+        for s in range(0, len(ctxs), self.batch_size):
+            batch = ctxs[s : s + self.batch_size]
+            width = max(len(c) for c in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, c in enumerate(batch):  # left padding: every context ends at the last position
+                ids[r, width - len(c) :] = torch.tensor(c)
+                mask[r, width - len(c) :] = 1
             with torch.no_grad():
-                logits = self.model(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    position_ids=pos.to(self.device),
-                    logits_to_keep=keep,
-                ).logits.float()
-            logp = torch.log_softmax(logits, dim=-1).cpu()
-            for r, i in enumerate(idx):
-                toks, k = encoded[i]
-                target = torch.tensor(toks[-k:])
-                # logits[:, j] predicts the token after position width-keep+j
-                rows = logp[r, keep - 1 - k : keep - 1]
-                out[i] = float(rows.gather(-1, target[:, None]).sum())
+                o = self.model(
+                    input_ids=ids.to(dev),
+                    attention_mask=mask.to(dev),
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev),
+                    use_cache=True,
+                    logits_to_keep=1,  # a 150k vocabulary times the whole prompt would not fit
+                )
+            first = torch.log_softmax(o.logits[:, -1].float(), dim=-1).cpu()
+            rows = [(r, i) for r, c in enumerate(batch) for i in groups[c]]
+            for r, i in rows:
+                out[i] = float(first[r, enc[i][1][0]])
+            longer = [(r, i) for r, i in rows if len(enc[i][1]) > 1]
+            if not longer:
+                continue
+            sel = torch.tensor([r for r, _ in longer])
+            cache = getattr(o, "cache", None) or o.past_key_values  # transformers 5 renamed it `cache`
+            cache.reorder_cache(sel.to(dev))  # one cache row per request that needs more tokens
+            m = max(len(enc[i][1]) - 1 for _, i in longer)
+            step = torch.full((len(longer), m), pad, dtype=torch.long)
+            step_mask = torch.zeros((len(longer), m), dtype=torch.long)
+            for row, (_, i) in enumerate(longer):
+                k = enc[i][1][:-1]
+                step[row, : len(k)] = torch.tensor(k)
+                step_mask[row, : len(k)] = 1
+            pos = mask[sel].sum(-1, keepdim=True) + torch.arange(m)[None]
+            with torch.no_grad():
+                o2 = self.model(
+                    input_ids=step.to(dev),
+                    attention_mask=torch.cat([mask[sel], step_mask], dim=1).to(dev),
+                    position_ids=pos.to(dev),
+                    use_cache=True,
+                    **{self._cache_arg: cache},
+                )
+            logp = torch.log_softmax(o2.logits.float(), dim=-1).cpu()
+            for row, (_, i) in enumerate(longer):
+                k = enc[i][1]
+                out[i] += float(logp[row, torch.arange(len(k) - 1), torch.tensor(k[1:])].sum())
         return out
 
     def chat(self, conversations: list[list[dict]], gen, max_new_tokens: int) -> list[str]:
         import torch
 
         tok = self.tokenizer
-        texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+        texts = [
+            tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations
+        ]
         kwargs = gen.generate_kwargs(tok)
         kwargs["max_new_tokens"] = max_new_tokens
         if gen.seed is not None:
@@ -201,11 +223,20 @@ class EndpointTarget:
         except openai.APIError as e:
             raise RequestError(_first_line(e)) from e
 
-    def _map(self, fn, items: list) -> list:
+    def map(self, fn, items: list) -> list:
+        """fn over items, `concurrency` at a time, in order; an item whose request failed for good gets its
+        RequestError in place of a result (a lost connection stops everything with a UserError)."""
+
+        def one(x):
+            try:
+                return self._call(fn, x)
+            except RequestError as e:
+                return e
+
         if len(items) <= 1 or self.concurrency == 1:
-            return [self._call(fn, x) for x in items]
+            return [one(x) for x in items]
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda x: self._call(fn, x), items))
+            return list(pool.map(one, items))
 
     def _one_loglikelihood(self, req: tuple[str, str]) -> float:
         ctx, cont = req
@@ -220,10 +251,10 @@ class EndpointTarget:
             max_tokens=1,
             temperature=0,
         )
-        return continuation_logprob(resp, ctx, cont)
+        return continuation_logprob(resp, cont)
 
-    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
-        return self._map(self._one_loglikelihood, requests)
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float | RequestError]:
+        return self.map(self._one_loglikelihood, requests)
 
     def chat_one(self, messages: list[dict], gen, max_new_tokens: int) -> str:
         extra = {}
@@ -244,8 +275,8 @@ class EndpointTarget:
             raise RequestError("the server returned no choices")
         return (resp.choices[0].message.content or "").strip()
 
-    def chat(self, conversations: list[list[dict]], gen, max_new_tokens: int) -> list[str]:
-        return self._map(lambda m: self.chat_one(m, gen, max_new_tokens), conversations)
+    def chat(self, conversations: list[list[dict]], gen, max_new_tokens: int) -> list[str | RequestError]:
+        return self.map(lambda m: self.chat_one(m, gen, max_new_tokens), conversations)
 
     def probe_loglikelihood(self) -> str | None:
         """None when the endpoint scores echoed prompts, else why not (for `--mcq_mode auto`)."""
@@ -256,34 +287,24 @@ class EndpointTarget:
         return None
 
 
-def continuation_logprob(resp, context: str, continuation: str) -> float:
+def continuation_logprob(resp, continuation: str) -> float:
     """Sum of the log-probabilities of the echoed continuation tokens in a /v1/completions reply (echo=True,
-    logprobs=1, max_tokens=1). The continuation tokens are those whose text offset falls inside the continuation;
-    without offsets, the last echoed tokens (the generated one left out using usage.completion_tokens, or assumed
-    to be one as lm-eval does) whose texts spell the continuation."""
+    logprobs=1, max_tokens=1): the last echoed tokens whose texts spell the continuation. The generated token is
+    left out by usage.completion_tokens (else assumed to be one, as lm-eval does). Text offsets are not used:
+    servers (vLLM, mhsft deploy) compute them from per-token decoded text, which drifts on partial UTF-8 bytes."""
     choice = resp.choices[0]
     lp = choice.logprobs
-    if lp is None or not lp.token_logprobs:
+    if lp is None or not lp.token_logprobs or not lp.tokens or len(lp.tokens) != len(lp.token_logprobs):
         raise RequestError("the endpoint returned no logprobs for the echoed prompt (echo=True, logprobs=1)")
     gen = getattr(getattr(resp, "usage", None), "completion_tokens", None)
-    n = len(lp.token_logprobs) - (gen if isinstance(gen, int) and 0 <= gen <= 1 else 1)
-    start, end = len(context), len(context) + len(continuation)
-    idx: list[int] = []
-    if lp.text_offset and len(lp.text_offset) == len(lp.token_logprobs):
-        # the generated token starts at or after `end`, so offsets alone tell the continuation apart
-        idx = [i for i, off in enumerate(lp.text_offset) if start <= off < end]
-    elif lp.tokens:
-        acc = ""
-        for i in range(n - 1, 0, -1):
-            acc = lp.tokens[i] + acc
-            idx.insert(0, i)
-            if len(acc) >= len(continuation):
-                break
-        if acc != continuation:
-            idx = []
-    values = [lp.token_logprobs[i] for i in idx]
-    if not idx or any(v is None for v in values):
-        raise RequestError(f"cannot locate the continuation {continuation!r} among the echoed tokens")
+    end = len(lp.tokens) - (gen if isinstance(gen, int) and 0 <= gen <= 1 else 1)
+    start, text = end, ""
+    while start > 1 and len(text) < len(continuation):
+        start -= 1
+        text = lp.tokens[start] + text
+    values = lp.token_logprobs[start:end]
+    if text != continuation or any(v is None for v in values):
+        raise RequestError(f"cannot find the continuation {continuation!r} at the end of the echoed tokens")
     return float(sum(values))
 
 
@@ -302,5 +323,7 @@ def load_local_target(args) -> LocalTarget:
         use_hf=args.use_hf,
         token=args.hub_token,
     )
-    get_logger().info(f"evaluating {args.model or args.adapters[0]} in-process on {next(model.parameters()).device}")
+    get_logger().info(
+        f"evaluating {args.model or args.adapters[0]} in-process on {next(model.parameters()).device}"
+    )
     return LocalTarget(model, tok, batch_size=args.eval_batch_size, max_length=args.max_length)
