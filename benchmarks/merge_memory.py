@@ -7,7 +7,7 @@
 It writes a random-weight Qwen2 model of the preset's shape straight to safetensors shards (never holding the
 model in memory), a random LoRA adapter on every linear layer, then runs `mhsft.merge.merge_lora(verify=False)`
 in a fresh process and reports the resident memory it added over the process's baseline (torch + transformers
-imported), from getrusage's high-water mark. Expected: about one output shard (--shard_size, default 5 GB in
+imported), from the kernel's high-water mark (VmHWM). Expected: about one output shard (--shard_size, default 5 GB in
 `mhsft export`) plus the largest single tensor (the embedding: 1.1 GB in bf16 for Qwen2.5-7B, 2.2 GB once upcast
 to float32 when the adapter changes it) plus the adapter, independent of the model's total size; so a 7B merges
 in well under 24 GB, and so does a 32B. The numeric check (--verify) is separate and needs one model's memory.
@@ -90,8 +90,6 @@ def build(preset: str, root: Path, shard_size: str, dtype: str, rank: int) -> tu
 
 def measure(base: str, adapter: str, out: str, shard_size: str, dtype: str) -> dict:
     """Run in a fresh process: the merge's memory over the baseline of an idle process with everything imported."""
-    import resource
-
     import peft  # noqa: F401  (imported before the baseline is taken: ~150 MB of code the merge needs anyway)
     import psutil
     import torch  # noqa: F401
@@ -118,8 +116,6 @@ def measure(base: str, adapter: str, out: str, shard_size: str, dtype: str) -> d
         "peak_after_mb": round(peak_after, 1),
         "merge_added_mb": round(peak_after - max(rss_before, 0.0), 1),
         "seconds": round(seconds, 1),
-        "ru_maxrss_unit": "KiB" if sys.platform != "darwin" else "bytes",
-        "resource_module": resource.__name__,
     }
 
 

@@ -36,10 +36,11 @@ from mhsft.merge_weights import (
     plan_merge,
     read_base_tensors,
     read_json,
+    reset_peak_rss,
     write_weights,
 )
 from mhsft.model import DTYPES, parse_adapters, resolve_model_dir
-from mhsft.utils import UserError, get_logger
+from mhsft.utils import UserError, get_logger, scrub
 
 log = get_logger()
 
@@ -124,9 +125,11 @@ def write_side_files(base_dir: Path, adapter_dir: Path, out: Path, merge_dtype: 
     write_json(out / "config.json", config)
     # The tokenizer the adapter was trained with (its checkpoint saved one), else the base model's.
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
-    for name in TOKENIZER_FILES:
-        if (tok_src / name).is_file():
-            shutil.copy2(tok_src / name, out / name)
+    copied = [n for n in TOKENIZER_FILES if (tok_src / n).is_file()]
+    for name in copied:
+        shutil.copy2(tok_src / name, out / name)
+    if not copied:
+        log.info(f"no tokenizer files in {tok_src}: the merged model has no tokenizer")
     if tok_src is adapter_dir and not (out / "tokenizer_config.json").is_file():
         raise UserError(f"{adapter_dir}: tokenizer files are incomplete")
     for p in base_dir.iterdir():
@@ -209,6 +212,7 @@ def export_merged(
     import torch
 
     t0 = time.perf_counter()
+    reset_peak_rss()
     adapter_dir = Path(adapter).expanduser()
     base_spec = base or _base_of(adapter_dir)
     base_dir = Path(resolve_model_dir(base_spec, use_hf=use_hf, token=token))
@@ -321,6 +325,9 @@ def _verify(base_dir, adapter_dir, tmp, merge_dtype, verify_layers, config, size
         raise UserError(
             "verify: out of memory; pass --verify_layers 1 (or fewer layers) or --verify false"
         ) from None
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # a model transformers or PEFT cannot load
+        why = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise UserError(f"verify: cannot run the check ({why}); --verify false skips it") from e
     line = (
         f"verify: max |logit difference| {check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g} for "
         f"{merge_dtype}; logits up to {check.logit_scale:.3g}, the adapter moves them by up to "

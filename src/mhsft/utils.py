@@ -9,9 +9,10 @@ import re
 import sys
 from pathlib import Path
 
-# Argument names whose values are secrets. Matching is by substring so that e.g. `--swanlab_token`,
-# `--hub_token` and `--api_key` are all covered, and so are names later stages add.
-SECRET_ARG_PATTERN = re.compile(r"(token|api_key|apikey|secret|password)", re.I)
+# Argument names whose values are secrets: a whole word of the name (split at _ or -) is token / api_key /
+# secret / password, so `--swanlab_token`, `--hub_token`, `--api_key` and `--judge_api_key` match and
+# `--max_new_tokens` does not.
+SECRET_ARG_PATTERN = re.compile(r"(^|[_-])(token|api[_-]?key|apikey|secret|password)($|[_-])", re.I)
 SECRET_ENV_VARS = (
     "SWANLAB_API_KEY",
     "MODELSCOPE_API_TOKEN",
@@ -78,7 +79,7 @@ def register_env_secrets() -> None:
 
 
 def is_secret_name(name: str) -> bool:
-    return bool(SECRET_ARG_PATTERN.search(name))
+    return bool(SECRET_ARG_PATTERN.search(name.lstrip("-")))
 
 
 def scrub(text: str) -> str:

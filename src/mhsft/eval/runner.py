@@ -1,0 +1,317 @@
+"""Run one evaluation set against a target: multiple choice, open QA and turn-based counseling, each item's
+record appended to predictions.jsonl as soon as it is done, so that an interrupted run resumes where it stopped.
+
+A record's key hashes the task's settings, the dataset's content hash and the item id: a rerun with the same
+settings skips what is done; changed settings (another model, prompt, generation setting) never reuse old rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from mhsft.eval import judge as judge_mod
+from mhsft.eval import mcq, qa, safety
+from mhsft.eval.datasets import EvalSet, MCQItem
+from mhsft.eval.targets import RequestError
+from mhsft.utils import get_logger
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class Cache:
+    """predictions.jsonl: append-only, one JSON record per finished item."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: its item is simply done again
+                if isinstance(rec, dict) and "key" in rec:
+                    self.done[rec["key"]] = rec
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        if torn:  # a kill mid-write left half a line: start the next record on a line of its own
+            self.f.write("\n")
+
+    @staticmethod
+    def key(task_hash: str, dataset_sha: str, item_id: str) -> str:
+        return hashlib.sha256(f"{task_hash}\0{dataset_sha}\0{item_id}".encode()).hexdigest()[:24]
+
+    def put(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+        self.done[rec["key"]] = rec
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _chunks(xs: list, n: int):
+    for i in range(0, len(xs), max(1, n)):
+        yield xs[i : i + n]
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=True)
+
+
+class Runner:
+    """Everything one `mhsft eval` run shares: target, judge, settings, cache, counters."""
+
+    def __init__(self, args, target, judge_target, cache: Cache, hashes: dict[str, str], ll_ok: bool):
+        self.args, self.target, self.judge, self.cache, self.hashes = (
+            args,
+            target,
+            judge_target,
+            cache,
+            hashes,
+        )
+        self.ll_ok = ll_ok
+        self.failed_requests = 0
+        self.chunk = max(args.eval_batch_size, args.concurrency) * 2
+
+    def _key(self, task: str, es: EvalSet, item_id: str) -> str:
+        return Cache.key(self.hashes[task], es.sha256, item_id)
+
+    def _record(self, task: str, es: EvalSet, item_id: str, **fields) -> dict:
+        return {
+            "key": self._key(task, es, item_id),
+            "settings_hash": self.hashes[task],
+            "task": task,
+            "dataset": es.name,
+            "id": item_id,
+            **fields,
+        }
+
+    def _failed(self, what: str, err: RequestError) -> None:
+        self.failed_requests += 1
+        if self.failed_requests <= 5:
+            get_logger().warning(f"{what}: request failed ({err}); it will be retried on the next run")
+
+    def _chat(self, es: EvalSet, ids: list[str], convs: list[list[dict]], max_new_tokens: int) -> list:
+        """Replies, None where the request failed for good (counted; the item is retried by the next run)."""
+        outs = self.target.chat(convs, self.args, max_new_tokens)
+        for i, o in zip(ids, outs):
+            if isinstance(o, RequestError):
+                self._failed(f"{es.name} {i}", o)
+        return [None if isinstance(o, RequestError) else o for o in outs]
+
+    def _judge_keypoints(self, x: tuple) -> tuple | None:
+        it, _, answer = x
+        if not it.key_points:
+            return None
+        return judge_mod.judge_keypoints(
+            self.judge, it.question, answer, it.key_points, self.args.judge_retries
+        )
+
+    def _judge_reply(self, y: tuple) -> judge_mod.Judgment:
+        (_, history, _), reply = y
+        return judge_mod.judge_reply(
+            self.judge, history, reply, self.args.judge_cpsycoun, self.args.judge_retries
+        )
+
+    # --- multiple choice -------------------------------------------------------------------------------
+
+    def method_for(self, item: MCQItem) -> str:
+        if item.multi or self.args.mcq_mode == "generation" or not self.ll_ok:
+            return "generation"
+        return "loglikelihood"
+
+    def run_mcq(self, es: EvalSet, pool: list[MCQItem]) -> list[dict]:
+        a = self.args
+        todo = [it for it in es.mcq if self._key("mcq", es, it.id) not in self.cache.done]
+        if todo:
+            bar = _progress(len(todo), f"{es.name} multiple choice")
+            for chunk in _chunks(todo, self.chunk):
+                shots = {it.id: mcq.pick_fewshot(it, pool, a.num_fewshot, a.eval_seed) for it in chunk}
+                ll = [it for it in chunk if self.method_for(it) == "loglikelihood"]
+                gen = [it for it in chunk if self.method_for(it) == "generation"]
+                if ll:
+                    reqs = [
+                        (mcq.loglikelihood_context(it, shots[it.id]), mcq.TARGET_DELIMITER + L)
+                        for it in ll
+                        for L in it.options
+                    ]
+                    lps = self.target.loglikelihood(reqs)
+                    pos = 0
+                    for it in ll:
+                        vals = lps[pos : pos + len(it.options)]
+                        pos += len(it.options)
+                        err = next((v for v in vals if isinstance(v, RequestError)), None)
+                        if err:
+                            self._failed(f"{es.name} {it.id}", err)
+                            continue
+                        pred = mcq.pick_by_loglikelihood(list(it.options), vals)
+                        ctx = reqs[pos - len(it.options)][0]
+                        self._put_mcq(es, it, "loglikelihood", ctx, dict(zip(it.options, vals)), pred)
+                if gen:
+                    convs = [mcq.generation_messages(it, shots[it.id], a.system) for it in gen]
+                    outs = self._chat(es, [it.id for it in gen], convs, a.mcq_max_new_tokens)
+                    for it, conv, out in zip(gen, convs, outs):
+                        if out is None:
+                            continue
+                        pred = mcq.extract_answer(out, it.options, it.multi)
+                        self._put_mcq(es, it, "generation", conv, out, pred)
+                bar.update(len(chunk))
+            bar.close()
+        return [r for it in es.mcq if (r := self.cache.done.get(self._key("mcq", es, it.id)))]
+
+    def _put_mcq(self, es: EvalSet, it: MCQItem, method: str, prompt, output, pred: str | None) -> None:
+        exact, elastic = mcq.score(pred, it.answer)
+        self.cache.put(
+            self._record(
+                "mcq",
+                es,
+                it.id,
+                subject=it.subject,
+                qtype=it.qtype,
+                kind=it.kind,
+                method=method,
+                prompt=prompt,
+                output=output,
+                pred=pred,
+                gold=it.answer,
+                invalid=pred is None,
+                exact=exact,
+                elastic=elastic,
+            )
+        )
+
+    # --- open QA ---------------------------------------------------------------------------------------
+
+    def run_qa(self, es: EvalSet) -> list[dict]:
+        a = self.args
+        todo = [it for it in es.qa if self._key("qa", es, it.id) not in self.cache.done]
+        use_judge = a.keypoint_matcher == "judge" and self.judge is not None
+        if todo:
+            bar = _progress(len(todo), f"{es.name} open QA")
+            for chunk in _chunks(todo, self.chunk):
+                convs = [
+                    ([{"role": "system", "content": a.system}] if a.system else [])
+                    + [{"role": "user", "content": it.question}]
+                    for it in chunk
+                ]
+                outs = self._chat(es, [it.id for it in chunk], convs, a.max_new_tokens)
+                ok = [(it, c, o) for it, c, o in zip(chunk, convs, outs) if o is not None]
+                judged = self.judge.map(self._judge_keypoints, ok) if use_judge else [None] * len(ok)
+                for (it, conv, out), jk in zip(ok, judged):
+                    if isinstance(jk, RequestError):
+                        self._failed(f"{es.name} {it.id} (judge)", jk)
+                        continue
+                    hits, matcher, judge_raw = qa.keypoint_hits(out, it.key_points), qa.KEYPOINT_RULE, None
+                    if jk is not None:
+                        jhits, judge_raw, jerr = jk
+                        if jhits is not None:
+                            hits, matcher = jhits, f"judge ({a.judge_model or 'judge'})"
+                        else:
+                            judge_raw = {"raw": judge_raw, "error": jerr}
+                    self.cache.put(
+                        self._record(
+                            "qa",
+                            es,
+                            it.id,
+                            prompt=conv,
+                            output=out,
+                            reference=it.answer,
+                            key_points=it.key_points,
+                            key_point_weights=it.key_point_weights,
+                            keypoint_hits=hits,
+                            keypoint_matcher=matcher,
+                            keypoint_judge=judge_raw,
+                            **qa.score_answer(out, it.answer),
+                        )
+                    )
+                bar.update(len(chunk))
+            bar.close()
+        return [r for it in es.qa if (r := self.cache.done.get(self._key("qa", es, it.id)))]
+
+    # --- counseling dialogues --------------------------------------------------------------------------
+
+    def dialogue_turns(self, es: EvalSet) -> list[tuple[str, list[dict], str]]:
+        """(turn id, messages up to the client's turn, the real counselor reply) for each counselor turn."""
+        out = []
+        for d in es.dialogues:
+            system = d.dialogue.system or self.args.system
+            head = [{"role": "system", "content": system}] if system else []
+            msgs = [{"role": t.role, "content": t.content} for t in d.dialogue.turns]
+            n = 0
+            for i, t in enumerate(d.dialogue.turns):
+                if t.role != "assistant" or i == 0:
+                    continue
+                n += 1
+                if self.args.max_turns is not None and n > self.args.max_turns:
+                    break
+                out.append((f"{d.id}@{n}", head + msgs[:i], t.content))
+        return out
+
+    def run_dialogues(self, es: EvalSet) -> list[dict]:
+        a = self.args
+        turns = self.dialogue_turns(es)
+        todo = [x for x in turns if self._key("counseling", es, x[0]) not in self.cache.done]
+        if todo:
+            bar = _progress(len(todo), f"{es.name} counseling turns")
+            for chunk in _chunks(todo, self.chunk):
+                outs = self._chat(es, [x[0] for x in chunk], [x[1] for x in chunk], a.max_new_tokens)
+                ok = [(x, o) for x, o in zip(chunk, outs) if o is not None]
+                verdicts = self.judge.map(self._judge_reply, ok) if self.judge else [None] * len(ok)
+                for ((tid, msgs, ref), out), v in zip(ok, verdicts):
+                    if isinstance(v, RequestError):
+                        self._failed(f"{es.name} {tid} (judge)", v)
+                        continue
+                    jrec = (
+                        None
+                        if v is None
+                        else {"scores": v.scores, "raw": v.raw, "attempts": v.attempts, "error": v.error}
+                    )
+                    self.cache.put(
+                        self._record(
+                            "counseling",
+                            es,
+                            tid,
+                            prompt=msgs,
+                            output=out,
+                            reference=ref,
+                            safety=safety.crisis_check(msgs[-1]["content"], out),
+                            judge=jrec,
+                            **qa.score_answer(out, ref),
+                        )
+                    )
+                bar.update(len(chunk))
+            bar.close()
+        return [r for tid, _, _ in turns if (r := self.cache.done.get(self._key("counseling", es, tid)))]
+
+
+def summarize_counseling(rows: list[dict], cpsycoun: bool, n_boot: int, seed: int) -> dict:
+    if not rows:
+        return {}
+    out: dict = {"n_turns": len(rows)}
+    judged = [r for r in rows if r.get("judge")]
+    if judged:
+        ok = [r for r in judged if r["judge"]["scores"]]
+        block: dict = {"n_judged": len(judged), "n_failed": len(judged) - len(ok)}
+        for k, (lo, hi, title) in judge_mod.dims_for(cpsycoun).items():
+            vals = [float(r["judge"]["scores"][k]) for r in ok if k in r["judge"]["scores"]]
+            block[k] = {
+                "title": title,
+                "scale": f"{lo}-{hi}",
+                "mean": round(sum(vals) / len(vals), 4) if vals else None,
+                "ci95": mcq.bootstrap_ci(vals, n_boot, seed),
+            }
+        out["judge"] = block
+    out["safety"] = safety.summarize(rows)
+    ref = qa.summarize(
+        [{**r, "key_points": []} for r in rows], n_boot, seed
+    )  # ROUGE / BLEU of each reply against the real counselor's
+    out["vs_reference"] = {k: v for k, v in ref.items() if k != "n"}
+    return out

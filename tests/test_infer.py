@@ -1,0 +1,269 @@
+"""Generation: the engine (against a plain forward pass), sampling, streaming text, and `mhsft infer`."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mhsft.detok import TextStream
+from mhsft.engine import BASE, Engine, Request, encode_chat
+from mhsft.sampling import RowState, SamplingParams, sample
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    from mhsft.cli import main
+
+    out = tmp_path_factory.mktemp("sft")
+    rc = main(
+        ["sft", "--model", "builtin:tiny", "--dataset", str(REPO / "examples/data/demo_sharegpt.jsonl"),
+         "--max_steps", "2", "--output_dir", str(out), "--report_to", "none", "--max_length", "256",
+         "--learning_rate", "1e-2"]
+    )  # fmt: skip
+    assert rc == 0
+    return next(out.glob("v*/checkpoint-2"))
+
+
+@pytest.fixture(scope="module")
+def loaded(adapter):
+    from mhsft.model import load_for_inference
+
+    return load_for_inference(None, [f"a={adapter}"], device="cpu")
+
+
+def _run(engine: Engine, reqs: list[Request]) -> list[list]:
+    qs = []
+    for r in reqs:
+        q: queue.Queue = queue.Queue()
+        r.emit = q.put
+        engine.submit(r)
+        qs.append(q)
+    out = []
+    for q in qs:
+        evs = []
+        while not evs or evs[-1].kind not in ("done", "error"):
+            evs.append(q.get(timeout=60))
+        out.append(evs)
+    return out
+
+
+def _reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("pad_batches", [False, True])
+def test_engine_matches_a_plain_forward_pass(loaded, pad_batches):
+    """Rows of different lengths, base and adapter side by side, joining at different steps: every generated
+    token's logprob and every prompt token's logprob equal a one-row forward pass over the same tokens. With
+    padded batches (as for CUDA graphs) the padding rows write only to the scratch slot."""
+    model, tok, names = loaded
+    engine = Engine(model, tok, names, max_batch_size=4, max_model_len=256, pad_batches=pad_batches).start()
+    try:
+        prompts = [
+            encode_chat(tok, [{"role": "user", "content": c}]) for c in ("你好", "我最近睡不好，怎么办？")
+        ]
+        prompts.append(tok("今天心情不太好", add_special_tokens=False)["input_ids"])
+        adapters = ["a", BASE, "a"]
+        params = [
+            SamplingParams(max_new_tokens=n, logprobs=2, prompt_logprobs=1, ignore_eos=True)
+            for n in (9, 5, 7)
+        ]
+        reqs = [Request(p, sp, None, adapter=a) for p, sp, a in zip(prompts, params, adapters)]
+        results = _run(engine, reqs)
+    finally:
+        engine.stop()
+    for prompt, adapter_name, evs, sp in zip(prompts, adapters, results, params):
+        assert evs[-1].kind == "done" and evs[-1].finish_reason == "length"
+        toks = [e for e in evs if e.kind == "token"]
+        assert len(toks) == sp.max_new_tokens
+        ids = prompt + [e.token for e in toks]
+        if adapter_name is BASE:
+            with model.disable_adapter():
+                ref = _reference_logprobs(model, ids)
+        else:
+            model.set_adapter(adapter_name)
+            ref = _reference_logprobs(model, ids)
+        (plp,) = [e.prompt_logprobs for e in evs if e.kind == "prompt_logprobs"]
+        assert plp[0] == (None, None) and len(plp) == len(prompt)
+        for i in range(1, len(prompt)):
+            assert abs(plp[i][0] - ref[i - 1, prompt[i]].item()) < 1e-4
+        for j, e in enumerate(toks):
+            pos = len(prompt) - 1 + j
+            assert abs(e.logprob - ref[pos, e.token].item()) < 1e-4
+            assert e.top[0][0] == int(ref[pos].argmax())  # greedy: the chosen token is the top one
+            assert e.token == e.top[0][0]
+
+
+def test_engine_cancel_and_limits(loaded):
+    model, tok, names = loaded
+    engine = Engine(model, tok, names, max_batch_size=2, max_model_len=64).start()
+    try:
+        prompt = encode_chat(tok, [{"role": "user", "content": "你好"}])
+        # the context bounds the reply
+        (evs,) = _run(engine, [Request(prompt, SamplingParams(max_new_tokens=1000, ignore_eos=True), None)])
+        assert evs[-1].finish_reason == "length"
+        assert len(prompt) + sum(e.kind == "token" for e in evs) <= 64
+        # a cancelled request stops and frees its slot
+        q: queue.Queue = queue.Queue()
+        r = Request(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), q.put)
+        engine.submit(r)
+        assert q.get(timeout=30).kind == "token"
+        engine.cancel(r)
+        evs = []
+        while not evs or evs[-1].kind != "done":
+            evs.append(q.get(timeout=30))
+        assert evs[-1].finish_reason == "cancelled"
+        assert engine.load() == 0 and len(engine.free) == 2
+        with pytest.raises(Exception, match="context"):
+            engine.submit(Request(list(range(64)), SamplingParams(), None))
+    finally:
+        engine.stop()
+
+
+def test_sampling_rows_keep_their_own_settings():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    greedy = SamplingParams()
+    top1 = SamplingParams(temperature=1.5, top_k=1)
+    seeded = SamplingParams(temperature=1.0, seed=123)
+    rows = [
+        RowState.create(p, [], 50, "cpu") for p in (greedy, top1, seeded, SamplingParams(temperature=0.7))
+    ]
+    out = sample(logits.clone(), rows)
+    assert out.tokens[0] == int(logits[0].argmax()) and out.tokens[1] == int(logits[1].argmax())
+    alone = sample(logits[2:3].clone(), [RowState.create(seeded, [], 50, "cpu")])
+    assert alone.tokens[0] == out.tokens[2]  # a seed gives the same token whatever the batch around it
+    tokens = {
+        sample(logits[2:3].clone(), [RowState.create(p, [], 50, "cpu")]).tokens[0] for p in [seeded] * 3
+    }
+    assert tokens == {out.tokens[2]}
+    # top-p keeps only the nucleus
+    peaked = torch.full((1, 10), -10.0)
+    peaked[0, 3] = 10.0
+    picks = {
+        sample(
+            peaked.clone(), [RowState.create(SamplingParams(temperature=2.0, top_p=0.5), [], 10, "cpu")]
+        ).tokens[0]
+        for _ in range(20)
+    }
+    assert picks == {3}
+    # repetition penalty pushes a seen token below an unseen one
+    lg = torch.tensor([[2.0, 1.9, 0.0]])
+    st = RowState.create(SamplingParams(repetition_penalty=1.5), [0], 3, "cpu")
+    assert sample(lg.clone(), [st]).tokens == [1]
+    st = RowState.create(SamplingParams(frequency_penalty=1.0), [], 3, "cpu")
+    st.observe(0)
+    assert sample(lg.clone(), [st]).tokens == [1]
+
+
+def test_text_stream_never_splits_a_character(tiny_model_dir):
+    from mhsft.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    text = "你好龘靐，世界"  # rare characters: not in the tiny BPE, so each is split into byte tokens
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    singles = [tok.decode([i]) for i in ids]
+    assert any("\ufffd" in s for s in singles), "the test needs a character split across tokens"
+    stream = TextStream(tok)
+    deltas = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_text_stream_stop_strings(tiny_model_dir):
+    from mhsft.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids = tok("我很好。来访者：还有", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, stop=["来访者："])
+    shown = ""
+    for i in ids:
+        shown += stream.push(i)
+        assert "来" not in shown  # the start of the stop string is never shown
+        if stream.stopped:
+            break
+    shown += stream.flush()
+    assert stream.stopped and shown == "我很好。" and stream.text == "我很好。"
+    # text that only looks like the start of a stop string is released at the end
+    stream = TextStream(tok, stop=["来访者：你"])
+    out = "".join(stream.push(i) for i in tok("好的来访者", add_special_tokens=False)["input_ids"])
+    assert out + stream.flush() == "好的来访者" and not stream.stopped
+
+
+def _env() -> dict:
+    env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": ""}
+    env.pop("PYTHONUTF8", None)
+    return env
+
+
+def test_interactive_chat_under_lang_c(adapter):
+    """Commands and Chinese text through a pipe under LANG=C; --model comes from the checkpoint."""
+    script = "你好，我最近压力很大\nmulti-line\n第一行\n第二行#\nsingle-line#\nreset-system\n你是一位心理咨询师\nclear\n谢谢\nexit\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mhsft", "infer", "--adapters", str(adapter), "--max_new_tokens", "6",
+         "--stream", "true", "--max_model_len", "512"],
+        input=script.encode("utf-8"), capture_output=True, env=_env(), timeout=120,
+    )  # fmt: skip
+    out, err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert out.count(">>> ") == 3  # three questions answered, commands are not sent to the model
+    assert "(multi-line input" in out and "(system prompt set" in out and "(conversation cleared)" in out
+    assert "<<<[M] " in out
+
+
+def test_batch_inference_file_and_stdin(adapter, tmp_path):
+    data = tmp_path / "in.jsonl"
+    rows = [
+        {"id": 1, "messages": [{"role": "user", "content": "你好"}]},
+        {"conversations": [{"from": "human", "value": "失眠怎么办"}, {"from": "gpt", "value": "参考回答"}]},
+        {"query": "考试焦虑", "history": [["在吗", "在的"]], "system": "你是咨询师"},
+        {"messages": [{"role": "assistant", "content": "只有回答"}]},
+    ]
+    data.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\nnot json\n", encoding="utf-8"
+    )
+    out = tmp_path / "out.jsonl"
+    from mhsft.cli import main
+
+    rc = main(["infer", "--adapters", str(adapter), "--infer_data", str(data), "--result_path", str(out),
+               "--max_new_tokens", "5", "--max_batch_size", "2"])  # fmt: skip
+    assert rc == 0
+    res = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(res) == 3
+    assert res[0]["id"] == "1" and res[0]["messages"][-1] == {
+        "role": "assistant",
+        "content": res[0]["response"],
+    }
+    assert res[1]["labels"] == "参考回答" and [m["role"] for m in res[1]["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in res[2]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    # stdin in, JSONL out on stdout; greedy, so the same replies
+    proc = subprocess.run(
+        [sys.executable, "-m", "mhsft", "infer", "--adapters", str(adapter), "--infer_data", "-",
+         "--max_new_tokens", "5"],
+        input=data.read_bytes(), capture_output=True, env=_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    again = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]
+    assert [r["response"] for r in again] == [r["response"] for r in res]
+    assert "not json" not in proc.stdout.decode() and "invalid JSON" in proc.stderr.decode()
+
+
+def test_infer_errors_are_one_line(tmp_path, monkeypatch):
+    from mhsft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["infer", "--infer_backend", "vllm", "--model", "builtin:tiny"]) == 2
+    assert main(["infer"]) == 2  # no model, no adapter
+    assert main(["infer", "--model", "builtin:tiny", "--infer_data", str(tmp_path / "missing.jsonl")]) == 2
+    assert list(tmp_path.iterdir()) == []  # nothing written for a run that could not start
