@@ -317,7 +317,12 @@ def test_failed_requests_are_retried_by_the_next_run(tmp_path):
 
 
 def _lm_eval_bin() -> str | None:
-    return os.environ.get("MHSFT_LM_EVAL") or shutil.which("lm_eval")
+    beside = Path(sys.executable).parent / "lm_eval"  # the test venv's own, when PATH does not list it
+    return (
+        os.environ.get("MHSFT_LM_EVAL")
+        or shutil.which("lm_eval")
+        or (str(beside) if beside.exists() else None)
+    )
 
 
 @pytest.mark.skipif(_lm_eval_bin() is None, reason="lm-eval is not installed (pip install 'lm-eval[api]')")

@@ -56,6 +56,15 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+LORA_KEYS = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "target_modules",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+)
 # ModelScope expects this file in a model repo; ms-swift writes the same.
 MODELSCOPE_CONFIGURATION = {"framework": "pytorch", "task": "text-generation", "allow_remote": True}
 
@@ -130,8 +139,6 @@ def write_side_files(base_dir: Path, adapter_dir: Path, out: Path, merge_dtype: 
         shutil.copy2(tok_src / name, out / name)
     if not copied:
         log.info(f"no tokenizer files in {tok_src}: the merged model has no tokenizer")
-    if tok_src is adapter_dir and not (out / "tokenizer_config.json").is_file():
-        raise UserError(f"{adapter_dir}: tokenizer files are incomplete")
     for p in base_dir.iterdir():
         if p.name == "generation_config.json" or (
             p.is_file() and p.name.upper().startswith(("LICENSE", "NOTICE"))
@@ -251,6 +258,7 @@ def export_merged(
         from mhsft import __version__
         from mhsft.modelcard import public_args
 
+        lora_cfg = read_json(adapter_dir / "adapter_config.json")
         meta = {
             "mhsft_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -259,18 +267,7 @@ def export_merged(
             "adapter": str(adapter_dir.resolve()),
             "adapter_sha256": adapter_sha256(adapter_dir),
             "merge_dtype": merge_dtype,
-            "lora": {
-                k: read_json(adapter_dir / "adapter_config.json").get(k)
-                for k in (
-                    "r",
-                    "lora_alpha",
-                    "use_rslora",
-                    "target_modules",
-                    "modules_to_save",
-                    "rank_pattern",
-                    "alpha_pattern",
-                )
-            },  # fmt: skip
+            "lora": {k: lora_cfg.get(k) for k in LORA_KEYS},
             "untied_embeddings": untie,
             "tokenizer_from": tok_src,
             **stats,
@@ -312,7 +309,7 @@ def _verify(base_dir, adapter_dir, tmp, merge_dtype, verify_layers, config, size
     if layers < 1:
         log.info(
             "verify: skipped, not even one layer of the model fits in the free memory; the merged weights were "
-            "written unchecked (run the check on a machine with more memory: --verify true)"
+            "written unchecked (export again on a machine with more memory to check them)"
         )
         return None
     part = "" if layers == num_layers else f", first {layers} of {num_layers} layers"
@@ -330,7 +327,7 @@ def _verify(base_dir, adapter_dir, tmp, merge_dtype, verify_layers, config, size
         raise UserError(f"verify: cannot run the check ({why}); --verify false skips it") from e
     line = (
         f"verify: max |logit difference| {check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g} for "
-        f"{merge_dtype}; logits up to {check.logit_scale:.3g}, the adapter moves them by up to "
+        f"{merge_dtype}{'' if compute == 'float32' else f' run in {compute}'}; logits up to {check.logit_scale:.3g}, the adapter moves them by up to "
         f"{check.adapter_effect:.3g}) over {check.tokens} tokens of {check.prompts} dialogues"
     )
     if not check.ok:

@@ -2,8 +2,8 @@
 merged model loaded by transformers alone, on a few packaged demo dialogues.
 
 The two models are loaded one after the other, never together, so the check needs memory for one model: in
-float32 when that fits (the cleanest comparison: only the merge and its storage dtype differ), else in the merge
-dtype, else on the first layers that fit (the model is truncated with `num_hidden_layers`, which checks the
+float32 when that fits (the cleanest comparison: only the merge and its storage dtype differ), else in half
+precision (bfloat16 on a CPU, the merge dtype on a GPU), else on the first layers that fit (the model is truncated with `num_hidden_layers`, which checks the
 embeddings, those layers, the final norm and the head; a notice says so).
 """
 
@@ -17,14 +17,15 @@ from pathlib import Path
 
 from mhsft.utils import UserError
 
-# Verification tolerance on the max |logit difference|: atol + rtol * max|reference logit|. Both models run in
-# float32 when memory allows, so in float32 only summation order differs (~1e-7 relative per operation). Storing
-# W + dW in half precision rounds every merged weight afresh (up to 2^-11 relative in float16, 2^-8 in bfloat16):
-# the same error as casting a float32 model to that dtype, which on real 7B models moves the largest logits by
-# roughly 0.1% (float16) / 1% (bfloat16) of their scale. Measured here on random-weight Qwen2 models (the tiny
-# one, and 0.5B-shaped): 2e-4 (float16) and 1.7e-3 (bfloat16) of the scale, so the limits below leave 4-25x
-# headroom. A merge bug (a missed module, a wrong scale, a transposed delta) moves logits by the adapter's whole
-# effect, which is reported beside the difference so that the two can be compared.
+# Verification tolerance on the max |logit difference|: atol + rtol * max|reference logit| (doubled when the
+# passes run in half precision, see `tolerance`). In float32 only summation order differs (~1e-7 relative per
+# operation). Storing W + dW in half precision rounds every merged weight afresh (up to 2^-11 relative in float16,
+# 2^-8 in bfloat16), the same error as casting a float32 model to that dtype. Measured here on random-weight Qwen2
+# models (the tiny one and a 0.5B-shaped one, logits in float32): 2e-4 (float16) and 1.7e-3 (bfloat16) of the
+# logit scale; the limits leave 4-25x headroom for deeper, trained models whose activation outliers amplify
+# rounding (not measured here: no trained 7B is reachable from this machine). A merge bug (a missed module, a
+# wrong scale, a transposed delta) moves logits by the adapter's whole effect, which is reported beside the
+# difference so that the two can be compared.
 TOLERANCES = {"float32": (1e-5, 1e-5), "float16": (1e-4, 5e-3), "bfloat16": (1e-3, 3e-2)}
 
 
@@ -47,9 +48,12 @@ class VerifyResult:
 
 
 def tolerance(merge_dtype: str, compute_dtype: str, scale: float) -> float:
+    """The limit for the coarser of the two dtypes, doubled when the forward passes themselves run in half
+    precision (activations are rounded too: measured 1.1e-2 of the scale in bfloat16 vs 1.7e-3 in float32)."""
     coarse = max((merge_dtype, compute_dtype), key=lambda d: TOLERANCES[d][1])
     atol, rtol = TOLERANCES[coarse]
-    return atol + rtol * scale
+    k = 1 if compute_dtype == "float32" else 2
+    return k * (atol + rtol * scale)
 
 
 def verification_prompts(tokenizer, n: int = 3, max_tokens: int = 96) -> list[list[int]]:
@@ -78,7 +82,7 @@ def verify_budget(
     sizes: dict[str, int], merge_dtype: str, num_layers: int, want_layers: int, device
 ) -> tuple[str, int, str | None]:
     """(compute dtype, layers to check, notice) so that ONE model fits in memory (the two passes run one after
-    the other). float32 when it fits (the cleanest comparison), else the merge dtype, else fewer layers."""
+    the other). float32 when it fits (the cleanest comparison), else half precision, else fewer layers."""
     import torch
 
     if device.type == "cuda":
@@ -92,16 +96,19 @@ def verify_budget(
     per_layer = sum(n for name, n in sizes.items() if _layer_of(name) == 0)
     other = sum(n for name, n in sizes.items() if _layer_of(name) is None)
     layers = min(want_layers or num_layers, num_layers)
-    for dtype in dict.fromkeys(("float32", merge_dtype)):
+    # Half precision when float32 does not fit: bfloat16 on a CPU, whose float16 matmuls are ~6x slower (no
+    # native kernels; 95 s vs 16 s on a 0.5B model), else the merge dtype.
+    half = merge_dtype if device.type == "cuda" and merge_dtype != "float32" else "bfloat16"
+    for dtype in ("float32", half):
         size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         if (other + layers * per_layer) * size <= budget:
             return dtype, layers, None
-    size = torch.empty(0, dtype=getattr(torch, merge_dtype)).element_size()
+    size = torch.empty(0, dtype=getattr(torch, half)).element_size()
     fit = int((budget / size - other) // max(per_layer, 1))
     if fit < 1:
-        return merge_dtype, 0, None
+        return half, 0, None
     return (
-        merge_dtype,
+        half,
         fit,
         f"verify: the model does not fit in memory ({avail / 1e9:.1f} GB free); checking its first {fit} of "
         f"{num_layers} layers",
