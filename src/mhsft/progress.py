@@ -42,22 +42,15 @@ def fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def log_metrics(
-    args,
-    accelerator,
-    window,
-    step,
-    total_steps,
-    per_epoch,
-    scheduler,
-    grad_norm,
-    t_start,
-    step_at_start,
-    flops_per_token,
-    peak,
-) -> dict:
+def log_metrics(run, window: dict, step: int, grad_norm: float, t_start: float, step_at_start: int) -> dict:
+    """One logging step's numbers, summed over ranks. MFU counts the model FLOPs of the step (6N per token for full
+    fine-tuning, 4N for LoRA: no weight gradients for the frozen base), not the recomputation."""
     import torch
 
+    args, accelerator, scheduler = run.args, run.accelerator, run.scheduler
+    total_steps, per_epoch = run.total_steps, run.per_epoch
+    flops_per_token = (6 if args.train_type == "full" else 4) * run.config["total_parameters"]
+    peak = peak_flops(accelerator.device)
     device = accelerator.device
     dt = max(time.perf_counter() - window["t0"], 1e-9)
     vals = torch.tensor(

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mhsft.args import DataArguments, ModelArguments, args_to_dict, command_line, parse_args
 from mhsft.checkpoint import (
@@ -28,7 +29,7 @@ from mhsft.checkpoint import (
     truncate_log,
     write_json,
 )
-from mhsft.progress import format_line, log_metrics, peak_flops
+from mhsft.progress import format_line, log_metrics
 from mhsft.tracking import Tracker, TrackingArguments, check_tracking
 from mhsft.utils import UserError, get_logger
 
@@ -494,24 +495,9 @@ def train(args: SftArguments) -> Path:
 
     # 7. The loop.
     try:
-        final = run_loop(
-            args,
-            accelerator,
-            model,
-            wrapped,
-            optimizer,
-            scheduler,
-            scaler,
-            tokenizer,
-            train_samples,
-            val_samples,
-            run_dir,
-            tracker,
-            step,
-            total_steps,
-            per_epoch,
-            config,
-        )
+        run = Run(args, accelerator, model, wrapped, optimizer, scheduler, scaler, tokenizer, train_samples,
+                  val_samples, run_dir, tracker, total_steps, per_epoch, config)  # fmt: skip
+        final = run_loop(run, step)
     except torch.OutOfMemoryError:
         raise UserError(OOM_ADVICE) from None
     finally:
@@ -520,24 +506,37 @@ def train(args: SftArguments) -> Path:
     return final
 
 
-def run_loop(
-    args,
-    accelerator,
-    model,
-    wrapped,
-    optimizer,
-    scheduler,
-    scaler,
-    tokenizer,
-    train_samples,
-    val_samples,
-    run_dir,
-    tracker,
-    step,
-    total_steps,
-    per_epoch,
-    config,
-) -> Path:
+@dataclass
+class Run:
+    """What `train` sets up and the loop uses."""
+
+    args: SftArguments
+    accelerator: Any
+    model: Any
+    wrapped: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    tokenizer: Any
+    train_samples: list
+    val_samples: list
+    run_dir: Path
+    tracker: Any
+    total_steps: int
+    per_epoch: int
+    config: dict
+
+
+def run_loop(run: Run, step: int) -> Path:
+    args, accelerator, model, wrapped = run.args, run.accelerator, run.model, run.wrapped
+    optimizer, scheduler, scaler, tokenizer = run.optimizer, run.scheduler, run.scaler, run.tokenizer
+    train_samples, val_samples, run_dir, tracker = (
+        run.train_samples,
+        run.val_samples,
+        run.run_dir,
+        run.tracker,
+    )
+    total_steps, per_epoch, config = run.total_steps, run.per_epoch, run.config
     import torch
     from tqdm import tqdm
 
@@ -545,15 +544,13 @@ def run_loop(
     is_main = accelerator.is_main_process
     ga = args.gradient_accumulation_steps
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    flops_per_token = (6 if args.train_type == "full" else 4) * config["total_parameters"]
-    peak = peak_flops(device)
     bar = tqdm(
         total=total_steps,
         initial=step,
         desc="training",
         unit="step",
         file=sys.stderr,
-        disable=not is_main,
+        disable=not is_main or not sys.stderr.isatty(),  # the step lines carry the progress in logs
         dynamic_ncols=True,
     )
     window = {"loss": 0.0, "tokens": 0, "label_tokens": 0, "t0": time.perf_counter(), "steps": 0}
@@ -617,20 +614,7 @@ def run_loop(
         bar.update(1)
 
         if step % args.logging_steps == 0 or step == total_steps:
-            metrics = log_metrics(
-                args,
-                accelerator,
-                window,
-                step,
-                total_steps,
-                per_epoch,
-                scheduler,
-                grad_norm,
-                t_start,
-                step_at_start,
-                flops_per_token,
-                peak,
-            )
+            metrics = log_metrics(run, window, step, grad_norm, t_start, step_at_start)
             if is_main:
                 bar.write(format_line(metrics, total_steps))
                 tracker.log(metrics, step)
