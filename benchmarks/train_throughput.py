@@ -122,13 +122,14 @@ def worker(args) -> dict:
     torch.set_default_dtype(torch.float32)
     init_s = time.perf_counter() - t0
     if stack == "mhsft":
-        from mhsft.sft import CausalLMLoss, prepare_model
+        from mhsft.loss import ChunkedLMLoss
+        from mhsft.sft import prepare_model
 
         notes: list[str] = []
         model = prepare_model(model, mhsft_args, notes)
         for n in notes:
             print(n, file=sys.stderr)
-        wrapped = CausalLMLoss(model, mhsft_args.loss_chunk_size)
+        wrapped = ChunkedLMLoss(model, mhsft_args.loss_chunk_size)
     else:
         from peft import LoraConfig, get_peft_model
 

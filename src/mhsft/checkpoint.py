@@ -231,3 +231,33 @@ def truncate_log(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def save_checkpoint(run, step: int) -> Path:
+    """Write `checkpoint-STEP` of a training run atomically (rank 0), then rotate old ones."""
+    import torch
+
+    args, accelerator, run_dir, config = run.args, run.accelerator, run.run_dir, run.config
+    accelerator.wait_for_everyone()
+    path = run_dir / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(run.model)
+
+        def write(tmp: Path):
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
+            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+            if run.scaler is not None:
+                torch.save(run.scaler.state_dict(), tmp / "scaler.pt")
+            torch.save(save_rng_state(), tmp / "rng_state.pt")
+            write_json(tmp / "args.json", config)
+            # Written last: a checkpoint is complete exactly when this file exists.
+            state = {"global_step": step, "total_steps": config["total_steps"], "train_type": args.train_type,
+                     "base_model": args.model}  # fmt: skip
+            write_json(tmp / STATE_FILE, state)
+
+        path = atomic_checkpoint(run_dir, step, write)
+        rotate_checkpoints(run_dir, args.save_total_limit)
+    accelerator.wait_for_everyone()
+    return path

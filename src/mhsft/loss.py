@@ -52,3 +52,24 @@ def chunked_lm_loss(
         else:
             total = total + _chunk_loss(hc, weight, bias, tc)
     return total
+
+
+class ChunkedLMLoss(torch.nn.Module):
+    """The model plus its loss as one module, so that DDP / DeepSpeed see a single forward that returns the summed
+    token loss of the batch, and the full logits tensor is never built."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 4096):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **kw) -> torch.Tensor:
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        out = lm.get_decoder()(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **kw,
+        )
+        return chunked_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, self.chunk_size)

@@ -18,14 +18,11 @@ from typing import Any
 
 from mhsft.args import DataArguments, ModelArguments, args_to_dict, command_line, parse_args
 from mhsft.checkpoint import (
-    STATE_FILE,
-    atomic_checkpoint,
     base_model_of,
     find_resume_checkpoint,
     load_training_state,
     new_run_dir,
-    rotate_checkpoints,
-    save_rng_state,
+    save_checkpoint,
     truncate_log,
     write_json,
 )
@@ -186,34 +183,6 @@ def collate(samples: list[dict], rows: list[list[int]], args: SftArguments, pad_
 
 
 # ----------------------------------------------------------------------------------------------- model
-class CausalLMLoss:
-    """Wraps the model so that DDP / DeepSpeed see one forward that returns (sum of token losses, #tokens)
-    without ever building the full logits tensor."""
-
-    def __new__(cls, model, chunk_size: int):
-        import torch
-
-        from mhsft.loss import chunked_lm_loss
-
-        class _Wrapper(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **kw):
-                lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-                out = lm.get_decoder()(
-                    input_ids=input_ids,
-                    position_ids=position_ids,
-                    attention_mask=attention_mask,
-                    use_cache=False,
-                    **kw,
-                )
-                return chunked_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, chunk_size)
-
-        return _Wrapper()
-
-
 def choose_dtype(args: SftArguments, device) -> tuple[object, list[str]]:
     import torch
 
@@ -452,7 +421,9 @@ def train(args: SftArguments) -> Path:
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    wrapped = CausalLMLoss(model, args.loss_chunk_size)
+    from mhsft.loss import ChunkedLMLoss
+
+    wrapped = ChunkedLMLoss(model, args.loss_chunk_size)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
     # 5. Resume: weights, optimizer, scheduler, RNG, and the position in the data.
@@ -530,13 +501,8 @@ class Run:
 def run_loop(run: Run, step: int) -> Path:
     args, accelerator, model, wrapped = run.args, run.accelerator, run.model, run.wrapped
     optimizer, scheduler, scaler, tokenizer = run.optimizer, run.scheduler, run.scaler, run.tokenizer
-    train_samples, val_samples, run_dir, tracker = (
-        run.train_samples,
-        run.val_samples,
-        run.run_dir,
-        run.tracker,
-    )
-    total_steps, per_epoch, config = run.total_steps, run.per_epoch, run.config
+    train_samples, val_samples, tracker = run.train_samples, run.val_samples, run.tracker
+    total_steps, per_epoch = run.total_steps, run.per_epoch
     import torch
     from tqdm import tqdm
 
@@ -626,9 +592,7 @@ def run_loop(run: Run, step: int) -> Path:
                 tracker.log({"eval_loss": eval_loss, "step": step, "epoch": round(step / per_epoch, 4)}, step)
             model.train()
         if step % args.save_steps == 0 or step == total_steps:
-            last_ckpt = save_checkpoint(
-                args, accelerator, model, optimizer, scheduler, scaler, tokenizer, run_dir, step, config
-            )
+            last_ckpt = save_checkpoint(run, step)
             if is_main:
                 bar.write(f"saved {last_ckpt}")
     bar.close()
@@ -657,37 +621,3 @@ def evaluate(args, wrapped, model, val_samples, pad_id, accelerator) -> float:
     if world > 1:
         total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / max(total[1], 1))
-
-
-def save_checkpoint(args, accelerator, model, optimizer, scheduler, scaler, tokenizer, run_dir, step, config):
-    import torch
-
-    accelerator.wait_for_everyone()
-    path = run_dir / f"checkpoint-{step}"
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-
-        def write(tmp: Path):
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
-            torch.save(save_rng_state(), tmp / "rng_state.pt")
-            write_json(tmp / "args.json", config)
-            # Written last: a checkpoint is complete exactly when this file exists.
-            write_json(
-                tmp / STATE_FILE,
-                {
-                    "global_step": step,
-                    "total_steps": config["total_steps"],
-                    "train_type": args.train_type,
-                    "base_model": args.model,
-                },
-            )
-
-        path = atomic_checkpoint(run_dir, step, write)
-        rotate_checkpoints(run_dir, args.save_total_limit)
-    accelerator.wait_for_everyone()
-    return path
