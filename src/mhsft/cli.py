@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         get_logger().error(f"error: {e}")
         return 2
     register_env_secrets()
+    import warnings
+
+    # transformers 5.x deprecation notices raised inside PEFT and transformers: nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
     module_name = STAGES[stage][0]
     try:
         module = importlib.import_module(module_name)
