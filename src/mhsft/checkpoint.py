@@ -240,11 +240,16 @@ def save_checkpoint(run, step: int) -> Path:
     args, accelerator, run_dir, config = run.args, run.accelerator, run.run_dir, run.config
     accelerator.wait_for_everyone()
     path = run_dir / f"checkpoint-{step}"
+    state_dict = None
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        # ZeRO-3 partitions the weights over ranks: every rank takes part in gathering them (untested here)
+        full = accelerator.get_state_dict(run.wrapped)
+        state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(run.model)
 
         def write(tmp: Path):
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             run.tokenizer.save_pretrained(tmp)
             torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")

@@ -561,11 +561,11 @@ def run_loop(run: Run, step: int) -> Path:
         if scaler is not None:
             scaler.unscale_(optimizer)
         if args.max_grad_norm > 0:
-            grad_norm = float(
-                accelerator.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], args.max_grad_norm
-                )
+            norm = accelerator.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], args.max_grad_norm
             )
+            # DeepSpeed clips inside its own step and hands back no norm
+            grad_norm = float(norm) if norm is not None else float("nan")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
