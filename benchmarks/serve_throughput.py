@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -212,30 +211,18 @@ async def _round(port: int, args) -> dict:
 
 
 def run_server(args, graphs: bool) -> dict:
-    from mhsft.client import get_json, wait_for_server
+    from mhsft.client import DeployProcess, get_json
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = Path(args.workdir) / f"serve_{'graphs' if graphs else 'eager'}.log"
-    cmd = [sys.executable, "-m", "mhsft", "deploy", "--model", args.model_dir, "--adapters", f"lora={args.adapter}",
-           "--port", str(port), "--max_batch_size", str(args.streams), "--device", args.device,
-           "--max_model_len", str(args.max_model_len), "--cuda_graphs", str(graphs).lower(), "--torch_dtype", args.dtype]  # fmt: skip
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
-        try:
-            t = time.perf_counter()
-            wait_for_server(f"http://127.0.0.1:{port}", timeout=600, proc=proc)
-            startup = time.perf_counter() - t
-            cold = asyncio.run(_round(port, args))
-            warm = asyncio.run(_round(port, args))
-            stats = get_json(f"http://127.0.0.1:{port}/health")[1]
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    argv = ["--model", args.model_dir, "--adapters", f"lora={args.adapter}", "--max_batch_size", str(args.streams),
+            "--device", args.device, "--max_model_len", str(args.max_model_len), "--cuda_graphs", str(graphs).lower(),
+            "--torch_dtype", args.dtype]  # fmt: skip
+    t = time.perf_counter()
+    with DeployProcess(argv, log, env=_env(), timeout=600, cwd=ROOT) as server:
+        startup = time.perf_counter() - t
+        cold = asyncio.run(_round(server.port, args))
+        warm = asyncio.run(_round(server.port, args))
+        stats = get_json(f"{server.url}/health")[1]
     return {**warm, "cold": cold, "startup_s": startup, "server_stats": stats, "log": str(log)}
 
 

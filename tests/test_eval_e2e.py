@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,47 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_MCQ = str(REPO / "examples" / "data" / "demo_mcq.jsonl")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def deploy(tiny_model_dir):
     """`mhsft deploy --model builtin:tiny` on a free loopback port: its /v1 URL."""
-    from mhsft.client import wait_for_server
+    from mhsft.client import DeployProcess
 
-    port = _free_port()
-    log = open(Path(os.environ["MHSFT_CACHE"]) / f"deploy-{port}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mhsft",
-            "deploy",
-            "--model",
-            "builtin:tiny",
-            "--port",
-            str(port),
-            "--served_model_name",
-            "tiny",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_for_server(url, timeout=120, proc=proc)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    log = Path(os.environ["MHSFT_CACHE"]) / "deploy-eval.log"
+    argv = ["--model", "builtin:tiny", "--served_model_name", "tiny"]
+    with DeployProcess(argv, log, timeout=120, cwd=REPO) as server:
+        yield server.v1
 
 
 def _run(*argv) -> int:
@@ -246,7 +213,9 @@ class _StubServer:
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
 
-        self.port = _free_port()
+        from mhsft.client import free_port
+
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")

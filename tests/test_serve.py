@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhsft.client import ensure_loopback_no_proxy, get_json, is_loopback, openai_client, wait_for_server
+from mhsft.client import (
+    DeployProcess,
+    ensure_loopback_no_proxy,
+    get_json,
+    is_loopback,
+    openai_client,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-1234"
@@ -36,35 +42,15 @@ def _sft(out: Path, lr: str, seed: str) -> Path:
     return next(out.glob("v*/checkpoint-2"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     a, b = _sft(tmp / "a", "1e-2", "1"), _sft(tmp / "b", "5e-2", "2")
-    port = _free_port()
     env = {**os.environ, "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    with open(tmp / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mhsft", "deploy", "--adapters", f"a={a}", f"b={b}", "--port", str(port),
-             "--served_model_name", "tiny-base", "--api_key", KEY, "--max_model_len", str(MAX_LEN),
-             "--max_batch_size", "4"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_for_server(base, timeout=120, proc=proc)
-            yield {"url": base, "a": a, "b": b, "proc": proc, "log": tmp / "server.log"}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    argv = ["--adapters", f"a={a}", f"b={b}", "--served_model_name", "tiny-base", "--api_key", KEY,
+            "--max_model_len", str(MAX_LEN), "--max_batch_size", "4"]  # fmt: skip
+    with DeployProcess(argv, tmp / "server.log", env=env, timeout=120) as srv:
+        yield {"url": srv.url, "a": a, "b": b, "proc": srv.proc, "log": tmp / "server.log"}
     text = (tmp / "server.log").read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in text
     assert "completion_tokens=" in text and "压力很大" not in text  # counts are logged, conversations are not

@@ -87,3 +87,64 @@ def wait_for_server(base_url: str, timeout: float = 300.0, proc=None, interval: 
             pass
         time.sleep(interval)
     raise TimeoutError(f"{root}/health did not answer within {timeout:.0f}s")
+
+
+def free_port(preferred: int = 0) -> int:
+    """`preferred` when it is free on loopback, else any free loopback port."""
+    import socket
+
+    for port in dict.fromkeys((preferred, 0)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free loopback port")
+
+
+def stop_process(proc, timeout: float = 30.0) -> None:
+    """Terminate a child (a server), killing it when it does not exit within `timeout`."""
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class DeployProcess:
+    """`python -m mhsft deploy ARGV --port PORT` in a child process, as a context manager that yields once the
+    server answers /health and always stops it. `.url` is the server root, `.v1` its OpenAI base URL."""
+
+    def __init__(self, argv: list[str], log_path, port: int = 0, env: dict | None = None, timeout: float = 300.0,
+                 cwd=None, **popen_kwargs):  # fmt: skip
+        self.argv, self.log_path, self.env, self.timeout = argv, log_path, env, timeout
+        self.cwd, self.popen_kwargs = cwd, popen_kwargs
+        self.port = free_port(port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.v1 = self.url + "/v1"
+        self.proc = None
+
+    def __enter__(self) -> DeployProcess:
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "mhsft", "deploy", *self.argv, "--port", str(self.port)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+                                         **self.popen_kwargs)  # fmt: skip
+        try:
+            wait_for_server(self.url, timeout=self.timeout, proc=self.proc)
+        except BaseException:
+            stop_process(self.proc)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)

@@ -531,3 +531,21 @@ def load_engine(
     if getattr(tok, "chat_template", None) is None:
         get_logger().info("the tokenizer has no chat template: chat requests will fail, completions work")
     return Engine(m, tok, names, **engine_kwargs).start()
+
+
+def engine_from_args(base: str, args, cuda_graphs: bool = True) -> tuple[Engine, str]:
+    """The engine `mhsft infer` and `mhsft deploy` share, from their common flags; returns it and its device."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = load_engine(
+        base,
+        args.adapters,
+        dtype=args.torch_dtype,
+        attn_impl=args.attn_impl,
+        device=device,
+        use_hf=args.use_hf,
+        token=args.hub_token,
+        max_batch_size=args.max_batch_size or (64 if device.startswith("cuda") else 8),
+        max_model_len=args.max_model_len,
+        cuda_graphs=cuda_graphs,
+    )
+    return engine, device

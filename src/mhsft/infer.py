@@ -360,23 +360,9 @@ def main(argv: list[str]) -> int:
     adapter = args.adapter_name or (next(iter(adapters)) if adapters else None)
     if adapter is not None and adapter not in adapters:
         raise UserError(f"--adapter_name {adapter}: not among --adapters ({', '.join(adapters) or 'none'})")
-    import torch
+    from mhsft.engine import engine_from_args
 
-    from mhsft.engine import load_engine
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = load_engine(
-        base,
-        args.adapters,
-        dtype=args.torch_dtype,
-        attn_impl=args.attn_impl,
-        device=device,
-        use_hf=args.use_hf,
-        token=args.hub_token,
-        max_batch_size=args.max_batch_size or (64 if device.startswith("cuda") else 8),
-        max_model_len=args.max_model_len,
-        cuda_graphs=True,
-    )
+    engine, _ = engine_from_args(base, args, cuda_graphs=True)
     try:
         if args.infer_data is None:
             return chat_loop(engine, args, adapter, sys.stdin, sys.stdout)

@@ -28,7 +28,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -122,19 +121,6 @@ def _popen_kwargs() -> dict:
     return {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
 
 
-def _free_port(preferred: int) -> int:
-    """`preferred` when free (the judge's URL then stays the same from run to run, which keeps the eval stage's
-    own cache valid after a crash), else any free loopback port."""
-    for port in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise UserError("no free loopback port for the judge server")
-
-
 class StageFailed(Exception):
     def __init__(self, code: int):
         super().__init__(code)
@@ -169,10 +155,14 @@ class Runner:
         """`mhsft deploy FLAGS` on a loopback port, once per `mhsft run`; returns its /v1 URL."""
         if self.judge_url:
             return self.judge_url
-        from mhsft.client import ensure_loopback_no_proxy, wait_for_server
+        from mhsft.client import ensure_loopback_no_proxy, free_port, wait_for_server
 
         ensure_loopback_no_proxy()
-        port = _free_port(20000 + int(digest(flags), 16) % 20000)
+        # the same port from run to run when it is free: the judge URL is part of the eval stage's cache key
+        try:
+            port = free_port(20000 + int(digest(flags), 16) % 20000)
+        except OSError:
+            raise UserError("no free loopback port for the judge server") from None
         argv = ["deploy", *to_argv(flags), "--host", "127.0.0.1", "--port", str(port)]
         logf = self.exp.exp_dir / ".mhsft" / "judge_deploy.log"
         logf.parent.mkdir(parents=True, exist_ok=True)
@@ -194,13 +184,9 @@ class Runner:
         p, self.judge, self.judge_url = self.judge, None, None
         if p is None:
             return
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        from mhsft.client import stop_process
+
+        stop_process(p)
         print("stopped the judge server", flush=True)
 
     def discard(self, st: Stage) -> None:

@@ -582,23 +582,9 @@ def main(argv: list[str]) -> int:
             "--max_batch_size x --max_model_len"
         )
     models = model_ids(base, args.adapters, args.served_model_name)
-    import torch
+    from mhsft.engine import engine_from_args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from mhsft.engine import load_engine
-
-    engine = load_engine(
-        base,
-        args.adapters,
-        dtype=args.torch_dtype,
-        attn_impl=args.attn_impl,
-        device=device,
-        use_hf=args.use_hf,
-        token=args.hub_token,
-        max_batch_size=args.max_batch_size or (64 if device.startswith("cuda") else 8),
-        max_model_len=args.max_model_len,
-        cuda_graphs=args.cuda_graphs,
-    )
+    engine, device = engine_from_args(base, args, cuda_graphs=args.cuda_graphs)
     server = Server(engine, models, args)
     log = get_logger()
     log.info(
