@@ -36,3 +36,16 @@ def tiny_model_dir() -> Path:
     from mhsft.builtin import resolve_model
 
     return Path(resolve_model("builtin:tiny"))
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `mhsft ARGV` in-process: (exit code, stdout, stderr). A traceback is a failure."""
+    from mhsft import cli
+
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's --help and usage errors
+        rc = e.code if isinstance(e.code, int) else 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return rc, out, err

@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from conftest import run_cli
 from mhsft import cli
 from mhsft.data.schema import DataError, Source
 from mhsft.utils import UserError
@@ -17,13 +18,7 @@ from mhsft.utils import UserError
 FAKE_KEY = "sk-fake-0123456789abcdef"
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse's --help and usage errors
-        rc = e.code if isinstance(e.code, int) else 0
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_cli
 
 
 def run_subprocess(args: list[str], cwd, env_extra: dict | None = None) -> subprocess.CompletedProcess:

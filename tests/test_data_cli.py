@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mhsft import cli
+from conftest import run_cli
 from mhsft.data.schema import Dialogue, Source, Turn
 from mhsft.data.stats import Stats, reason_group
 
@@ -24,14 +24,7 @@ DEMO = REPO / "examples" / "data" / "demo_sharegpt.jsonl"
 ONE_LINE_ERROR = re.compile(r"^\S+:\d+: record \S+: .+$")
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse's --help and usage errors
-        rc = e.code if isinstance(e.code, int) else 0
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return rc, out, err
+run = run_cli
 
 
 def run_c_locale(

@@ -87,6 +87,16 @@ class DeployArguments(GenerationArguments, ModelArguments):
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1 or cpu (default: cuda if any)."})
 
 
+async def collect(server, job, request, choices, want_lp: bool, chat: bool) -> None:
+    """Run a non-streamed request to the end (cancelled if the client goes away); raise if any choice failed."""
+    try:
+        async for i, ev in job.events(request):
+            server.on_event(choices[i], ev, job, i, want_lp, chat=chat)
+    finally:
+        job.cancel()
+    raise_failed(choices)
+
+
 class Server:
     def __init__(self, engine: Engine, models: dict[str, str | None], args: DeployArguments):
         self.engine = engine
@@ -261,12 +271,7 @@ async def chat_completions(server: Server, request):
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
 
     if not body.stream:
-        try:
-            async for i, ev in job.events(request):
-                server.on_event(choices[i], ev, job, i, want_lp, chat=True)
-        finally:
-            job.cancel()
-        raise_failed(choices)
+        await collect(server, job, request, choices, want_lp, chat=True)
         server.log_done("chat", body.model, choices, [len(prompt)] * body.n, t0, msgs)
         return {
             "id": rid,
@@ -356,12 +361,7 @@ async def completions(server: Server, request):
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
 
     if not body.stream:
-        try:
-            async for i, ev in job.events(request):
-                server.on_event(choices[i], ev, job, i, want_lp, chat=False)
-        finally:
-            job.cancel()
-        raise_failed(choices)
+        await collect(server, job, request, choices, want_lp, chat=False)
         server.log_done("completion", body.model, choices, lens, t0, [body.prompt])
         return {
             **head,
