@@ -204,6 +204,7 @@ async def _round(port: int, args) -> dict:
         "generated_tokens": n,
         "seconds": dt,
         "tokens_per_s": n / dt,
+        "ttft_min_s": ttfts[0] if ttfts else None,
         "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
         "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None,
         "streams_complete": sum(k == args.gen_tokens for _, k in res),
@@ -303,10 +304,10 @@ def main() -> None:
         print(f"{stack:>15}: " + (f"{r['tokens_per_s']:8.0f} tokens/s" if "tokens_per_s" in r else r["error"][-500:])
               + (f"  ttft p50 {r['ttft_p50_s']:.3f}s p95 {r['ttft_p95_s']:.3f}s" if r.get("ttft_p50_s") else "")
               + f"  ({time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
-    report = {**info, "results": results}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        report = {**info, "results": results}
+        if args.out:  # after every stack: a later one running out of time loses only itself
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(json.dumps(report, indent=2))
 
 

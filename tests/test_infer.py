@@ -104,6 +104,40 @@ def test_engine_matches_a_plain_forward_pass(loaded, pad_batches):
             assert e.token == e.top[0][0]
 
 
+def test_engine_keeps_rows_packed_and_reads_them_as_a_view(loaded):
+    """Requests of one adapter finishing at different steps: each finish moves the last running request into
+    the freed slot, later steps read slots 0..n-1 as a view of the cache, and every token still has the
+    logprob of a plain forward pass."""
+    model, tok, names = loaded
+    engine = Engine(model, tok, names, max_batch_size=4, max_model_len=256, pad_batches=True)
+    moves, views = [], []
+    move, update = engine.cache.move, engine.cache.update
+    engine.cache.move = lambda *a: (moves.append(a), move(*a))[1]
+
+    def spy(*a, **kw):
+        views.append(engine.cache.first_rows)
+        return update(*a, **kw)
+
+    engine.cache.update = spy
+    engine.start()
+    try:
+        texts = ("你好", "我最近睡不好，怎么办？", "今天心情不太好", "谢谢你")
+        prompts = [encode_chat(tok, [{"role": "user", "content": c}]) for c in texts]
+        params = [SamplingParams(max_new_tokens=n, logprobs=1, ignore_eos=True) for n in (3, 9, 2, 6)]
+        engine.batch_wait_s = 0.2  # all four in one prefill
+        results = _run(engine, [Request(p, sp, None, adapter="a") for p, sp in zip(prompts, params)])
+    finally:
+        engine.stop()
+    assert moves and any(v > 0 for v in views)
+    model.set_adapter("a")
+    for prompt, evs, sp in zip(prompts, results, params):
+        toks = [e for e in evs if e.kind == "token"]
+        assert len(toks) == sp.max_new_tokens
+        ref = _reference_logprobs(model, prompt + [e.token for e in toks])
+        for j, e in enumerate(toks):
+            assert abs(e.logprob - ref[len(prompt) - 1 + j, e.token].item()) < 1e-4
+
+
 def test_engine_cancel_and_limits(loaded):
     model, tok, names = loaded
     engine = Engine(model, tok, names, max_batch_size=2, max_model_len=64).start()
@@ -267,3 +301,22 @@ def test_infer_errors_are_one_line(tmp_path, monkeypatch):
     assert main(["infer"]) == 2  # no model, no adapter
     assert main(["infer", "--model", "builtin:tiny", "--infer_data", str(tmp_path / "missing.jsonl")]) == 2
     assert list(tmp_path.iterdir()) == []  # nothing written for a run that could not start
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_equals_sdpa_with_repeated_kv_heads(masked):
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from mhsft.engine import decode_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 7, True
+    q, k, v = torch.randn(3, 28, 1, 16), torch.randn(3, 4, 40, 16), torch.randn(3, 4, 40, 16)
+    mask = (torch.arange(40)[None] < torch.tensor([[5], [40], [23]]))[:, None, None, :] if masked else None
+    out, _ = decode_attention_forward(module, q, k, v, mask, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k, 7), repeat_kv(v, 7), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    assert out.shape == (3, 1, 28, 16)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

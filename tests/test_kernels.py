@@ -1,4 +1,4 @@
-"""mhsft/kernels.py: the fast LoRA forward computes what PEFT computes (values and gradients)."""
+"""mhsft/kernels.py: the fast LoRA forwards (training and inference) compute what PEFT computes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mhsft.kernels import fast_lora_forward
+from mhsft.kernels import fast_lora_forward, fast_lora_inference
 
 
 def _model(dropout: float):
@@ -53,3 +53,26 @@ def test_fast_lora_forward_applies_dropout_in_training_only():
     m.eval()
     with torch.no_grad():
         assert torch.equal(m(input_ids=ids).logits, m(input_ids=ids).logits)
+
+
+def test_fast_lora_inference_matches_peft_and_follows_the_active_adapter():
+    m = _model(0.1).eval()
+    m.add_adapter("b", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for n, p in m.named_parameters():
+        if "lora_B.b" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, 300, (2, 11))
+    ref = {}
+    with torch.no_grad():
+        for name in ("default", "b"):
+            m.set_adapter(name)
+            ref[name] = m(input_ids=ids).logits
+        with m.disable_adapter():
+            ref[None] = m(input_ids=ids).logits
+        assert fast_lora_inference(m) == 14
+        for name in ("default", "b"):
+            m.set_adapter(name)
+            torch.testing.assert_close(m(input_ids=ids).logits, ref[name], rtol=1e-5, atol=1e-5)
+        with m.disable_adapter():
+            torch.testing.assert_close(m(input_ids=ids).logits, ref[None], rtol=0, atol=0)
+    assert not torch.equal(ref["default"], ref["b"]) and not torch.equal(ref["default"], ref[None])

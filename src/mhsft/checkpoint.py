@@ -233,6 +233,25 @@ def truncate_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def deepspeed_state_dict(run) -> dict | None:
+    """The weights to save under DeepSpeed, on the main process (None elsewhere); every rank must call this.
+    ZeRO-3 partitions the weights over ranks. LoRA: only the trainable adapter weights are gathered (the frozen
+    base is never needed; gathering it would copy a 32B model to one process). Full fine-tuning: accelerate's
+    consolidated 16-bit state dict."""
+    accelerator = run.accelerator
+    if run.args.train_type == "lora":
+        import deepspeed
+
+        named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+        # a no-op for ZeRO-1/2, whose parameters are whole on every rank
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            if not accelerator.is_main_process:
+                return None
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+    full = accelerator.get_state_dict(run.wrapped)
+    return {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
+
+
 def save_checkpoint(run, step: int) -> Path:
     """Write `checkpoint-STEP` of a training run atomically (rank 0), then rotate old ones."""
     import torch
@@ -242,9 +261,7 @@ def save_checkpoint(run, step: int) -> Path:
     path = run_dir / f"checkpoint-{step}"
     state_dict = None
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        # ZeRO-3 partitions the weights over ranks: every rank takes part in gathering them (untested here)
-        full = accelerator.get_state_dict(run.wrapped)
-        state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
+        state_dict = deepspeed_state_dict(run)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(run.model)
 

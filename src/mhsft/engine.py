@@ -38,6 +38,38 @@ from mhsft.utils import UserError, get_logger
 
 BASE = None  # adapter name meaning "the base model, adapters off"
 KV_BUCKET = 256  # decode attends over the longest row rounded up to this (a graph per bucket)
+DECODE_ATTN = "mhsft_decode"
+
+
+def decode_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA, except that a one-token query under grouped-query attention runs on the KV heads directly: the
+    query heads sharing a KV head become that head's query rows, so each cached K/V is read once instead of
+    being repeated to every query head first (transformers before 5.2x copies it 7 times for Qwen2.5-7B's 28
+    query / 4 KV heads, which at batch 64 costs more than reading the weights)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, t, d = query.shape
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
+    if t != 1 or groups == 1 or not shared_mask or key.shape[1] * groups != heads:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    q = query.reshape(b, key.shape[1], groups, d)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, key, value, attn_mask=attention_mask, scale=scaling
+    )
+    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+def register_decode_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(DECODE_ATTN, decode_attention_forward)
+    with contextlib.suppress(ImportError):  # transformers >= 4.53 builds masks per attention name
+        from transformers import AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionMaskInterface.register(DECODE_ATTN, sdpa_mask)
+    return DECODE_ATTN
 
 
 @dataclass
@@ -86,6 +118,7 @@ class SlotCache:
         self.slots: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.kv_len = 0
+        self.first_rows = 0  # > 0: the batch rows are slots 0..first_rows-1, read as a view (no gather)
 
     # Called by every attention layer; extra arguments differ between transformers versions.
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -93,7 +126,14 @@ class SlotCache:
         rows = self.slots[:, None]
         k[rows, :, self.positions] = key_states.transpose(1, 2).to(k.dtype)
         v[rows, :, self.positions] = value_states.transpose(1, 2).to(v.dtype)
+        if self.first_rows:
+            return k[: self.first_rows, :, : self.kv_len], v[: self.first_rows, :, : self.kv_len]
         return k[self.slots, :, : self.kv_len], v[self.slots, :, : self.kv_len]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_len
@@ -118,6 +158,7 @@ class Engine:
         batch_wait_s: float = 0.005,
         max_queue: int = 4096,
         pad_batches: bool | None = None,
+        fast_paths: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -140,13 +181,21 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self.max_queue = max_queue
         self.eos_ids = stop_token_ids(model, tokenizer)
+        self.fast_paths = fast_paths
         impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
-        if impl not in ("sdpa", "eager"):
-            # Our 4-D masks need an attention that takes arbitrary masks; flash-attention 2 does not.
-            get_logger().info(f"generation uses sdpa attention (not {impl}) for its per-row masks")
-            self.inner.set_attn_implementation("sdpa")
-            impl = "sdpa"
+        if impl != "eager":
+            # Our 4-D masks need an attention that takes arbitrary masks (flash-attention 2 does not): SDPA,
+            # through our wrapper unless the fast paths are off (benchmarks/decode_profile.py compares both).
+            want = register_decode_attention() if fast_paths else "sdpa"
+            if impl not in ("sdpa", want):
+                get_logger().info(f"generation uses sdpa attention (not {impl}) for its per-row masks")
+            self.inner.set_attn_implementation(want)
+            impl = want
         self.float_mask = impl == "eager"  # eager adds the mask; sdpa takes a boolean one
+        if fast_paths and self.adapters:
+            from mhsft.kernels import fast_lora_inference
+
+            fast_lora_inference(model)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         # One slot past the last is scratch space: padding rows of a bucketed batch write there.
         self.scratch = self.max_batch_size
@@ -189,6 +238,8 @@ class Engine:
             "cancelled": 0,
             "generated_tokens": 0,
             "prefill_tokens": 0,
+            "prefill_batches": 0,
+            "prefill_seconds": 0.0,  # wall time of the prefills, first tokens sampled included
             "steps": 0,
             "max_running": 0,
         }
@@ -299,8 +350,11 @@ class Engine:
             batch.setdefault(req.adapter, []).append(req)
         self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
         for adapter, reqs in batch.items():
+            t = time.perf_counter()
             try:
                 self._prefill(adapter, reqs)
+                self.stats["prefill_batches"] += 1
+                self.stats["prefill_seconds"] += time.perf_counter() - t
             except torch.OutOfMemoryError:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -328,9 +382,10 @@ class Engine:
             )
         return allowed
 
-    def _forward(self, ids, positions, slots, mask, kv_len) -> torch.Tensor:
+    def _forward(self, ids, positions, slots, mask, kv_len, first_rows: int = 0) -> torch.Tensor:
         """Hidden states (B, T, H) of the decoder for `ids` at `positions`, reading/writing the rows' slots."""
         self.cache.slots, self.cache.positions, self.cache.kv_len = slots, positions, kv_len
+        self.cache.first_rows = first_rows
         out = self.decoder(
             input_ids=ids,
             position_ids=positions,
@@ -390,18 +445,21 @@ class Engine:
         n = len(rows)
         B = bucket(n, self.batch_sizes) if self.pad_batches else n
         kv_len = min(self.max_model_len, -(-(max(r.cache_len for r in rows) + 1) // KV_BUCKET) * KV_BUCKET)
+        # Rows in slots 0..n-1 (the usual case: `_finish` keeps running requests packed at the front) read
+        # the cache as a view; padding rows then use the free slots n..B-1, else the scratch slot.
+        first = B if self.fast_paths and all(r.slot == i for i, r in enumerate(rows)) else 0
         ids = [r.last_token for r in rows] + [0] * (B - n)
         pos = [r.cache_len for r in rows] + [0] * (B - n)
-        slots = [r.slot for r in rows] + [self.scratch] * (B - n)
+        slots = [r.slot for r in rows] + (list(range(n, B)) if first else [self.scratch] * (B - n))
         dev = self.device
         ids_t = torch.tensor(ids, device=dev)[:, None]
         pos_t = torch.tensor(pos, device=dev)[:, None]
         slots_t = torch.tensor(slots, device=dev)
         try:
             if self.use_graphs:
-                logits = self._graph_step(adapter, B, kv_len, ids_t, pos_t, slots_t)
+                logits = self._graph_step(adapter, B, kv_len, ids_t, pos_t, slots_t, first)
             else:
-                logits = self._eager_step(ids_t, pos_t, slots_t, kv_len)
+                logits = self._eager_step(ids_t, pos_t, slots_t, kv_len, first)
         except torch.OutOfMemoryError:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -413,22 +471,22 @@ class Engine:
             r.cache_len += 1
         self._take(logits[:n], rows)
 
-    def _eager_step(self, ids, pos, slots, kv_len) -> torch.Tensor:
+    def _eager_step(self, ids, pos, slots, kv_len, first_rows: int = 0) -> torch.Tensor:
         allowed = torch.arange(kv_len, device=self.device)[None] <= pos  # (B, kv_len)
-        hidden = self._forward(ids, pos, slots, self._mask(allowed[:, None, None, :]), kv_len)
+        hidden = self._forward(ids, pos, slots, self._mask(allowed[:, None, None, :]), kv_len, first_rows)
         return self.lm_head(hidden[:, -1]).float()
 
-    def _graph_step(self, adapter, B, kv_len, ids, pos, slots) -> torch.Tensor:
-        key = (adapter, B, kv_len)
+    def _graph_step(self, adapter, B, kv_len, ids, pos, slots, first_rows: int = 0) -> torch.Tensor:
+        key = (adapter, B, kv_len, first_rows)
         g = self.graphs.get(key)
         if g is None:
             try:
-                g = self._capture(B, kv_len)
+                g = self._capture(B, kv_len, first_rows)
             except Exception as e:  # a model or kernel that cannot be captured: fall back for good
                 get_logger().warning(f"CUDA graphs off ({type(e).__name__}: {e}); decoding eagerly")
                 self.use_graphs = False
                 self.graphs.clear()
-                return self._eager_step(ids, pos, slots, kv_len)
+                return self._eager_step(ids, pos, slots, kv_len, first_rows)
             self.graphs[key] = g
         g.ids.copy_(ids)
         g.pos.copy_(pos)
@@ -436,8 +494,9 @@ class Engine:
         g.graph.replay()
         return g.logits
 
-    def _capture(self, B, kv_len) -> _Graph:
+    def _capture(self, B, kv_len, first_rows: int = 0) -> _Graph:
         dev = self.device
+        # Warm-up and capture write to slot positions: only the scratch slot may take them, whatever the mode.
         g = _Graph(
             ids=torch.zeros(B, 1, dtype=torch.long, device=dev),
             pos=torch.zeros(B, 1, dtype=torch.long, device=dev),
@@ -447,11 +506,11 @@ class Engine:
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up outside the graph (kernel selection, lazy init)
-                self._eager_step(g.ids, g.pos, g.slots, kv_len)
+                self._eager_step(g.ids, g.pos, g.slots, kv_len, first_rows)
         torch.cuda.current_stream(dev).wait_stream(stream)
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph, pool=self.graph_pool):
-            g.logits = self._eager_step(g.ids, g.pos, g.slots, kv_len)
+            g.logits = self._eager_step(g.ids, g.pos, g.slots, kv_len, first_rows)
         self.graph_pool = g.graph.pool()
         return g
 
@@ -474,7 +533,13 @@ class Engine:
     def _finish(self, req: Request, reason: str | None = None, error: str | None = None) -> None:
         if req.slot >= 0 and self.running.get(req.slot) is req:
             del self.running[req.slot]
-            heapq.heappush(self.free, req.slot)
+            freed = req.slot
+            last = max(self.running, default=-1)
+            if last > freed:  # keep running requests packed in the first slots (decode reads them as a view)
+                moved = self.running.pop(last)
+                self.cache.move(last, freed, moved.cache_len)
+                moved.slot, self.running[freed], freed = freed, moved, last
+            heapq.heappush(self.free, freed)
         req.slot = -1
         req.last_token = -1
         with self.lock:

@@ -6,6 +6,9 @@ benchmarks/NOTES.md).
   ([tokens, 18944] for gate/up: 1.9 GB each at 24k tokens). We compute the low-rank path in the activation dtype
   instead (the adapter weights stay float32 masters; only the rank-r matrices are cast, which is free) and add
   it with one addmm. Same maths as PEFT under autocast; only rounding differs.
+- `fast_lora_inference`: the serving engine's LoRA path: A and (B * scaling)^T per adapter, cast to the layer's
+  dtype once, so a layer costs its base matmul, one rank-r matmul and one addmm (a decode step is bound by
+  kernel count: PEFT's casts, scale and add are 4 more launches in each of ~200 layers).
 - `apply_liger`: Liger's fused RMSNorm / SwiGLU / RoPE kernels on the model instance, when the package is there
   (`--use_liger_kernel`, ms-swift's flag). The loss stays ours (chunked, labelled tokens only).
 - `compile_layers`: regional torch.compile of each decoder layer (`--torch_compile`).
@@ -48,6 +51,50 @@ def fast_lora_forward(model: torch.nn.Module) -> int:
             continue
         module._mhsft_peft_forward = module.forward
         module.forward = types.MethodType(_fast_forward, module)
+        n += 1
+    return n
+
+
+def _infer_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+        return self._mhsft_peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    for name in self.active_adapters:
+        if name not in self._mhsft_lora:
+            continue
+        a, bt = self._mhsft_lora[name]
+        h = F.linear(x.to(a.dtype), a)
+        shape = result.shape
+        out = torch.addmm(result.reshape(-1, shape[-1]).to(a.dtype), h.reshape(-1, h.shape[-1]), bt)
+        result = out.view(shape).to(result.dtype)
+    return result
+
+
+@torch.no_grad()
+def fast_lora_inference(model: torch.nn.Module) -> int:
+    """Switch every plain LoRA linear of `model` to `_infer_forward` (inference only: the weights are copied
+    once, later changes to them are not seen); returns how many were switched."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if type(module) is not LoraLinear or getattr(module, "lora_variant", None):
+            continue
+        if any(getattr(m, "bias", None) is not None for m in module.lora_B.values()):
+            continue
+        dtype = module.base_layer.weight.dtype
+        if not dtype.is_floating_point:  # quantized base weights: keep PEFT's path
+            continue
+        module._mhsft_lora = {
+            name: (
+                module.lora_A[name].weight.to(dtype).contiguous(),
+                (module.lora_B[name].weight * module.scaling[name]).t().to(dtype).contiguous(),
+            )
+            for name in module.lora_A
+        }
+        if not hasattr(module, "_mhsft_peft_forward"):
+            module._mhsft_peft_forward = module.forward
+        module.forward = types.MethodType(_infer_forward, module)
         n += 1
     return n
 

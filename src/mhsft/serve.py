@@ -296,20 +296,26 @@ async def chat_completions(server: Server, request):
         try:
             for i in range(body.n):
                 yield sse({**head, "choices": [chunk_choice(i, {"role": "assistant", "content": ""})]})
-            async for i, ev in job.events():
-                ch = choices[i]
-                n_lp = len(ch.chat_logprobs)
-                delta = server.on_event(ch, ev, job, i, want_lp, chat=True)
-                if ev.kind == "error":
-                    yield error_chunk(ev.message or "generation failed")
-                    continue
-                lp = (
-                    {"content": ch.chat_logprobs[n_lp:]} if want_lp and len(ch.chat_logprobs) > n_lp else None
-                )
-                if delta or lp:
-                    yield sse({**head, "choices": [chunk_choice(i, {"content": delta}, lp)]})
-                if ev.kind == "done":
-                    yield sse({**head, "choices": [chunk_choice(i, {}, None, ch.finish_reason)]})
+            async for batch in job.batches():
+                n_lp, deltas, ended = {}, {}, []
+                for i, ev in batch:
+                    ch = choices[i]
+                    n_lp.setdefault(i, len(ch.chat_logprobs))
+                    delta = server.on_event(ch, ev, job, i, want_lp, chat=True)
+                    if ev.kind == "error":
+                        yield error_chunk(ev.message or "generation failed")
+                        continue
+                    deltas[i] = deltas.get(i, "") + delta
+                    if ev.kind == "done":
+                        ended.append(i)
+                for i, delta in deltas.items():
+                    ch = choices[i]
+                    new_lp = ch.chat_logprobs[n_lp[i] :]
+                    lp = {"content": new_lp} if want_lp and new_lp else None
+                    if delta or lp:
+                        yield sse({**head, "choices": [chunk_choice(i, {"content": delta}, lp)]})
+                for i in ended:
+                    yield sse({**head, "choices": [chunk_choice(i, {}, None, choices[i].finish_reason)]})
             if include_usage:
                 yield sse({**head, "choices": [], "usage": server.usage(choices, [len(prompt)] * body.n)})
             yield "data: [DONE]\n\n"
@@ -390,24 +396,32 @@ async def completions(server: Server, request):
                             ],
                         }
                     )
-            async for i, ev in job.events():
-                ch = choices[i]
-                delta = server.on_event(ch, ev, job, i, want_lp, chat=False)
-                if ev.kind == "error":
-                    yield error_chunk(ev.message or "generation failed")
-                    continue
-                lp = None
-                if want_lp and len(ch.tokens) > sent_lp[i]:
-                    lp = server.completion_logprobs(ch, sent_lp[i])
-                    sent_lp[i] = len(ch.tokens)
-                if delta or lp or ev.kind == "done":
-                    fin = ch.finish_reason if ev.kind == "done" else None
-                    yield sse(
-                        {
-                            **head,
-                            "choices": [{"index": i, "text": delta, "logprobs": lp, "finish_reason": fin}],
-                        }
-                    )
+            async for batch in job.batches():
+                deltas, ended = {}, set()
+                for i, ev in batch:
+                    delta = server.on_event(choices[i], ev, job, i, want_lp, chat=False)
+                    if ev.kind == "error":
+                        yield error_chunk(ev.message or "generation failed")
+                        continue
+                    deltas[i] = deltas.get(i, "") + delta
+                    if ev.kind == "done":
+                        ended.add(i)
+                for i, delta in deltas.items():
+                    ch = choices[i]
+                    lp = None
+                    if want_lp and len(ch.tokens) > sent_lp[i]:
+                        lp = server.completion_logprobs(ch, sent_lp[i])
+                        sent_lp[i] = len(ch.tokens)
+                    if delta or lp or i in ended:
+                        fin = ch.finish_reason if i in ended else None
+                        yield sse(
+                            {
+                                **head,
+                                "choices": [
+                                    {"index": i, "text": delta, "logprobs": lp, "finish_reason": fin}
+                                ],
+                            }
+                        )
             if (body.stream_options or {}).get("include_usage"):
                 yield sse({**head, "choices": [], "usage": server.usage(choices, lens)})
             yield "data: [DONE]\n\n"
@@ -593,8 +607,13 @@ def main(argv: list[str]) -> int:
     )
     if not is_loopback(args.host) and not args.api_key:
         log.warning(f"listening on {args.host} without --api_key: anyone who can reach it can use it")
+    import sys
+
     import uvicorn
 
+    # The engine thread and the event loop share the GIL: at Python's default 5 ms switch interval a finished
+    # GPU step can wait that long for the thread that streams its tokens, or the reverse.
+    sys.setswitchinterval(0.0005)
     try:
         uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:

@@ -222,8 +222,17 @@ def choose_attention(device, args: SftArguments) -> tuple[str, str | None]:
 def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, notices: list[str], device):
     from mhsft.model import load_model
 
-    model = load_model(model_path, dtype=dtype, attn_impl=attn_impl, device=str(device))
+    # under ZeRO-3 the weights are partitioned onto each rank's GPU as they load (deepspeed.zero.Init), which a
+    # device_map or a move would contradict
+    device = None if zero3_enabled() else str(device)
+    model = load_model(model_path, dtype=dtype, attn_impl=attn_impl, device=device)
     return prepare_model(model, args, notices)
+
+
+def zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def prepare_model(model, args: SftArguments, notices: list[str]):
@@ -404,9 +413,14 @@ def train(args: SftArguments) -> Path:
     if attn_notice:
         notices.append(attn_notice)
     model = build_model(args, model_path, dtype, attn_impl, notices, device)
-    model.to(device)
+    if not zero3_enabled():
+        model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+
+    def numel(p) -> int:  # a ZeRO-3 partitioned parameter holds only its shard; ds_numel is its full size
+        return getattr(p, "ds_numel", p.numel())
+
+    n_train, n_total = sum(numel(p) for p in trainable), sum(numel(p) for p in model.parameters())
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
         trainable,
@@ -420,10 +434,13 @@ def train(args: SftArguments) -> Path:
     )
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    use_ds = accelerator.state.deepspeed_plugin is not None
+    # DeepSpeed scales fp16 losses itself (its config's fp16 section)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and not use_ds else None
     from mhsft.loss import ChunkedLMLoss
 
     wrapped = ChunkedLMLoss(model, args.loss_chunk_size)
+    wrapped.config = model.config  # accelerate sizes DeepSpeed's "auto" buckets from model.config.hidden_size
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
     # 5. Resume: weights, optimizer, scheduler, RNG, and the position in the data.
@@ -508,6 +525,7 @@ def run_loop(run: Run, step: int) -> Path:
 
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
+    use_ds = accelerator.state.deepspeed_plugin is not None
     ga = args.gradient_accumulation_steps
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(
@@ -552,6 +570,11 @@ def run_loop(run: Run, step: int) -> Path:
                 loss = loss_sum * world / max(n_label_all, 1)
                 if scaler is not None:
                     scaler.scale(loss).backward()
+                elif use_ds:
+                    # DeepSpeed steps inside backward when told this is the step's last micro-batch; the loss is
+                    # already the step's token mean, so DeepSpeed must not divide it by the accumulation steps.
+                    accelerator.gradient_state._set_sync_gradients(sync)
+                    accelerator.backward(loss, scale_wrt_gas=False)
                 else:
                     accelerator.backward(loss)
             step_loss += float(loss_sum.detach())
