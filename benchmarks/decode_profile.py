@@ -4,8 +4,10 @@ of --prompt_tokens-token prompts, for each variant: prefill time of all rows at 
 (CUDA-graph capture included), the steady decode step (sampling and Python included), and the GPU time of
 one step alone (graph replay, or the eager forward). Variants: transformers' SDPA and PEFT's LoRA forward
 (`base`) against the engine's fast paths (`fast`: grouped-query decode attention without repeated KV heads,
-LoRA in the model dtype with one addmm, rows packed in the first slots read as a view of the cache), each with CUDA graphs on and off. A profiler table of the eager
-step's top kernels is printed for both.
+LoRA in the model dtype with one addmm, rows packed in the first slots read as a view of the cache, SDPA
+without cuDNN's kernel), with CUDA graphs on and off; `fast+graphs+cudnn` isolates the cuDNN choice. Each
+variant first serves 3 short requests, so the measured prefill is a shape the engine has not seen. A profiler
+table of the eager step's top kernels is printed for the eager variants.
 
     python benchmarks/decode_profile.py --workdir /tmp --out $OUT/decode_profile.json
 """
@@ -47,13 +49,21 @@ def _top_kernels(torch, fn, rows: int = 12) -> str:
     return ""
 
 
-def run_variant(torch, model, tok, names, prompts, args, graphs: bool, fast: bool) -> dict:
+def run_variant(torch, model, tok, names, prompts, args, graphs: bool, fast: bool, cudnn: bool) -> dict:
     from mhsft.engine import Engine, Request, SamplingParams
 
     engine = Engine(model, tok, names, max_batch_size=args.streams, max_model_len=args.max_model_len,
                     cuda_graphs=graphs, fast_paths=fast)  # fmt: skip
-    res: dict = {"graphs": graphs, "fast_paths": fast}
+    engine.cudnn_attention = cudnn
+    res: dict = {"graphs": graphs, "fast_paths": fast, "cudnn_attention": cudnn}
     with torch.inference_mode():
+        # A few short requests first, as a server meets them: the measured prefill is then a new shape.
+        for p in prompts[:3]:
+            engine.submit(
+                Request(p[:100], SamplingParams(max_new_tokens=2), lambda e: None, adapter=names[0])
+            )
+        while engine.pending:
+            engine._iteration()
         for p in prompts:
             sp = SamplingParams(max_new_tokens=10**6, ignore_eos=True, logprobs=0)
             engine.submit(Request(p, sp, lambda e: None, adapter=names[0]))
@@ -119,16 +129,23 @@ def main() -> None:
             "prompt_tokens": args.prompt_tokens}  # fmt: skip
     results = []
     # base first: the fast LoRA forward, once switched on, stays on
-    for fast, graphs in ((False, False), (False, True), (True, True), (True, False)):
+    variants = (
+        (False, False, True),
+        (False, True, True),
+        (True, True, True),
+        (True, True, False),
+        (True, False, False),
+    )
+    for fast, graphs, cudnn in variants:
         t = time.perf_counter()
         try:
-            r = run_variant(torch, model, tok, names, ps, args, graphs, fast)
+            r = run_variant(torch, model, tok, names, ps, args, graphs, fast, cudnn)
         except Exception as e:  # keep the other variants' numbers
             r = {"graphs": graphs, "fast_paths": fast, "error": f"{type(e).__name__}: {e}"}
         results.append(r)
         gc.collect()  # the variant's engine (KV cache, graphs) is garbage now
         torch.cuda.empty_cache()
-        label = f"{'fast' if fast else 'base'}+{'graphs' if graphs else 'eager'}"
+        label = f"{'fast' if fast else 'base'}+{'graphs' if graphs else 'eager'}{'+cudnn' if cudnn else ''}"
         if "error" in r:
             print(f"{label:>12}: {r['error']}", flush=True)
         else:

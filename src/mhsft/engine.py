@@ -182,6 +182,7 @@ class Engine:
         self.max_queue = max_queue
         self.eos_ids = stop_token_ids(model, tokenizer)
         self.fast_paths = fast_paths
+        self.cudnn_attention = not fast_paths
         impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
         if impl != "eager":
             # Our 4-D masks need an attention that takes arbitrary masks (flash-attention 2 does not): SDPA,
@@ -382,17 +383,28 @@ class Engine:
             )
         return allowed
 
+    def _attention_backends(self):
+        """SDPA without cuDNN's kernel on CUDA: cuDNN builds an execution plan for every new (batch, length)
+        shape, a stall on the first request of each shape that a server meets all the time; the memory-efficient
+        kernel takes our masks without one."""
+        if self.device.type != "cuda" or self.cudnn_attention:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
     def _forward(self, ids, positions, slots, mask, kv_len, first_rows: int = 0) -> torch.Tensor:
         """Hidden states (B, T, H) of the decoder for `ids` at `positions`, reading/writing the rows' slots."""
         self.cache.slots, self.cache.positions, self.cache.kv_len = slots, positions, kv_len
         self.cache.first_rows = first_rows
-        out = self.decoder(
-            input_ids=ids,
-            position_ids=positions,
-            attention_mask={"full_attention": mask, "sliding_attention": mask},
-            use_cache=True,
-            **{self.cache_kwarg: self.cache},
-        )
+        with self._attention_backends():
+            out = self.decoder(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask={"full_attention": mask, "sliding_attention": mask},
+                use_cache=True,
+                **{self.cache_kwarg: self.cache},
+            )
         return out.last_hidden_state
 
     def _prefill(self, adapter, reqs: list[Request]) -> None:
