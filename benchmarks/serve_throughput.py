@@ -147,6 +147,11 @@ def worker_generate_batch(args) -> dict:
         _sync(torch, args.device)
         dt = time.perf_counter() - t
         n = sum(len(o.generated_tokens) for o in out.values())
+        if n == 0:  # seen on transformers 5.17 + CUDA: say what came back instead of reporting 0 tokens/s
+            first = next(iter(out.values()), None)
+            raise RuntimeError(
+                f"generate_batch returned {len(out)} outputs and no tokens; first: {first!r:.500}"
+            )
         res[run] = {"generated_tokens": n, "seconds": dt, "tokens_per_s": n / dt}
     return {**res["warm"], "cold": res["cold"]}
 
