@@ -64,3 +64,9 @@ def deepspeed_plugin(args):
         except json.JSONDecodeError as e:
             raise UserError(f"--deepspeed {spec}: invalid JSON ({e})") from None
     return DeepSpeedPlugin(hf_ds_config=cfg)
+
+
+def zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()

@@ -127,3 +127,26 @@ def compile_layers(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def speedups(model: torch.nn.Module, args, notices: list[str]) -> torch.nn.Module:
+    """The trainer's measured speed paths (benchmarks/NOTES.md), as its arguments ask."""
+    if args.train_type == "lora":
+        fast_lora_forward(model)
+    if args.use_liger_kernel and (msg := apply_liger(model)):
+        notices.append(msg)
+    if args.torch_compile:
+        compile_layers(model)
+    return model
+
+
+def partial_checkpointing(model: torch.nn.Module, ratio: float) -> None:
+    """Recompute only `ratio` of the decoder layers, evenly spread; the others store their activations.
+    Recomputation is a third of a checkpointed LoRA step's arithmetic, so memory left over buys speed."""
+    if ratio >= 1.0:
+        return
+    layers = [m for m in model.get_decoder().layers if hasattr(m, "gradient_checkpointing")]
+    n, k = len(layers), round(max(0.0, ratio) * len(layers))
+    keep = {i * n // k for i in range(k)} if k else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in keep

@@ -480,3 +480,19 @@ def set_packed_attention(model: torch.nn.Module, backend: str) -> str:
     else:  # transformers without set_attn_implementation read the name from the config at every call
         base.config._attn_implementation = name
     return name
+
+
+def choose_attention(device, packing: bool, attn_impl: str | None) -> tuple[str, str | None]:
+    """The attention implementation to load a training model with, and a one-line notice when the request
+    changes. Packed rows need a kernel that respects sample boundaries; none of them needs the flash-attn
+    package."""
+    import importlib.util
+
+    if packing:
+        backend, notice = select_attn_backend(device, attn_impl)
+        return register_packed_attention(backend), notice
+    if attn_impl in ("flash_attn", "flash_attention_2"):
+        if importlib.util.find_spec("flash_attn") is None:
+            return "sdpa", "flash_attn is not installed; using PyTorch sdpa attention"
+        return "flash_attention_2", None
+    return (attn_impl or "sdpa"), None

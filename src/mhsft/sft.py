@@ -201,25 +201,8 @@ def choose_dtype(args: SftArguments, device) -> tuple[object, list[str]]:
     return torch.float32, notices
 
 
-def choose_attention(device, args: SftArguments) -> tuple[str, str | None]:
-    """The attention implementation to load the model with, and a one-line notice when the request changes.
-    Packed rows need a kernel that respects sample boundaries; none of them needs the flash-attn package."""
-    import importlib.util
-
-    if args.packing:
-        from mhsft.packing import register_packed_attention, select_attn_backend
-
-        backend, notice = select_attn_backend(device, args.attn_impl)
-        return register_packed_attention(backend), notice
-    req = args.attn_impl
-    if req in ("flash_attn", "flash_attention_2"):
-        if importlib.util.find_spec("flash_attn") is None:
-            return "sdpa", "flash_attn is not installed; using PyTorch sdpa attention"
-        return "flash_attention_2", None
-    return (req or "sdpa"), None
-
-
 def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, notices: list[str], device):
+    from mhsft.distributed import zero3_enabled
     from mhsft.model import load_model
 
     # under ZeRO-3 the weights are partitioned onto each rank's GPU as they load (deepspeed.zero.Init), which a
@@ -229,14 +212,10 @@ def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, noti
     return prepare_model(model, args, notices)
 
 
-def zero3_enabled() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()
-
-
 def prepare_model(model, args: SftArguments, notices: list[str]):
     """Checkpointing and the LoRA (or full) trainable setup on a loaded model (the benchmark calls this too)."""
+    from mhsft.kernels import partial_checkpointing, speedups
+
     model.config.use_cache = False
     if args.gradient_checkpointing:
         # transformers 5.2x renamed the API; 5.17 (the GPU image) only has the old name
@@ -264,31 +243,6 @@ def prepare_model(model, args: SftArguments, notices: list[str]):
         task_type="CAUSAL_LM",
     )
     return speedups(get_peft_model(model, cfg), args, notices)
-
-
-def speedups(model, args: SftArguments, notices: list[str]):
-    """The measured speed paths (mhsft/kernels.py, benchmarks/NOTES.md)."""
-    from mhsft import kernels
-
-    if args.train_type == "lora":
-        kernels.fast_lora_forward(model)
-    if args.use_liger_kernel and (msg := kernels.apply_liger(model)):
-        notices.append(msg)
-    if args.torch_compile:
-        kernels.compile_layers(model)
-    return model
-
-
-def partial_checkpointing(model, ratio: float) -> None:
-    """Recompute only `ratio` of the decoder layers, evenly spread; the others store their activations.
-    Recomputation is a third of a checkpointed LoRA step's arithmetic, so memory left over buys speed."""
-    if ratio >= 1.0:
-        return
-    layers = [m for m in model.get_decoder().layers if hasattr(m, "gradient_checkpointing")]
-    n, k = len(layers), round(max(0.0, ratio) * len(layers))
-    keep = {i * n // k for i in range(k)} if k else set()
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i in keep
 
 
 def resolve_adapter(adapters: list[str]) -> str:
@@ -357,11 +311,16 @@ def train(args: SftArguments) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from mhsft.distributed import deepspeed_plugin
+    from mhsft.distributed import deepspeed_plugin, zero3_enabled
+    from mhsft.packing import choose_attention
 
     # cpu=True lets torchrun on a machine without GPUs run DDP over gloo (accelerate needs to be told)
     accelerator = Accelerator(deepspeed_plugin=deepspeed_plugin(args), cpu=not torch.cuda.is_available())
     device, is_main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
+    if args.deepspeed and device.type != "cuda":
+        notices.append(
+            f"--deepspeed {args.deepspeed} needs CUDA GPUs: on {device.type} this runs as plain DDP"
+        )
     if args.gradient_accumulation_steps is None:
         args.gradient_accumulation_steps = max(1, math.ceil(16 / args.per_device_train_batch_size / world))
     set_seed(args.seed)
@@ -409,7 +368,7 @@ def train(args: SftArguments) -> Path:
         )
 
     # 4. Model.
-    attn_impl, attn_notice = choose_attention(device, args)
+    attn_impl, attn_notice = choose_attention(device, args.packing, args.attn_impl)
     if attn_notice:
         notices.append(attn_notice)
     model = build_model(args, model_path, dtype, attn_impl, notices, device)
