@@ -214,6 +214,21 @@ def test_text_stream_never_splits_a_character(tiny_model_dir):
     assert all("\ufffd" not in d for d in deltas)
 
 
+def test_text_stream_window_stays_short_when_tokens_make_no_text(tiny_model_dir):
+    from mhsft.detok import MAX_PENDING
+    from mhsft.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    silent = tok.convert_tokens_to_ids("<|im_end|>")  # a special token: decodes to nothing
+    stream = TextStream(tok)
+    out = "".join(stream.push(i) for i in tok("你好", add_special_tokens=False)["input_ids"])
+    for _ in range(200):
+        out += stream.push(silent)
+        assert len(stream.ids) - stream.prefix <= 2 * MAX_PENDING + 2
+    out += "".join(stream.push(i) for i in tok("，世界", add_special_tokens=False)["input_ids"])
+    assert out + stream.flush() == "你好，世界"
+
+
 def test_text_stream_stop_strings(tiny_model_dir):
     from mhsft.model import load_tokenizer
 

@@ -10,6 +10,10 @@ text ends in a prefix of one, so a client never sees the start of a stop string.
 from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
+# A UTF-8 character is at most 4 bytes, so at most 4 byte-level tokens: tokens that still have not produced text
+# after this many (special tokens that decode to nothing, ids the tokenizer does not know) are given up on, which
+# keeps the decoded window short; without it such a run decodes a window that grows by one token a step.
+MAX_PENDING = 8
 
 
 class TextStream:
@@ -33,7 +37,8 @@ class TextStream:
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+        grew = len(after) > len(before) and not after.endswith(REPLACEMENT)
+        if grew or len(self.ids) - self.read > MAX_PENDING:
             self.text += after[len(before) :]
             self.prefix, self.read = self.read, len(self.ids)
         return self._release(final=False)

@@ -1,0 +1,112 @@
+"""What `mhsft deploy` costs on the CPU around the GPU's work, measurable on any machine: the real server (FastAPI,
+uvicorn, the engine's scheduler and sampling, detokenization, SSE) on builtin:tiny, with the model's forward
+replaced by a sleep of a GPU step's length. A sleep releases the GIL as a CUDA synchronize does, so the result is
+what the server reaches when the GPU step takes --step_ms: the ideal is one token per stream per step.
+
+On one H100 the engine's decode step for 64 rows of Qwen2.5-7B + LoRA takes 13.4 ms in-process and the prefill of
+64 x 200 tokens 0.36 s (benchmarks/NOTES.md); the defaults replay that.
+
+    python benchmarks/serve_overhead.py --out benchmarks/results/serve_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def worker_server(args, argv: list[str]) -> int:
+    """`mhsft deploy` whose decoder sleeps instead of computing (the lm_head and everything after it are real)."""
+    import torch
+
+    from mhsft import serve
+    from mhsft.engine import Engine
+
+    def fake_forward(self, ids, positions, slots, mask, kv_len, first_rows=0):
+        rows, t = ids.shape
+        time.sleep(args.step_ms / 1000 if t == 1 else args.prefill_ms_per_row * rows / 1000)
+        return torch.zeros(rows, t, self.config.hidden_size, dtype=self.dtype)
+
+    Engine._forward = fake_forward
+    if args.tokens == "silent":
+        # Every generated token decodes to no text (as a random-weight 7B model's ids past the tiny tokenizer's
+        # vocabulary do in benchmarks/serve_throughput.py): the detokenizer's worst case.
+        from mhsft import engine as engine_module
+        from mhsft.builtin import resolve_model
+        from mhsft.model import load_tokenizer
+
+        silent = load_tokenizer(resolve_model("builtin:tiny")).convert_tokens_to_ids("<|im_end|>")
+        real_sample = engine_module.sample
+
+        def silent_sample(logits, rows):
+            out = real_sample(logits, rows)
+            out.tokens = [silent] * len(out.tokens)
+            return out
+
+        engine_module.sample = silent_sample
+    return serve.main(argv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--prompt_tokens", type=int, default=200)
+    ap.add_argument("--gen_tokens", type=int, default=256)
+    ap.add_argument("--step_ms", type=float, default=13.4)
+    ap.add_argument("--prefill_ms_per_row", type=float, default=5.6)
+    ap.add_argument("--tokens", default="text", choices=["text", "silent"],
+                    help="silent: every token decodes to no text (the detokenizer's worst case)")  # fmt: skip
+    ap.add_argument("--workdir", default="/tmp")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args()
+    if args.worker:
+        raise SystemExit(worker_server(args, rest))
+
+    from serve_throughput import _env, _round
+
+    from mhsft.builtin import resolve_model
+    from mhsft.client import free_port, stop_process, wait_for_server
+
+    model = resolve_model("builtin:tiny")
+    port = free_port(0)
+    server_argv = ["--model", model, "--served_model_name", "lora", "--device", "cpu", "--port", str(port),
+                   "--max_batch_size", str(args.streams), "--max_model_len", "1024"]  # fmt: skip
+    cmd = [sys.executable, __file__, "--worker", f"--step_ms={args.step_ms}", f"--tokens={args.tokens}",
+           f"--prefill_ms_per_row={args.prefill_ms_per_row}", *server_argv]  # fmt: skip
+    log = Path(args.workdir) / "serve_overhead.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", timeout=300, proc=proc)
+        cold = asyncio.run(_round(port, args))
+        warm = asyncio.run(_round(port, args))
+    finally:
+        stop_process(proc)
+    prefill_s = args.prefill_ms_per_row * args.streams / 1000
+    ideal_s = prefill_s + args.gen_tokens * args.step_ms / 1000
+    ideal = args.streams * args.gen_tokens / ideal_s
+    step_ms = (warm["seconds"] - warm["ttft_p50_s"]) / max(1, args.gen_tokens - 1) * 1000
+    res = {**warm, "cold": cold, "ideal_tokens_per_s": ideal, "efficiency": warm["tokens_per_s"] / ideal,
+           "step_ms_through_http": step_ms, "settings": {k: v for k, v in vars(args).items() if k != "worker"}}  # fmt: skip
+    print(f"{args.streams} streams x {args.gen_tokens} {args.tokens} tokens, GPU step {args.step_ms} ms: "
+          f"{warm['tokens_per_s']:,.0f} tokens/s of an ideal {ideal:,.0f} ({res['efficiency']:.0%}); "
+          f"{step_ms:.1f} ms a step through HTTP; TTFT p50 {warm['ttft_p50_s']:.3f}s "
+          f"p95 {warm['ttft_p95_s']:.3f}s (ideal {prefill_s:.3f}s)")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
