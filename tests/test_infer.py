@@ -138,6 +138,35 @@ def test_engine_keeps_rows_packed_and_reads_them_as_a_view(loaded):
             assert abs(e.logprob - ref[len(prompt) - 1 + j, e.token].item()) < 1e-4
 
 
+def test_padding_rows_never_touch_another_adapters_slots(loaded):
+    """Three rows of one adapter in slots 0-2 and a base row in slot 3: the adapter's batch is padded to 4, and
+    its padding row must not write into slot 3, which the base row is using."""
+    model, tok, names = loaded
+    engine = Engine(model, tok, names, max_batch_size=4, max_model_len=256, pad_batches=True)
+    engine.batch_wait_s = 0.2  # all four in one prefill, in submission order
+    engine.start()
+    try:
+        texts = ("你好", "我最近睡不好，怎么办？", "今天心情不太好", "谢谢你")
+        prompts = [encode_chat(tok, [{"role": "user", "content": c}]) for c in texts]
+        adapters = ["a", "a", "a", BASE]
+        sp = SamplingParams(max_new_tokens=5, logprobs=1, ignore_eos=True)
+        results = _run(engine, [Request(p, sp, None, adapter=a) for p, a in zip(prompts, adapters)])
+    finally:
+        engine.stop()
+    for prompt, adapter_name, evs in zip(prompts, adapters, results):
+        toks = [e for e in evs if e.kind == "token"]
+        ids = prompt + [e.token for e in toks]
+        if adapter_name is BASE:
+            with model.disable_adapter():
+                ref = _reference_logprobs(model, ids)
+        else:
+            model.base_model.enable_adapter_layers()  # the engine leaves them off after its last base step
+            model.set_adapter(adapter_name)
+            ref = _reference_logprobs(model, ids)
+        for j, e in enumerate(toks):
+            assert abs(e.logprob - ref[len(prompt) - 1 + j, e.token].item()) < 1e-4
+
+
 def test_engine_cancel_and_limits(loaded):
     model, tok, names = loaded
     engine = Engine(model, tok, names, max_batch_size=2, max_model_len=64).start()

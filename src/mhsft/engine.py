@@ -459,8 +459,10 @@ class Engine:
         B = bucket(n, self.batch_sizes) if self.pad_batches else n
         kv_len = min(self.max_model_len, -(-(max(r.cache_len for r in rows) + 1) // KV_BUCKET) * KV_BUCKET)
         # Rows in slots 0..n-1 (the usual case: `_finish` keeps running requests packed at the front) read
-        # the cache as a view; padding rows then use the free slots n..B-1, else the scratch slot.
-        first = B if self.fast_paths and all(r.slot == i for i, r in enumerate(rows)) else 0
+        # the cache as a view; padding rows then use the free slots n..B-1, else the scratch slot. Only when
+        # these rows are all that runs: another adapter's rows may sit in slots n..B-1.
+        packed = len(self.running) == n and all(r.slot == i for i, r in enumerate(rows))
+        first = B if self.fast_paths and packed else 0
         ids = [r.last_token for r in rows] + [0] * (B - n)
         pos = [r.cache_len for r in rows] + [0] * (B - n)
         slots = [r.slot for r in rows] + (list(range(n, B)) if first else [self.scratch] * (B - n))
