@@ -21,6 +21,8 @@
 #   ignores DeepSpeed and they run as DDP.)
 # Knobs: BUDGET_S (wall seconds for everything, default 520), STEPS (8), STEPS_32B (6), SKIP (2 warm-up steps),
 # RUN_32B (auto | 0), DATA (.gpu/emollm_data.json), NS ("1 2 4"), PYTHON (python3).
+# ONLY_32B=1: the 32B ZeRO-3 run alone (on the 2-GPU kind, a whole call): builds the 32B model in the foreground
+# on GPU 0, then trains on GPUs 0-1; no 7B build, DDP or ZeRO-2 runs.
 set -uo pipefail # no -e: one failing run must not stop the others
 
 T0=$SECONDS
@@ -30,6 +32,7 @@ STEPS=${STEPS:-8}
 STEPS_32B=${STEPS_32B:-6}
 SKIP=${SKIP:-2}
 RUN_32B=${RUN_32B:-auto}
+ONLY_32B=${ONLY_32B:-0}
 DATA=${DATA:-.gpu/emollm_data.json}
 OUT=${OUT:-gpu_out}
 W=/tmp/mhsft_scaling
@@ -205,6 +208,28 @@ else
   BUILD7=("$PY" benchmarks/random_model.py qwen2.5-7b "$M7" cuda)
   BUILD32=("$PY" benchmarks/random_model.py qwen2.5-32b "$M32" cuda)
   BUILD32_GPU=$((NGPU - 1)) # the last GPU: runs 1-2 of the 7B use the first two while it builds
+fi
+
+if [ "$ONLY_32B" = 1 ]; then
+  if [ "$HAVE_DS" != 1 ]; then
+    skipped 32b-zero3-2 2 zero3 "$TAG32" "deepspeed does not import"
+  else
+    say "building the 32B model (random weights) on GPU 0"
+    t=$SECONDS
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - NEED_32B)) "${BUILD32[@]}" >"$W/build32.log" 2>&1
+    rc=$?
+    keep_log build32 "$rc" $((SECONDS - t)) "$W/build32.log"
+    if [ "$rc" != 0 ]; then
+      skipped 32b-zero3-2 2 zero3 "$TAG32" "building the 32B model failed (rc $rc, see runs.log)"
+    else
+      run 32b-zero3-2 2 zero3 "$TAG32" 600 "${ARGS32[@]}" "${COMMON[@]}" --deepspeed zero3
+    fi
+  fi
+  [ -n "$MON_PID" ] && kill "$MON_PID" 2>/dev/null
+  say "summary"
+  summarize 2>>"$RUNLOG" | tee -a "$RUNLOG"
+  say "done in $((SECONDS - T0))s"
+  exit 0
 fi
 
 # how evenly the timed steps' tokens fall on the ranks (the data plan alone; seconds)
