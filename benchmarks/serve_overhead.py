@@ -7,6 +7,7 @@ On one H100 the engine's decode step for 64 rows of Qwen2.5-7B + LoRA takes 13.4
 64 x 200 tokens 0.36 s (benchmarks/NOTES.md); the defaults replay that.
 
     python benchmarks/serve_overhead.py --out benchmarks/results/serve_overhead_cpu.json
+    python benchmarks/serve_overhead.py --stream_interval 4     # other flags go to `mhsft deploy`
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main() -> None:
     model = resolve_model("builtin:tiny")
     port = free_port(0)
     server_argv = ["--model", model, "--served_model_name", "lora", "--device", "cpu", "--port", str(port),
-                   "--max_batch_size", str(args.streams), "--max_model_len", "1024"]  # fmt: skip
+                   "--max_batch_size", str(args.streams), "--max_model_len", "1024", *rest]  # fmt: skip
     cmd = [sys.executable, __file__, "--worker", f"--step_ms={args.step_ms}", f"--tokens={args.tokens}",
            f"--prefill_ms_per_row={args.prefill_ms_per_row}", *server_argv]  # fmt: skip
     log = Path(args.workdir) / "serve_overhead.log"

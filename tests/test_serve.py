@@ -117,6 +117,18 @@ def test_streaming_matches_the_whole_reply(server, client):
     assert raw.count("data: ") >= 3
 
 
+def test_stream_interval_sends_that_many_tokens_a_chunk(tmp_path):
+    argv = ["--model", "builtin:tiny", "--stream_interval", "4", "--max_batch_size", "2"]
+    with DeployProcess(argv, tmp_path / "server.log", timeout=120) as srv:
+        c = openai_client(srv.v1, timeout=60)
+        kw = dict(model="tiny", prompt="你好", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+        whole = c.completions.create(**kw).choices[0].text
+        chunks = list(c.completions.create(stream=True, logprobs=0, **kw))
+    per_chunk = [len(ch.choices[0].logprobs.tokens) for ch in chunks if ch.choices[0].logprobs]
+    assert per_chunk == [4, 4, 2]
+    assert "".join(ch.choices[0].text for ch in chunks) == whole
+
+
 def test_stop_strings(client):
     kw = dict(model="a", messages=CHAT, max_tokens=12, temperature=0)
     whole = client.chat.completions.create(**kw).choices[0].message.content
@@ -400,7 +412,10 @@ def test_vllm_and_sglang_command_lines(ckpt, tiny_model_dir):
         cmd[cmd.index("--served-model-name") + 1] == "tiny"
         and cmd[cmd.index("--context-length") + 1] == "2048"
     )
-    assert cmd[cmd.index("--tp-size") + 1] == "1"
+    assert cmd[cmd.index("--tp-size") + 1] == "1" and "--stream-interval" not in cmd
+    a = _deploy_args("--adapters", str(ckpt), "--infer_backend", "sglang", "--stream_interval", "8")
+    cmd, _ = build_command(a, "builtin:tiny")
+    assert cmd[cmd.index("--stream-interval") + 1] == "8"
 
 
 def test_lmdeploy_merges_first(ckpt, tmp_path):

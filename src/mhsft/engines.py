@@ -71,6 +71,8 @@ def sglang_command(args, base_dir: str, adapters: dict[str, str], served: str) -
         cmd += ["--max-running-requests", str(args.max_batch_size)]
     if args.gpu_memory_utilization:
         cmd += ["--mem-fraction-static", f"{args.gpu_memory_utilization:g}"]
+    if args.stream_interval != 1:
+        cmd += ["--stream-interval", str(args.stream_interval)]
     if adapters:
         cmd += ["--lora-paths", *(f"{n}={p}" for n, p in adapters.items())]
         cmd += ["--max-loras-per-batch", str(len(adapters))]

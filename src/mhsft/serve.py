@@ -81,6 +81,10 @@ class DeployArguments(GenerationArguments, ModelArguments):
     log_requests: bool = field(
         default=False, metadata={"help": "Log prompts and replies (off: counts only)."}
     )
+    stream_interval: int = field(
+        default=1,
+        metadata={"help": "Tokens per streamed chunk (SGLang's --stream-interval); 1 streams every token."},
+    )
     cuda_graphs: bool = field(
         default=True, metadata={"help": "pt on CUDA: replay decode steps as CUDA graphs."}
     )
@@ -292,25 +296,29 @@ async def chat_completions(server: Server, request):
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
+    every = server.args.stream_interval
+
     async def gen():
         try:
             for i in range(body.n):
                 yield sse({**head, "choices": [chunk_choice(i, {"role": "assistant", "content": ""})]})
+            pending: dict[int, str] = {}  # text not sent yet, per choice
+            held, n_lp = [0] * body.n, [0] * body.n  # tokens since the last chunk; logprobs sent
             async for batch in job.batches():
-                n_lp, deltas, ended = {}, {}, []
+                ended = []
                 for i, ev in batch:
-                    ch = choices[i]
-                    n_lp.setdefault(i, len(ch.chat_logprobs))
-                    delta = server.on_event(ch, ev, job, i, want_lp, chat=True)
+                    delta = server.on_event(choices[i], ev, job, i, want_lp, chat=True)
                     if ev.kind == "error":
                         yield error_chunk(ev.message or "generation failed")
                         continue
-                    deltas[i] = deltas.get(i, "") + delta
+                    pending[i] = pending.get(i, "") + delta
+                    held[i] += ev.kind == "token"
                     if ev.kind == "done":
                         ended.append(i)
-                for i, delta in deltas.items():
+                for i in [i for i in pending if held[i] >= every or i in ended]:
+                    delta, held[i] = pending.pop(i), 0
                     ch = choices[i]
-                    new_lp = ch.chat_logprobs[n_lp[i] :]
+                    new_lp, n_lp[i] = ch.chat_logprobs[n_lp[i] :], len(ch.chat_logprobs)
                     lp = {"content": new_lp} if want_lp and new_lp else None
                     if delta or lp:
                         yield sse({**head, "choices": [chunk_choice(i, {"content": delta}, lp)]})
@@ -383,6 +391,8 @@ async def completions(server: Server, request):
             "usage": server.usage(choices, lens),
         }
 
+    every = server.args.stream_interval
+
     async def gen():
         try:
             sent_lp = [0] * len(choices)
@@ -396,17 +406,21 @@ async def completions(server: Server, request):
                             ],
                         }
                     )
+            pending: dict[int, str] = {}  # text not sent yet, per choice
+            held = [0] * len(choices)  # tokens since the last chunk
             async for batch in job.batches():
-                deltas, ended = {}, set()
+                ended = set()
                 for i, ev in batch:
                     delta = server.on_event(choices[i], ev, job, i, want_lp, chat=False)
                     if ev.kind == "error":
                         yield error_chunk(ev.message or "generation failed")
                         continue
-                    deltas[i] = deltas.get(i, "") + delta
+                    pending[i] = pending.get(i, "") + delta
+                    held[i] += ev.kind == "token"
                     if ev.kind == "done":
                         ended.add(i)
-                for i, delta in deltas.items():
+                for i in [i for i in pending if held[i] >= every or i in ended]:
+                    delta, held[i] = pending.pop(i), 0
                     ch = choices[i]
                     lp = None
                     if want_lp and len(ch.tokens) > sent_lp[i]:
@@ -582,6 +596,8 @@ def main(argv: list[str]) -> int:
     ensure_loopback_no_proxy()
     if args.max_body_mb <= 0:
         raise UserError("--max_body_mb must be positive")
+    if args.stream_interval < 1:
+        raise UserError("--stream_interval must be at least 1")
     base = base_model_for(args.model, parse_adapters(args.adapters))
     args.max_model_len = args.max_model_len or args.session_len
     if args.infer_backend != "pt":
