@@ -7,6 +7,7 @@ import os
 import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,27 @@ def test_padding_rows_never_touch_another_adapters_slots(loaded):
             ref = _reference_logprobs(model, ids)
         for j, e in enumerate(toks):
             assert abs(e.logprob - ref[len(prompt) - 1 + j, e.token].item()) < 1e-4
+
+
+def test_a_burst_of_requests_is_prefilled_as_one_batch(loaded):
+    """Requests arriving a few ms apart, for longer than the first wait: the idle engine keeps waiting while
+    they come, and prefills them together."""
+    model, tok, names = loaded
+    engine = Engine(model, tok, names, max_batch_size=8, max_model_len=128, batch_wait_s=0.02).start()
+    try:
+        prompt = encode_chat(tok, [{"role": "user", "content": "你好"}])
+        qs = []
+        for _ in range(8):
+            q: queue.Queue = queue.Queue()
+            engine.submit(Request(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True), q.put))
+            qs.append(q)
+            time.sleep(0.005)  # 8 arrivals over 40 ms: twice the first wait
+        for q in qs:
+            while q.get(timeout=60).kind != "done":
+                pass
+    finally:
+        engine.stop()
+    assert engine.stats["prefill_batches"] == 1
 
 
 def test_engine_cancel_and_limits(loaded):
@@ -351,7 +373,7 @@ def test_infer_errors_are_one_line(tmp_path, monkeypatch):
 def test_decode_attention_equals_sdpa_with_repeated_kv_heads(masked):
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from mhsft.engine import decode_attention_forward
+    from mhsft.kernels import decode_attention_forward
 
     torch.manual_seed(0)
     module = torch.nn.Module()

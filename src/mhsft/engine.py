@@ -33,43 +33,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mhsft.sampling import RowState, SamplingParams, sample
+from mhsft.kernels import register_decode_attention
+from mhsft.sampling import RowState, SamplingParams, sample, stop_token_ids
 from mhsft.utils import UserError, get_logger
 
 BASE = None  # adapter name meaning "the base model, adapters off"
 KV_BUCKET = 256  # decode attends over the longest row rounded up to this (a graph per bucket)
-DECODE_ATTN = "mhsft_decode"
-
-
-def decode_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """SDPA, except that a one-token query under grouped-query attention runs on the KV heads directly: the
-    query heads sharing a KV head become that head's query rows, so each cached K/V is read once instead of
-    being repeated to every query head first (transformers before 5.2x copies it 7 times for Qwen2.5-7B's 28
-    query / 4 KV heads, which at batch 64 costs more than reading the weights)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    b, heads, t, d = query.shape
-    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
-    if t != 1 or groups == 1 or not shared_mask or key.shape[1] * groups != heads:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    q = query.reshape(b, key.shape[1], groups, d)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, key, value, attn_mask=attention_mask, scale=scaling
-    )
-    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
-
-
-def register_decode_attention() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(DECODE_ATTN, decode_attention_forward)
-    with contextlib.suppress(ImportError):  # transformers >= 4.53 builds masks per attention name
-        from transformers import AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
-
-        AttentionMaskInterface.register(DECODE_ATTN, sdpa_mask)
-    return DECODE_ATTN
 
 
 @dataclass
@@ -156,6 +125,7 @@ class Engine:
         max_prefill_tokens: int = 16384,
         cuda_graphs: bool | None = None,
         batch_wait_s: float = 0.005,
+        burst_wait_s: float = 0.1,
         max_queue: int = 4096,
         pad_batches: bool | None = None,
         fast_paths: bool = True,
@@ -178,7 +148,7 @@ class Engine:
         self.max_model_len = min(int(max_model_len or min(limit, 4096)), limit)
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_prefill_tokens = max(self.max_model_len, int(max_prefill_tokens))
-        self.batch_wait_s = batch_wait_s
+        self.batch_wait_s, self.burst_wait_s = batch_wait_s, burst_wait_s
         self.max_queue = max_queue
         self.eos_ids = stop_token_ids(model, tokenizer)
         self.fast_paths = fast_paths
@@ -318,8 +288,16 @@ class Engine:
             self.wake.clear()
             if self.inbox.empty():
                 return
-            # Requests sent together arrive a few milliseconds apart: wait briefly to prefill them as one batch.
+            # Requests sent together arrive a few milliseconds apart: wait briefly to prefill them as one batch,
+            # and while a burst keeps coming, up to burst_wait_s. A burst split in two costs its tail the first
+            # prefill's time (an eager prefill of a few rows is launch-bound: ~0.2 s for a 7B on the H100).
             time.sleep(self.batch_wait_s)
+            deadline, seen = time.monotonic() + self.burst_wait_s, self.inbox.qsize()
+            while seen < len(self.free) and time.monotonic() < deadline:
+                time.sleep(self.batch_wait_s)
+                if self.inbox.qsize() == seen:
+                    break
+                seen = self.inbox.qsize()
         self.waiting.extend(self._drain_inbox())
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
@@ -572,20 +550,6 @@ class _Graph:
     slots: torch.Tensor
     graph: object = None
     logits: torch.Tensor | None = None
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-sequence ids: the generation config's (Qwen lists <|im_end|> and <|endoftext|>) and the
-    tokenizer's."""
-    ids: set[int] = set()
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
-    for x in eos if isinstance(eos, (list, tuple)) else [eos]:
-        if x is not None:
-            ids.add(int(x))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:

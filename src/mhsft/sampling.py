@@ -152,3 +152,17 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> Sampled:
     for r, t in zip(rows, toks):
         r.observe(t)
     return Sampled(toks, lps, tops)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the generation config's (Qwen lists <|im_end|> and <|endoftext|>) and the
+    tokenizer's."""
+    ids: set[int] = set()
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    for x in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if x is not None:
+            ids.add(int(x))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
