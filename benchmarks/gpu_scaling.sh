@@ -210,6 +210,25 @@ else
   BUILD32_GPU=$((NGPU - 1)) # the last GPU: runs 1-2 of the 7B use the first two while it builds
 fi
 
+# the 32B ZeRO-3 run once its model build ended with status $1
+run_32b() {
+  if [ "$1" != 0 ]; then
+    skipped 32b-zero3-2 2 zero3 "$TAG32" "building the 32B model failed (rc $1, see runs.log)"
+  elif [ "$(left)" -lt $((NEED_32B + RESERVE)) ]; then
+    skipped 32b-zero3-2 2 zero3 "$TAG32" "only $(left)s left after the 32B build"
+  else
+    run 32b-zero3-2 2 zero3 "$TAG32" 600 "${ARGS32[@]}" "${COMMON[@]}" --deepspeed zero3
+  fi
+}
+
+finish() {
+  [ -n "$MON_PID" ] && kill "$MON_PID" 2>/dev/null
+  say "summary"
+  summarize 2>>"$RUNLOG" | tee -a "$RUNLOG"
+  ls -la "$OUT" | tee -a "$RUNLOG"
+  say "done in $((SECONDS - T0))s"
+}
+
 if [ "$ONLY_32B" = 1 ]; then
   if [ "$HAVE_DS" != 1 ]; then
     skipped 32b-zero3-2 2 zero3 "$TAG32" "deepspeed does not import"
@@ -219,16 +238,9 @@ if [ "$ONLY_32B" = 1 ]; then
     CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - NEED_32B)) "${BUILD32[@]}" >"$W/build32.log" 2>&1
     rc=$?
     keep_log build32 "$rc" $((SECONDS - t)) "$W/build32.log"
-    if [ "$rc" != 0 ]; then
-      skipped 32b-zero3-2 2 zero3 "$TAG32" "building the 32B model failed (rc $rc, see runs.log)"
-    else
-      run 32b-zero3-2 2 zero3 "$TAG32" 600 "${ARGS32[@]}" "${COMMON[@]}" --deepspeed zero3
-    fi
+    run_32b "$rc"
   fi
-  [ -n "$MON_PID" ] && kill "$MON_PID" 2>/dev/null
-  say "summary"
-  summarize 2>>"$RUNLOG" | tee -a "$RUNLOG"
-  say "done in $((SECONDS - T0))s"
+  finish
   exit 0
 fi
 
@@ -277,18 +289,8 @@ if [ -n "$B32_PID" ]; then
   wait "$B32_PID"
   rc=$(cat "$W/build32.rc" 2>/dev/null || echo 1)
   keep_log build32 "$rc" "waited $((SECONDS - t))" "$W/build32.log"
-  if [ "$rc" != 0 ]; then
-    skipped 32b-zero3-2 2 zero3 "$TAG32" "building the 32B model failed (rc $rc, see runs.log)"
-  elif [ "$(left)" -lt $((NEED_32B + RESERVE)) ]; then
-    skipped 32b-zero3-2 2 zero3 "$TAG32" "only $(left)s left after the 32B build"
-  else
-    run 32b-zero3-2 2 zero3 "$TAG32" 600 "${ARGS32[@]}" "${COMMON[@]}" --deepspeed zero3
-  fi
+  run_32b "$rc"
 fi
 
 # ------------------------------------------------------------------------------------------- summary
-[ -n "$MON_PID" ] && kill "$MON_PID" 2>/dev/null
-say "summary"
-summarize 2>>"$RUNLOG" | tee -a "$RUNLOG"
-ls -la "$OUT" | tee -a "$RUNLOG"
-say "done in $((SECONDS - T0))s"
+finish

@@ -24,6 +24,31 @@ import torch
 import torch.nn.functional as F
 
 
+def _add_low_rank(result: torch.Tensor, h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """result + h @ bt over the flattened tokens, as one addmm."""
+    shape = result.shape
+    out = torch.addmm(result.reshape(-1, shape[-1]).to(bt.dtype), h.reshape(-1, h.shape[-1]), bt)
+    return out.view(shape).to(result.dtype)
+
+
+def _plain_lora_linears(model: torch.nn.Module):
+    """PEFT LoRA linears without a LoRA variant (DoRA, ...) or bias: those keep PEFT's forward."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for module in model.modules():
+        if type(module) is not LoraLinear or getattr(module, "lora_variant", None):
+            continue
+        if any(getattr(m, "bias", None) is not None for m in module.lora_B.values()):
+            continue
+        yield module
+
+
+def _switch_forward(module: torch.nn.Module, forward) -> None:
+    if not hasattr(module, "_mhsft_peft_forward"):
+        module._mhsft_peft_forward = module.forward
+    module.forward = types.MethodType(forward, module)
+
+
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
         return self._mhsft_peft_forward(x, *args, **kwargs)
@@ -34,25 +59,16 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         a = self.lora_A[name].weight
         b = self.lora_B[name].weight
         h = F.linear(self.lora_dropout[name](x), a.to(x.dtype))  # [..., r]
-        b = (b * self.scaling[name]).to(x.dtype)
-        shape = result.shape
-        result = torch.addmm(result.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), b.t()).view(shape)
+        result = _add_low_rank(result, h, (b * self.scaling[name]).to(x.dtype).t())
     return result
 
 
 def fast_lora_forward(model: torch.nn.Module) -> int:
     """Switch every plain LoRA linear of `model` to `_fast_forward`; returns how many were switched. Layers with
     a LoRA variant (DoRA, ...) or bias keep PEFT's forward."""
-    from peft.tuners.lora import Linear as LoraLinear
-
     n = 0
-    for module in model.modules():
-        if type(module) is not LoraLinear or getattr(module, "lora_variant", None):
-            continue
-        if any(getattr(m, "bias", None) is not None for m in module.lora_B.values()):
-            continue
-        module._mhsft_peft_forward = module.forward
-        module.forward = types.MethodType(_fast_forward, module)
+    for module in _plain_lora_linears(model):
+        _switch_forward(module, _fast_forward)
         n += 1
     return n
 
@@ -65,10 +81,7 @@ def _infer_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if name not in self._mhsft_lora:
             continue
         a, bt = self._mhsft_lora[name]
-        h = F.linear(x.to(a.dtype), a)
-        shape = result.shape
-        out = torch.addmm(result.reshape(-1, shape[-1]).to(a.dtype), h.reshape(-1, h.shape[-1]), bt)
-        result = out.view(shape).to(result.dtype)
+        result = _add_low_rank(result, F.linear(x.to(a.dtype), a), bt)
     return result
 
 
@@ -76,14 +89,8 @@ def _infer_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def fast_lora_inference(model: torch.nn.Module) -> int:
     """Switch every plain LoRA linear of `model` to `_infer_forward` (inference only: the weights are copied
     once, later changes to them are not seen); returns how many were switched."""
-    from peft.tuners.lora import Linear as LoraLinear
-
     n = 0
-    for module in model.modules():
-        if type(module) is not LoraLinear or getattr(module, "lora_variant", None):
-            continue
-        if any(getattr(m, "bias", None) is not None for m in module.lora_B.values()):
-            continue
+    for module in _plain_lora_linears(model):
         dtype = module.base_layer.weight.dtype
         if not dtype.is_floating_point:  # quantized base weights: keep PEFT's path
             continue
@@ -94,9 +101,7 @@ def fast_lora_inference(model: torch.nn.Module) -> int:
             )
             for name in module.lora_A
         }
-        if not hasattr(module, "_mhsft_peft_forward"):
-            module._mhsft_peft_forward = module.forward
-        module.forward = types.MethodType(_infer_forward, module)
+        _switch_forward(module, _infer_forward)
         n += 1
     return n
 

@@ -101,6 +101,29 @@ async def collect(server, job, request, choices, want_lp: bool, chat: bool) -> N
     raise_failed(choices)
 
 
+async def stream_updates(server, job, choices, want_lp: bool, chat: bool):
+    """A streamed request's engine events folded into choices, as `(i, text, ended)` once choice i has
+    --stream_interval new tokens or has ended, or `(None, message, True)` for a failed choice; the caller turns
+    each into its API's chunk (the logprobs are in `choices[i]`)."""
+    every = server.args.stream_interval
+    pending: dict[int, str] = {}  # text not sent yet, per choice
+    held = [0] * len(choices)  # tokens since the last update
+    async for batch in job.batches():
+        ended = set()
+        for i, ev in batch:
+            delta = server.on_event(choices[i], ev, job, i, want_lp, chat=chat)
+            if ev.kind == "error":
+                yield None, ev.message or "generation failed", True
+                continue
+            pending[i] = pending.get(i, "") + delta
+            held[i] += ev.kind == "token"
+            if ev.kind == "done":
+                ended.add(i)
+        for i in [i for i in pending if held[i] >= every or i in ended]:
+            held[i] = 0
+            yield i, pending.pop(i), i in ended
+
+
 class Server:
     def __init__(self, engine: Engine, models: dict[str, str | None], args: DeployArguments):
         self.engine = engine
@@ -296,34 +319,22 @@ async def chat_completions(server: Server, request):
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
-    every = server.args.stream_interval
-
     async def gen():
         try:
             for i in range(body.n):
                 yield sse({**head, "choices": [chunk_choice(i, {"role": "assistant", "content": ""})]})
-            pending: dict[int, str] = {}  # text not sent yet, per choice
-            held, n_lp = [0] * body.n, [0] * body.n  # tokens since the last chunk; logprobs sent
-            async for batch in job.batches():
-                ended = []
-                for i, ev in batch:
-                    delta = server.on_event(choices[i], ev, job, i, want_lp, chat=True)
-                    if ev.kind == "error":
-                        yield error_chunk(ev.message or "generation failed")
-                        continue
-                    pending[i] = pending.get(i, "") + delta
-                    held[i] += ev.kind == "token"
-                    if ev.kind == "done":
-                        ended.append(i)
-                for i in [i for i in pending if held[i] >= every or i in ended]:
-                    delta, held[i] = pending.pop(i), 0
-                    ch = choices[i]
-                    new_lp, n_lp[i] = ch.chat_logprobs[n_lp[i] :], len(ch.chat_logprobs)
-                    lp = {"content": new_lp} if want_lp and new_lp else None
-                    if delta or lp:
-                        yield sse({**head, "choices": [chunk_choice(i, {"content": delta}, lp)]})
-                for i in ended:
-                    yield sse({**head, "choices": [chunk_choice(i, {}, None, choices[i].finish_reason)]})
+            n_lp = [0] * body.n  # logprobs sent, per choice
+            async for i, delta, ended in stream_updates(server, job, choices, want_lp, chat=True):
+                if i is None:
+                    yield error_chunk(delta)
+                    continue
+                ch = choices[i]
+                new_lp, n_lp[i] = ch.chat_logprobs[n_lp[i] :], len(ch.chat_logprobs)
+                lp = {"content": new_lp} if want_lp and new_lp else None
+                if delta or lp:
+                    yield sse({**head, "choices": [chunk_choice(i, {"content": delta}, lp)]})
+                if ended:
+                    yield sse({**head, "choices": [chunk_choice(i, {}, None, ch.finish_reason)]})
             if include_usage:
                 yield sse({**head, "choices": [], "usage": server.usage(choices, [len(prompt)] * body.n)})
             yield "data: [DONE]\n\n"
@@ -391,8 +402,6 @@ async def completions(server: Server, request):
             "usage": server.usage(choices, lens),
         }
 
-    every = server.args.stream_interval
-
     async def gen():
         try:
             sent_lp = [0] * len(choices)
@@ -406,36 +415,19 @@ async def completions(server: Server, request):
                             ],
                         }
                     )
-            pending: dict[int, str] = {}  # text not sent yet, per choice
-            held = [0] * len(choices)  # tokens since the last chunk
-            async for batch in job.batches():
-                ended = set()
-                for i, ev in batch:
-                    delta = server.on_event(choices[i], ev, job, i, want_lp, chat=False)
-                    if ev.kind == "error":
-                        yield error_chunk(ev.message or "generation failed")
-                        continue
-                    pending[i] = pending.get(i, "") + delta
-                    held[i] += ev.kind == "token"
-                    if ev.kind == "done":
-                        ended.add(i)
-                for i in [i for i in pending if held[i] >= every or i in ended]:
-                    delta, held[i] = pending.pop(i), 0
-                    ch = choices[i]
-                    lp = None
-                    if want_lp and len(ch.tokens) > sent_lp[i]:
-                        lp = server.completion_logprobs(ch, sent_lp[i])
-                        sent_lp[i] = len(ch.tokens)
-                    if delta or lp or i in ended:
-                        fin = ch.finish_reason if i in ended else None
-                        yield sse(
-                            {
-                                **head,
-                                "choices": [
-                                    {"index": i, "text": delta, "logprobs": lp, "finish_reason": fin}
-                                ],
-                            }
-                        )
+            async for i, delta, ended in stream_updates(server, job, choices, want_lp, chat=False):
+                if i is None:
+                    yield error_chunk(delta)
+                    continue
+                ch = choices[i]
+                lp = None
+                if want_lp and len(ch.tokens) > sent_lp[i]:
+                    lp = server.completion_logprobs(ch, sent_lp[i])
+                    sent_lp[i] = len(ch.tokens)
+                if delta or lp or ended:
+                    fin = ch.finish_reason if ended else None
+                    choice = {"index": i, "text": delta, "logprobs": lp, "finish_reason": fin}
+                    yield sse({**head, "choices": [choice]})
             if (body.stream_options or {}).get("include_usage"):
                 yield sse({**head, "choices": [], "usage": server.usage(choices, lens)})
             yield "data: [DONE]\n\n"
