@@ -68,15 +68,15 @@ def run_variant(torch, model, tok, names, prompts, args, graphs: bool, fast: boo
             sp = SamplingParams(max_new_tokens=10**6, ignore_eos=True, logprobs=0)
             engine.submit(Request(p, sp, lambda e: None, adapter=names[0]))
         engine.waiting.extend(engine._drain_inbox())
-        res["prefill_s"] = _timed(torch, engine._admit)
+        res["prefill_s"] = _timed(torch, lambda: engine.inflight.extend(engine._admit()))
         res["first_step_s"] = _timed(torch, engine._iteration)
         res["step_ms"] = 1000 * _timed(torch, engine._iteration, args.steps)
         res["graphs_in_use"] = engine.use_graphs
         rows = sorted(engine.running.values(), key=lambda r: r.slot)
         dev = engine.device
-        ids = torch.tensor([r.last_token for r in rows], device=dev)[:, None]
         pos = torch.tensor([r.cache_len for r in rows], device=dev)[:, None]
         slots = torch.tensor([r.slot for r in rows], device=dev)
+        ids = engine.slot_tokens[slots][:, None]
         kv = -(-(max(r.cache_len for r in rows) + 1) // 256) * 256
         first = len(rows) if fast and all(r.slot == i for i, r in enumerate(rows)) else 0
         res["kv_len"], res["packed_view"] = kv, bool(first)

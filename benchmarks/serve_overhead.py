@@ -1,7 +1,8 @@
 """What `mhsft deploy` costs on the CPU around the GPU's work, measurable on any machine: the real server (FastAPI,
 uvicorn, the engine's scheduler and sampling, detokenization, SSE) on builtin:tiny, with the model's forward
-replaced by a sleep of a GPU step's length. A sleep releases the GIL as a CUDA synchronize does, so the result is
-what the server reaches when the GPU step takes --step_ms: the ideal is one token per stream per step.
+replaced by a device clock: each step is queued on it and reading its tokens back sleeps until it would be done
+(a sleep releases the GIL as a CUDA synchronize does). So the result is what the server reaches when the GPU step
+takes --step_ms: the ideal is one token per stream per step.
 
 On one H100 the engine's decode step for 64 rows of Qwen2.5-7B + LoRA takes 13.4 ms in-process and the prefill of
 64 x 200 tokens 0.36 s (benchmarks/NOTES.md); the defaults replay that.
@@ -26,34 +27,51 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def worker_server(args, argv: list[str]) -> int:
-    """`mhsft deploy` whose decoder sleeps instead of computing (the lm_head and everything after it are real)."""
+    """`mhsft deploy` on a simulated device (the lm_head, sampling and everything after them are real)."""
     import torch
 
-    from mhsft import serve
+    from mhsft import engine as engine_module
+    from mhsft import sampling, serve
     from mhsft.engine import Engine
+
+    # A device that runs one step after another while the host goes on: each forward is queued on a clock,
+    # and reading a step's tokens back (`Pending.wait`) sleeps until the device would have finished it.
+    device_free_at = [0.0]
 
     def fake_forward(self, ids, positions, slots, mask, kv_len, first_rows=0):
         rows, t = ids.shape
-        time.sleep(args.step_ms / 1000 if t == 1 else args.prefill_ms_per_row * rows / 1000)
+        cost = args.step_ms / 1000 if t == 1 else args.prefill_ms_per_row * rows / 1000
+        device_free_at[0] = max(time.monotonic(), device_free_at[0]) + cost
         return torch.zeros(rows, t, self.config.hidden_size, dtype=self.dtype)
 
+    real_sample_async = engine_module.sample_async
+
+    def timed_sample_async(logits, rows):
+        out = real_sample_async(logits, rows)
+        out.ready_at = device_free_at[0]
+        return out
+
+    def wait_for_device(self):
+        time.sleep(max(0.0, getattr(self, "ready_at", 0.0) - time.monotonic()))
+
     Engine._forward = fake_forward
+    engine_module.sample_async = timed_sample_async
+    sampling.Pending.wait = wait_for_device
     if args.tokens == "silent":
         # Every generated token decodes to no text (as a random-weight 7B model's ids past the tiny tokenizer's
         # vocabulary do in benchmarks/serve_throughput.py): the detokenizer's worst case.
-        from mhsft import engine as engine_module
         from mhsft.builtin import resolve_model
         from mhsft.model import load_tokenizer
 
         silent = load_tokenizer(resolve_model("builtin:tiny")).convert_tokens_to_ids("<|im_end|>")
-        real_sample = engine_module.sample
+        real_result = sampling.Pending.result
 
-        def silent_sample(logits, rows):
-            out = real_sample(logits, rows)
+        def silent_result(self):
+            out = real_result(self)
             out.tokens = [silent] * len(out.tokens)
             return out
 
-        engine_module.sample = silent_sample
+        sampling.Pending.result = silent_result
     return serve.main(argv)
 
 

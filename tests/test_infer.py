@@ -168,6 +168,69 @@ def test_padding_rows_never_touch_another_adapters_slots(loaded):
             assert abs(e.logprob - ref[len(prompt) - 1 + j, e.token].item()) < 1e-4
 
 
+def test_next_step_is_queued_before_the_last_one_is_reported(loaded):
+    """Asynchronous scheduling: each decode step is queued before the previous step's tokens are read back.
+    A row that stops on a token is already in the next step: that token is dropped, the row's slot goes to
+    the last row (moved with what the queued step wrote), and every reported token keeps its exact logprob."""
+    model, tok, names = loaded
+    prompts = [
+        encode_chat(tok, [{"role": "user", "content": c}]) for c in ("你好", "我最近睡不好，怎么办？", "谢谢")
+    ]
+    # Seeded sampling: the same tokens in both runs, and varied ones (greedy decoding of the tiny model
+    # repeats one token, which would hide a row reading another row's token).
+    sps = [
+        SamplingParams(max_new_tokens=8, logprobs=1, ignore_eos=True, temperature=1.0, seed=s)
+        for s in (1, 2, 3)
+    ]
+    engine = Engine(model, tok, names, max_batch_size=4, max_model_len=256, batch_wait_s=0.2).start()
+    try:
+        free_run = _run(engine, [Request(p, sp, None, adapter="a") for p, sp in zip(prompts, sps)])
+    finally:
+        engine.stop()
+    first = [[e.token for e in evs if e.kind == "token"] for evs in free_run]
+    assert len({t for row in first for t in row}) > 3  # varied tokens: a wrong input token would show
+    engine = Engine(model, tok, names, max_batch_size=4, max_model_len=256, batch_wait_s=0.2)
+    engine.eos_ids = {first[0][2]}  # row 0 stops on its 3rd token (seeded: the same tokens again)
+    order = []
+    decode, resolve = engine._decode, engine._resolve
+
+    def spy_decode(*a):
+        step = decode(*a)
+        order.append(("queue", step))  # the object: an id could be reused
+        return step
+
+    def spy_resolve(step):
+        order.append(("report", step))
+        return resolve(step)
+
+    engine._decode, engine._resolve = spy_decode, spy_resolve
+    engine.start()
+    try:
+        stop_sp = SamplingParams(max_new_tokens=8, logprobs=1, temperature=1.0, seed=1)
+        reqs = [Request(prompts[0], stop_sp, None, adapter="a")]
+        reqs += [Request(p, sp, None, adapter="a") for p, sp in zip(prompts[1:], sps[1:])]
+        results = _run(engine, reqs)
+    finally:
+        engine.stop()
+    queued = [x for kind, x in order if kind == "queue"]
+    reported = [x for kind, x in order if kind == "report"]
+    # step k+1 is queued before step k is reported, at every step
+    at = {(kind, id(x)): i for i, (kind, x) in enumerate(order)}
+    assert all(at["queue", id(queued[k + 1])] < at["report", id(queued[k])] for k in range(len(queued) - 1))
+    assert {id(x) for x in queued} <= {id(x) for x in reported}
+    stopped = [e for e in results[0] if e.kind == "token"]
+    assert [e.token for e in stopped] == first[0][: first[0].index(first[0][2]) + 1]
+    assert stopped[-1].is_stop and results[0][-1].finish_reason == "stop"
+    model.set_adapter("a")
+    for prompt, evs, want in zip(prompts[1:], results[1:], first[1:]):
+        toks = [e for e in evs if e.kind == "token"]
+        assert [e.token for e in toks] == want
+        ref = _reference_logprobs(model, prompt + want)
+        for j, e in enumerate(toks):
+            assert abs(e.logprob - ref[len(prompt) - 1 + j, e.token].item()) < 1e-4
+    assert engine.load() == 0 and sorted(engine.free) == [0, 1, 2, 3]
+
+
 def test_a_burst_of_requests_is_prefilled_as_one_batch(loaded):
     """Requests arriving a few ms apart, for longer than the first wait: the idle engine keeps waiting while
     they come, and prefills them together."""

@@ -10,12 +10,16 @@ state for all requests, so it cannot serve several PEFT adapters side by side, h
 settings, seed or cancellation from a client that left, and no prompt logprobs for lm-eval's `echo`; measured on
 an H100 it was also slower than a static `generate` batch (514 vs 778 tokens/s at 64 streams).
 
-The KV cache is ours (`SlotCache`): one fixed tensor per layer, [slot, kv head, position, dim], so each row can
-sit at its own position and a row can join or leave between two steps. It plugs into the Hugging Face model
-through the cache object's `update`, with a ready 4-D attention mask (both are public extension points), so
-the model code, PEFT's LoRA layers included, is used unchanged. On CUDA the decode step is captured as a CUDA
-graph per (adapter, batch bucket, KV-length bucket): a 7B decode step is otherwise dominated by the launch
+The KV cache (`kv_cache.SlotCache`) gives each request a fixed slot, and the attention mask is a ready 4-D
+one, so the model code, PEFT's LoRA layers included, runs unchanged. On CUDA the decode step is captured as a
+CUDA graph per (adapter, batch bucket, KV-length bucket): a 7B decode step is otherwise dominated by the launch
 overhead of ~1,500 small kernels.
+
+Scheduling is asynchronous, one step ahead: the sampled tokens stay on the device (`slot_tokens`, one per
+slot), the next step reads its inputs from there and is queued before the previous step's tokens are read
+back and reported. So the scheduler's Python (reporting 64 tokens, finishing rows, admitting new ones) runs
+while the device computes, instead of between two steps. A row that stopped on a token is already in the next
+step: that one token is computed and dropped. Lengths are known ahead, so a row never runs past its limit.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mhsft.kernels import register_decode_attention
-from mhsft.sampling import RowState, SamplingParams, sample, stop_token_ids
+from mhsft.kv_cache import SlotCache, kv_cache_bytes
+from mhsft.sampling import Pending, RowState, SamplingParams, sample_async, stop_token_ids, to_device
 from mhsft.utils import UserError, get_logger
 
 BASE = None  # adapter name meaning "the base model, adapters off"
@@ -63,55 +68,17 @@ class Request:
     cancelled: bool = False
     # scheduler state
     slot: int = -1
-    cache_len: int = 0  # tokens of this request written into its slot
-    last_token: int = -1  # sampled, not yet in the cache
-    generated: int = 0
+    cache_len: int = 0  # tokens of this request written (or queued to be written) into its slot
+    generated: int = 0  # tokens reported
+    inflight: int = 0  # tokens sampled on the device, not yet read back
+    last_queued: bool = False  # the token in flight is its last (by max_new_tokens or the context)
+    done: bool = False
     row: RowState | None = None
     arrived: float = field(default_factory=time.monotonic)
 
 
 def bucket(n: int, sizes: list[int]) -> int:
     return next((s for s in sizes if s >= n), sizes[-1])
-
-
-class SlotCache:
-    """KV cache of fixed slots. Before each forward the engine sets which slots the batch rows use
-    (`slots`), where each new token goes (`positions`) and how many positions attention reads (`kv_len`)."""
-
-    def __init__(
-        self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device
-    ):
-        shape = (slots, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.slots: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        self.kv_len = 0
-        self.first_rows = 0  # > 0: the batch rows are slots 0..first_rows-1, read as a view (no gather)
-
-    # Called by every attention layer; extra arguments differ between transformers versions.
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k, v = self.k[layer_idx], self.v[layer_idx]
-        rows = self.slots[:, None]
-        k[rows, :, self.positions] = key_states.transpose(1, 2).to(k.dtype)
-        v[rows, :, self.positions] = value_states.transpose(1, 2).to(v.dtype)
-        if self.first_rows:
-            return k[: self.first_rows, :, : self.kv_len], v[: self.first_rows, :, : self.kv_len]
-        return k[self.slots, :, : self.kv_len], v[self.slots, :, : self.kv_len]
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.kv_len
-
-
-def kv_cache_bytes(config, slots: int, max_len: int, dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-    return slots * max_len * per_token * torch.empty((), dtype=dtype).element_size()
 
 
 class Engine:
@@ -191,6 +158,9 @@ class Engine:
         self.pad_batches = self.use_graphs if pad_batches is None else pad_batches
         self.batch_sizes = sorted({min(2**i, self.max_batch_size) for i in range(12)} | {self.max_batch_size})
         self.graphs: dict[tuple, _Graph] = {}
+        # The last sampled token of each slot, on the device: the next decode step's input.
+        self.slot_tokens = torch.zeros(self.max_batch_size + 1, dtype=torch.long, device=self.device)
+        self.inflight: list[_Step] = []  # queued on the device, in order, not yet reported
         self.graph_pool = None
         self.active_adapter: object = object()  # unknown until the first switch
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -268,6 +238,7 @@ class Engine:
                     self._iteration()
                 except Exception as e:  # never let one bad batch take the server down
                     get_logger().error(f"generation failed: {type(e).__name__}: {e}")
+                    self.inflight = []
                     for req in list(self.running.values()) + list(self.waiting):
                         self._finish(req, error=f"generation failed: {type(e).__name__}")
                     self.waiting.clear()
@@ -282,7 +253,7 @@ class Engine:
         return out
 
     def _iteration(self) -> None:
-        idle = not self.running and not self.waiting
+        idle = not self.running and not self.waiting and not self.inflight
         if idle:
             self.wake.wait(timeout=0.5)
             self.wake.clear()
@@ -304,16 +275,23 @@ class Engine:
             self._finish(req, reason="cancelled")
         for req in [r for r in self.running.values() if r.cancelled]:
             self._finish(req, reason="cancelled")
-        self._admit()
+        queued = self._admit()
         by_adapter: dict[object, list[Request]] = {}
         for req in sorted(self.running.values(), key=lambda r: r.slot):
-            if req.last_token >= 0:
+            if not req.last_queued:
                 by_adapter.setdefault(req.adapter, []).append(req)
         for adapter, rows in by_adapter.items():
-            self._decode(adapter, rows)
+            step = self._decode(adapter, rows)
+            if step is not None:
+                queued.append(step)
+        # The device now has the next steps queued: report the previous ones meanwhile.
+        for step in self.inflight:
+            self._resolve(step)
+        self.inflight = queued
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[_Step]:
         """Prefill waiting requests into free slots, a batch per adapter, within the prefill token budget."""
+        queued: list[_Step] = []
         batch: dict[object, list[Request]] = {}
         budget = self.max_prefill_tokens
         while self.waiting and self.free:
@@ -331,7 +309,9 @@ class Engine:
         for adapter, reqs in batch.items():
             t = time.perf_counter()
             try:
-                self._prefill(adapter, reqs)
+                step = self._prefill(adapter, reqs)
+                if step is not None:
+                    queued.append(step)
                 self.stats["prefill_batches"] += 1
                 self.stats["prefill_seconds"] += time.perf_counter() - t
             except torch.OutOfMemoryError:
@@ -339,6 +319,7 @@ class Engine:
                     torch.cuda.empty_cache()
                 for req in reqs:
                     self._finish(req, error="out of memory during prefill; send shorter or fewer prompts")
+        return queued
 
     def _use_adapter(self, adapter) -> None:
         if adapter == self.active_adapter or not self.adapters:
@@ -386,32 +367,36 @@ class Engine:
             )
         return out.last_hidden_state
 
-    def _prefill(self, adapter, reqs: list[Request]) -> None:
+    def _prefill(self, adapter, reqs: list[Request]) -> _Step | None:
         self._use_adapter(adapter)
+        dev = self.device
         lens = [len(r.prompt_ids) for r in reqs]
         T = max(lens)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([r.prompt_ids + [pad] * (T - len(r.prompt_ids)) for r in reqs], device=self.device)
-        positions = torch.arange(T, device=self.device)[None].expand(len(reqs), T)
-        slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        ids = to_device([r.prompt_ids + [pad] * (T - len(r.prompt_ids)) for r in reqs], dev)
+        positions = torch.arange(T, device=dev)[None].expand(len(reqs), T)
+        slots = to_device([r.slot for r in reqs], dev)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         mask = self._mask(causal[None, None].expand(len(reqs), 1, T, T))
         hidden = self._forward(ids, positions, slots, mask, T)
-        last = hidden[torch.arange(len(reqs), device=self.device), torch.tensor(lens, device=self.device) - 1]
+        last = hidden[torch.arange(len(reqs), device=dev), to_device(lens, dev) - 1]
         logits = self.lm_head(last)
         for i, r in enumerate(reqs):
             r.cache_len = lens[i]
             if r.params.prompt_logprobs is not None:
                 r.emit(Event("prompt_logprobs", prompt_logprobs=self._prompt_logprobs(hidden[i], r)))
         self.stats["prefill_tokens"] += sum(lens)
-        live = []
-        for i, r in enumerate(reqs):
+        live = [i for i, r in enumerate(reqs) if r.params.max_new_tokens > 0]
+        step = None
+        if len(live) < len(reqs):
+            live_t = to_device(live, dev)
+            logits, slots = logits.index_select(0, live_t), slots.index_select(0, live_t)
+        if live:  # queued before any finish below moves a row's slot
+            step = self._queue_tokens(logits, [reqs[i] for i in live], slots)
+        for r in reqs:
             if r.params.max_new_tokens <= 0:  # scoring the prompt only (echo with max_tokens 0)
                 self._finish(r, reason="length")
-            else:
-                live.append(i)
-        if live:
-            self._take(logits[live], [reqs[i] for i in live])
+        return step
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req: Request, chunk: int = 512) -> list:
         """Logprob of each prompt token given the ones before it (None for the first), and the top k."""
@@ -431,7 +416,7 @@ class Engine:
             out += list(zip(tok, tops))
         return out
 
-    def _decode(self, adapter, rows: list[Request]) -> None:
+    def _decode(self, adapter, rows: list[Request]) -> _Step | None:
         self._use_adapter(adapter)
         n = len(rows)
         B = bucket(n, self.batch_sizes) if self.pad_batches else n
@@ -441,13 +426,12 @@ class Engine:
         # these rows are all that runs: another adapter's rows may sit in slots n..B-1.
         packed = len(self.running) == n and all(r.slot == i for i, r in enumerate(rows))
         first = B if self.fast_paths and packed else 0
-        ids = [r.last_token for r in rows] + [0] * (B - n)
         pos = [r.cache_len for r in rows] + [0] * (B - n)
         slots = [r.slot for r in rows] + (list(range(n, B)) if first else [self.scratch] * (B - n))
         dev = self.device
-        ids_t = torch.tensor(ids, device=dev)[:, None]
-        pos_t = torch.tensor(pos, device=dev)[:, None]
-        slots_t = torch.tensor(slots, device=dev)
+        pos_t = to_device(pos, dev)[:, None]
+        slots_t = to_device(slots, dev)
+        ids_t = self.slot_tokens[slots_t][:, None]  # padding rows read whatever their slot holds
         try:
             if self.use_graphs:
                 logits = self._graph_step(adapter, B, kv_len, ids_t, pos_t, slots_t, first)
@@ -458,11 +442,11 @@ class Engine:
                 torch.cuda.empty_cache()
             for r in rows:
                 self._finish(r, error="out of memory while generating")
-            return
+            return None
         self.stats["steps"] += 1
         for r in rows:
             r.cache_len += 1
-        self._take(logits[:n], rows)
+        return self._queue_tokens(logits[:n], rows, slots_t[:n])
 
     def _eager_step(self, ids, pos, slots, kv_len, first_rows: int = 0) -> torch.Tensor:
         allowed = torch.arange(kv_len, device=self.device)[None] <= pos  # (B, kv_len)
@@ -507,21 +491,38 @@ class Engine:
         self.graph_pool = g.graph.pool()
         return g
 
-    def _take(self, logits: torch.Tensor, rows: list[Request]) -> None:
-        """Sample the next token of each row, report it, and retire rows that are done."""
-        out = sample(logits, [r.row for r in rows])
-        for i, r in enumerate(rows):
+    def _queue_tokens(self, logits: torch.Tensor, rows: list[Request], slots: torch.Tensor) -> _Step:
+        """Sample the next token of each row on the device, where the next step reads it, without waiting."""
+        out = sample_async(logits, [r.row for r in rows])
+        self.slot_tokens[slots] = out.tokens
+        last = []
+        for r in rows:
+            r.inflight += 1
+            # cache_len is where this token will be written; keep one position spare, as ever
+            r.last_queued = (
+                r.generated + r.inflight >= r.params.max_new_tokens or r.cache_len + 1 >= self.max_model_len
+            )
+            last.append(r.last_queued)
+        return _Step(rows, out, last)
+
+    def _resolve(self, step: _Step) -> None:
+        """Read a queued step's tokens back, report them, and retire rows that are done."""
+        out = step.out.result()
+        reported = 0
+        for i, r in enumerate(step.rows):
+            r.inflight -= 1
+            if r.done:  # stopped or cancelled after this step was queued: its token is dropped
+                continue
             tok = out.tokens[i]
             r.generated += 1
+            reported += 1
             is_stop = tok in self.eos_ids and not r.params.ignore_eos
             r.emit(Event("token", token=tok, logprob=out.logprobs[i], top=out.top[i], is_stop=is_stop))
             if is_stop:
                 self._finish(r, reason="stop")
-            elif r.generated >= r.params.max_new_tokens or r.cache_len + 1 >= self.max_model_len:
+            elif step.last[i]:
                 self._finish(r, reason="length")
-            else:
-                r.last_token = tok
-        self.stats["generated_tokens"] += len(rows)
+        self.stats["generated_tokens"] += reported
 
     def _finish(self, req: Request, reason: str | None = None, error: str | None = None) -> None:
         if req.slot >= 0 and self.running.get(req.slot) is req:
@@ -530,17 +531,26 @@ class Engine:
             last = max(self.running, default=-1)
             if last > freed:  # keep running requests packed in the first slots (decode reads them as a view)
                 moved = self.running.pop(last)
+                # queued behind every step already launched, so it moves what they write too
                 self.cache.move(last, freed, moved.cache_len)
+                self.slot_tokens[freed] = self.slot_tokens[last]
                 moved.slot, self.running[freed], freed = freed, moved, last
             heapq.heappush(self.free, freed)
         req.slot = -1
-        req.last_token = -1
+        req.done = True
         with self.lock:
             self.pending -= 1
         self.stats["requests"] += 1
         self.stats["cancelled"] += reason == "cancelled"
         with contextlib.suppress(Exception):  # a consumer that is gone (event loop closed) needs no answer
             req.emit(Event("error", message=error) if error else Event("done", finish_reason=reason))
+
+
+@dataclass
+class _Step:
+    rows: list[Request]
+    out: Pending
+    last: list[bool]  # the row's last token (by length)
 
 
 @dataclass

@@ -54,15 +54,22 @@ class RowState:
             st.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
         if params.repetition_penalty != 1.0:
             st.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab], dtype=torch.long, device=device)
-            st.seen[ids] = True
+            st.seen[to_device([i for i in prompt_ids if 0 <= i < vocab], device)] = True
         return st
 
-    def observe(self, token: int) -> None:
-        if self.counts is not None and 0 <= token < self.counts.numel():
-            self.counts[token] += 1
-        if self.seen is not None and 0 <= token < self.seen.numel():
-            self.seen[token] = True
+    def observe(self, token: int | torch.Tensor) -> None:
+        """Count a generated token: an int, or a one-element tensor still on the device (no read-back)."""
+        if self.counts is None and self.seen is None:
+            return
+        buf = self.counts if self.counts is not None else self.seen
+        if not isinstance(token, torch.Tensor):
+            if not 0 <= token < buf.numel():
+                return
+            token = torch.tensor([token], device=buf.device)
+        if self.counts is not None:
+            self.counts.index_add_(0, token, torch.ones(1, device=token.device))
+        if self.seen is not None:
+            self.seen.index_fill_(0, token, True)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
@@ -103,55 +110,99 @@ class Sampled:
     top: list[list[tuple[int, float]] | None]  # alternatives, most likely first
 
 
-def sample(logits: torch.Tensor, rows: list[RowState]) -> Sampled:
-    """One token per row of `logits` (B, V), each row under its own settings."""
+def to_device(values: list, device, dtype=torch.long) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device: a plain `torch.tensor(..., device=cuda)`
+    copies from pageable memory and synchronizes the stream, which would wait for every step already queued."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+class Pending:
+    """One batch's sampled tokens, still being computed on the device. `tokens` stays on the device (the next
+    step's input); `result()` waits for this batch only, not for steps queued after it, and reads it back."""
+
+    def __init__(self, tokens: torch.Tensor, chosen, top_v, top_i, ks: list[int | None]):
+        self.tokens = tokens
+        self.ks = ks
+        parts = [t for t in (tokens, chosen, top_v, top_i) if t is not None]
+        self.event = None
+        if tokens.is_cuda:
+            # Pinned host buffers and an event recorded behind the copies: reading them waits for this batch
+            # only. `tolist()` on a device tensor would synchronize the whole stream.
+            parts = [
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in parts
+            ]
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.host = parts
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()  # releases the GIL: the server streams earlier tokens meanwhile
+
+    def result(self) -> Sampled:
+        self.wait()
+        toks = self.host[0].tolist()
+        n = len(toks)
+        lps: list[float | None] = [None] * n
+        tops: list[list[tuple[int, float]] | None] = [None] * n
+        if len(self.host) > 1:
+            chosen = self.host[1].tolist()
+            top_v, top_i = (self.host[2].tolist(), self.host[3].tolist()) if len(self.host) > 2 else ([], [])
+            for i, k in enumerate(self.ks):
+                if k is None:
+                    continue
+                lps[i] = chosen[i]
+                tops[i] = list(zip(top_i[i][:k], top_v[i][:k])) if k else []
+        return Sampled(toks, lps, tops)
+
+
+def sample_async(logits: torch.Tensor, rows: list[RowState]) -> Pending:
+    """One token per row of `logits` (B, V), each row under its own settings, queued on the device without
+    waiting for it: every per-row value goes to the device through `to_device`, no result is read back."""
     logits = logits.float()
-    want_lp = [r.params.logprobs is not None for r in rows]
-    raw_lp = logits.log_softmax(dim=-1) if any(want_lp) else None
+    dev = logits.device
+    ks = [r.params.logprobs for r in rows]
+    raw_lp = logits.log_softmax(dim=-1) if any(k is not None for k in ks) else None
     if any(r.params.penalized for r in rows):
         logits = _apply_penalties(logits.clone(), rows)
-    greedy = [r.params.greedy for r in rows]
     tokens = logits.argmax(dim=-1)
-    if not all(greedy):
-        idx = [i for i, g in enumerate(greedy) if not g]
-        sub = logits[idx]
-        dev = logits.device
-        temp = torch.tensor([rows[i].params.temperature for i in idx], device=dev, dtype=torch.float32)
-        sub = sub / temp[:, None]
-        top_k = torch.tensor([int(rows[i].params.top_k or 0) for i in idx], device=dev)
-        top_p = torch.tensor([float(rows[i].params.top_p) for i in idx], device=dev, dtype=torch.float32)
-        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-            sub = _filter_top_k_top_p(sub, top_k, top_p)
+    idx = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if idx:
+        idx_t = to_device(idx, dev)
+        sub = logits.index_select(0, idx_t)
+        sub = sub / to_device([rows[i].params.temperature for i in idx], dev, torch.float32)[:, None]
+        top_k = [int(rows[i].params.top_k or 0) for i in idx]
+        top_p = [float(rows[i].params.top_p) for i in idx]
+        if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+            sub = _filter_top_k_top_p(sub, to_device(top_k, dev), to_device(top_p, dev, torch.float32))
         probs = sub.softmax(dim=-1)
         unseeded = [j for j, i in enumerate(idx) if rows[i].generator is None]
         if unseeded:
-            picks = torch.multinomial(probs[unseeded], 1).squeeze(-1)
-            tokens[[idx[j] for j in unseeded]] = picks
+            picks = torch.multinomial(probs.index_select(0, to_device(unseeded, dev)), 1).squeeze(-1)
+            tokens.index_copy_(0, to_device([idx[j] for j in unseeded], dev), picks)
         for j, i in enumerate(idx):
             if (
                 rows[i].generator is not None
             ):  # a per-request generator makes `seed` reproducible in any batch
                 tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-    if tokens.is_cuda:
-        # Wait for the step here, where PyTorch releases the GIL, rather than inside `tolist()`, which holds it:
-        # the server's event loop streams the previous tokens meanwhile.
-        torch.cuda.current_stream(tokens.device).synchronize()
-    toks = tokens.tolist()
-    lps: list[float | None] = [None] * len(rows)
-    tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
+    chosen = top_v = top_i = None
     if raw_lp is not None:
-        chosen = raw_lp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-        kmax = max((r.params.logprobs or 0) for r in rows)
-        top_v, top_i = raw_lp.topk(kmax, dim=-1) if kmax else (None, None)
-        for i, r in enumerate(rows):
-            if not want_lp[i]:
-                continue
-            lps[i] = chosen[i]
-            k = r.params.logprobs or 0
-            tops[i] = list(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist())) if k else []
-    for r, t in zip(rows, toks):
-        r.observe(t)
-    return Sampled(toks, lps, tops)
+        chosen = raw_lp.gather(-1, tokens[:, None]).squeeze(-1)
+        kmax = max(k or 0 for k in ks)
+        if kmax:
+            top_v, top_i = raw_lp.topk(kmax, dim=-1)
+    for i, r in enumerate(rows):
+        r.observe(tokens[i : i + 1])
+    return Pending(tokens, chosen, top_v, top_i, ks)
+
+
+def sample(logits: torch.Tensor, rows: list[RowState]) -> Sampled:
+    """`sample_async`, waited for."""
+    return sample_async(logits, rows).result()
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
