@@ -49,13 +49,13 @@ def _top_kernels(torch, fn, rows: int = 12) -> str:
     return ""
 
 
-def run_variant(torch, model, tok, names, prompts, args, graphs: bool, fast: bool, cudnn: bool) -> dict:
+def run_variant(torch, model, tok, names, prompts, args, graphs, fast, cudnn, sync=False) -> dict:
     from mhsft.engine import Engine, Request, SamplingParams
 
     engine = Engine(model, tok, names, max_batch_size=args.streams, max_model_len=args.max_model_len,
-                    cuda_graphs=graphs, fast_paths=fast)  # fmt: skip
+                    cuda_graphs=graphs, fast_paths=fast, async_scheduling=not sync)  # fmt: skip
     engine.cudnn_attention = cudnn
-    res: dict = {"graphs": graphs, "fast_paths": fast, "cudnn_attention": cudnn}
+    res: dict = {"graphs": graphs, "fast_paths": fast, "cudnn_attention": cudnn, "async_scheduling": not sync}
     with torch.inference_mode():
         # A few short requests first, as a server meets them: the measured prefill is then a new shape.
         for p in prompts[:3]:
@@ -103,6 +103,9 @@ def main() -> None:
     ap.add_argument("--prompt_tokens", type=int, default=300, help="300: the KV bucket of 512, mid-benchmark")
     ap.add_argument("--max_model_len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument(
+        "--only_fast", action="store_true", help="only fast+graphs, asynchronous and one step at a time"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -129,23 +132,27 @@ def main() -> None:
             "prompt_tokens": args.prompt_tokens}  # fmt: skip
     results = []
     # base first: the fast LoRA forward, once switched on, stays on
-    variants = (
-        (False, False, True),
-        (False, True, True),
-        (True, True, True),
-        (True, True, False),
-        (True, False, False),
-    )
-    for fast, graphs, cudnn in variants:
+    variants = [
+        (False, False, True, False),
+        (False, True, True, False),
+        (True, True, True, False),
+        (True, True, False, True),
+        (True, True, False, False),
+        (True, False, False, False),
+    ]
+    if args.only_fast:
+        variants = [v for v in variants if v[0] and v[1] and not v[2]]
+    for fast, graphs, cudnn, sync in variants:
         t = time.perf_counter()
         try:
-            r = run_variant(torch, model, tok, names, ps, args, graphs, fast, cudnn)
+            r = run_variant(torch, model, tok, names, ps, args, graphs, fast, cudnn, sync)
         except Exception as e:  # keep the other variants' numbers
             r = {"graphs": graphs, "fast_paths": fast, "error": f"{type(e).__name__}: {e}"}
         results.append(r)
         gc.collect()  # the variant's engine (KV cache, graphs) is garbage now
         torch.cuda.empty_cache()
         label = f"{'fast' if fast else 'base'}+{'graphs' if graphs else 'eager'}{'+cudnn' if cudnn else ''}"
+        label += "+sync" if sync else ""
         if "error" in r:
             print(f"{label:>12}: {r['error']}", flush=True)
         else:

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-STACKS = ("server", "server_eager", "static", "generate_batch", "sequential")
+STACKS = ("server", "server_sync", "server_eager", "static", "generate_batch", "sequential")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -216,11 +216,14 @@ async def _round(port: int, args) -> dict:
     }
 
 
-def run_server(args, graphs: bool) -> dict:
+def run_server(args, stack: str) -> dict:
+    """server: `mhsft deploy` as shipped; server_sync: each decode step read back before the next is queued;
+    server_eager: no CUDA graphs."""
     from mhsft.client import DeployProcess, get_json
 
-    log = Path(args.workdir) / f"serve_{'graphs' if graphs else 'eager'}.log"
-    argv = ["--model", args.model_dir, "--adapters", f"lora={args.adapter}", "--max_batch_size", str(args.streams),
+    graphs = stack != "server_eager"
+    log = Path(args.workdir) / f"{stack}.log"
+    argv = ["--async_scheduling", str(stack != "server_sync").lower(), "--model", args.model_dir, "--adapters", f"lora={args.adapter}", "--max_batch_size", str(args.streams),
             "--device", args.device, "--max_model_len", str(args.max_model_len), "--cuda_graphs", str(graphs).lower(),
             "--torch_dtype", args.dtype]  # fmt: skip
     t = time.perf_counter()
@@ -299,8 +302,8 @@ def main() -> None:
     for stack in [s.strip() for s in args.stacks.split(",") if s.strip()]:
         t = time.perf_counter()
         try:
-            if stack in ("server", "server_eager"):
-                results[stack] = run_server(args, graphs=stack == "server")
+            if stack.startswith("server"):
+                results[stack] = run_server(args, stack)
             else:
                 results[stack] = _in_subprocess(stack, args)
         except Exception as e:  # one stack failing must not lose the others' numbers

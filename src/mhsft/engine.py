@@ -96,6 +96,7 @@ class Engine:
         max_queue: int = 4096,
         pad_batches: bool | None = None,
         fast_paths: bool = True,
+        async_scheduling: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -119,6 +120,7 @@ class Engine:
         self.max_queue = max_queue
         self.eos_ids = stop_token_ids(model, tokenizer)
         self.fast_paths = fast_paths
+        self.async_scheduling = async_scheduling  # off: each step is read back before the next is queued
         self.cudnn_attention = not fast_paths
         impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
         if impl != "eager":
@@ -288,6 +290,10 @@ class Engine:
         for step in self.inflight:
             self._resolve(step)
         self.inflight = queued
+        if not self.async_scheduling:
+            for step in self.inflight:
+                self._resolve(step)
+            self.inflight = []
 
     def _admit(self) -> list[_Step]:
         """Prefill waiting requests into free slots, a batch per adapter, within the prefill token budget."""
@@ -601,5 +607,6 @@ def engine_from_args(base: str, args, cuda_graphs: bool = True) -> tuple[Engine,
         max_batch_size=args.max_batch_size or (64 if device.startswith("cuda") else 8),
         max_model_len=args.max_model_len,
         cuda_graphs=cuda_graphs,
+        async_scheduling=getattr(args, "async_scheduling", True),
     )
     return engine, device

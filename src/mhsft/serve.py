@@ -88,6 +88,10 @@ class DeployArguments(GenerationArguments, ModelArguments):
     cuda_graphs: bool = field(
         default=True, metadata={"help": "pt on CUDA: replay decode steps as CUDA graphs."}
     )
+    async_scheduling: bool = field(
+        default=True,
+        metadata={"help": "pt: queue the next decode step before reporting the last (false: one at a time)."},
+    )
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1 or cpu (default: cuda if any)."})
 
 
