@@ -19,6 +19,9 @@ CONFIGS = {
                         num_key_value_heads=8, tie_word_embeddings=False),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, tie_word_embeddings=True),
+    # CPU smoke tests (train_throughput.py --device cpu): the tiny tokenizer's vocabulary, rounded up
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False, vocab_size=2112),
 }  # fmt: skip
 
 
@@ -26,11 +29,11 @@ def qwen_config(name: str):
     """The real architecture's config, with the tiny tokenizer's special-token ids (vocab stays 152064)."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-        bos_token_id=2048, eos_token_id=2050, pad_token_id=2048, torch_dtype="bfloat16", use_cache=False,
-        **CONFIGS[name],
-    )  # fmt: skip
+    return Qwen2Config(**{
+        "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+        "bos_token_id": 2048, "eos_token_id": 2050, "pad_token_id": 2048, "torch_dtype": "bfloat16",
+        "use_cache": False, **CONFIGS[name],
+    })  # fmt: skip
 
 
 def build(name: str, out: str | Path, device: str = "cuda") -> Path:

@@ -8,6 +8,12 @@ stack does not disturb the next. Prints a table; writes JSON.
 
     python benchmarks/train_throughput.py --config qwen2.5-7b --micro_batch 8 --seq 3072 \
         --data DATA.json [more files] --stacks hf,liger,mhsft --out results.json
+
+--profile runs one more step (the last micro-batch again) under torch.profiler after the timed ones and reports
+where the device time goes (benchmarks/profile_summary.py): the top kernels, kernel time by category, GPU busy
+time against the step's wall time, launches, idle gaps and the ops that synchronized the host; the same goes into
+each stack's JSON under "profile". --trace_dir DIR also writes DIR/STACK.json.gz (a chrome trace). --device cpu
+--config tiny is the smoke test (tests/test_train_throughput.py).
 """
 
 from __future__ import annotations
@@ -89,7 +95,13 @@ def worker(args) -> dict:
     stack, variant = args.worker.split(":") if ":" in args.worker else (args.worker, "")
     data = torch.load(args.batches, weights_only=False)
     micro = data["micro"]
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     cfg = qwen_config(args.config)
     if stack == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
@@ -116,7 +128,8 @@ def worker(args) -> dict:
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 32B model in fp32 would not fit
+    # build in bf16: a 32B model in fp32 would not fit (the CPU smoke test runs in fp32: bf16 is slow there)
+    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
     with torch.device(dev):
         model = Qwen2ForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
@@ -142,35 +155,63 @@ def worker(args) -> dict:
         model = get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
-    torch.cuda.reset_peak_memory_stats()
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     losses, times, real_tokens = [], [], []
+    from torch.profiler import record_function
+
     from mhsft.packing import collate_packed
+    from mhsft.sft import batch_to_device
+
+    def step(rows) -> float:
+        """One optimizer step over one micro-batch, as the trainer's loop does it (mhsft: `batch_to_device`, the
+        step's label count from the host batch); the phases are named for the profiler."""
+        with record_function("mhsft::collate_h2d"):
+            if stack == "mhsft":
+                host = collate_packed(rows)
+                n_label = int((host["labels"][..., 1:] != -100).sum())
+                b = batch_to_device(host, dev)
+            else:
+                ids, labels, pos = (x.to(dev) for x in padded_rows(rows, args.seq, 0))
+        with record_function("mhsft::forward"):
+            if stack == "mhsft":
+                loss = wrapped(**b) / n_label
+            else:
+                loss = model(input_ids=ids, labels=labels, position_ids=pos).loss
+        with record_function("mhsft::backward"):
+            loss.backward()
+        with record_function("mhsft::optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        value = fn()
+        sync()
+        return value, time.perf_counter() - t
 
     for i, rows in enumerate(micro):
         n_real = sum(len(s["input_ids"]) for r in rows for s in r)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        if stack == "mhsft":
-            b = {k: v.to(dev) if hasattr(v, "to") else v for k, v in collate_packed(rows).items()}
-            n_label = int((b["labels"][..., 1:] != -100).sum())
-            loss_sum = wrapped(**b)
-            loss = loss_sum / n_label
-        else:
-            ids, labels, pos = (x.to(dev) for x in padded_rows(rows, args.seq, 0))
-            loss = model(input_ids=ids, labels=labels, position_ids=pos).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        lv = float(loss.detach())
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
+        lv, dt = timed(lambda rows=rows: step(rows))
         losses.append(lv)
         if i >= args.warmup:
             times.append(dt)
             real_tokens.append(n_real)
-    return {
+    profile = None
+    if args.profile:
+        from profile_summary import profile_step
+
+        trace = (
+            str(Path(args.trace_dir) / f"{args.worker.replace(':', '_')}.json") if args.trace_dir else None
+        )
+        profile = profile_step(lambda: step(micro[-1]), dev.type, lambda f: timed(f)[1], vocab=cfg.vocab_size,
+                               top=args.profile_top, trace_path=trace)  # fmt: skip
+        profile["step_s_median_unprofiled"] = round(sorted(times)[len(times) // 2], 4)
+    out = {
         "stack": args.worker,
         "config": args.config,
         "micro_batch": args.micro_batch,
@@ -180,12 +221,15 @@ def worker(args) -> dict:
         "lora_dropout": args.lora_dropout,
         "tokens_per_s": round(sum(real_tokens) / sum(times), 1),
         "step_s_median": round(sorted(times)[len(times) // 2], 3),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "losses": [round(x, 5) for x in losses],
         "init_s": round(init_s, 1),
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
     }
+    if profile is not None:
+        out["profile"] = profile
+    return out
 
 
 def main() -> None:
@@ -201,6 +245,10 @@ def main() -> None:
     ap.add_argument("--stacks", default="hf,liger,mhsft")
     ap.add_argument("--data", nargs="+", default=[str(ROOT.parent / "shared/data/train/emollm_data.json")])
     ap.add_argument("--workdir", default="/tmp")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (with --config tiny)")
+    ap.add_argument("--profile", action="store_true", help="profile one more step after the timed ones")
+    ap.add_argument("--profile_top", type=int, default=30, help="kernels in the profile's table")
+    ap.add_argument("--trace_dir", help="with --profile: write a gzipped chrome trace per stack here")
     ap.add_argument("--out", default="train_throughput.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
@@ -222,7 +270,11 @@ def main() -> None:
             r = {"stack": stack, "config": args.config, "error": "out of memory" if oom else p.stderr[-1500:]}
         r["wall_s"] = round(time.perf_counter() - t, 1)
         results.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "profile")}), flush=True)
+        if "profile" in r:
+            from profile_summary import format_profile
+
+            print(format_profile(r["profile"], r["stack"]), flush=True)
     base = next((r for r in results if r["stack"] == "hf" and "losses" in r), None)
     print(f"\n{args.config}  micro-batch {args.micro_batch} x {args.seq}  checkpointing {not args.no_gc} "
           f"(mhsft ratio {args.gc_ratio})  "
@@ -234,7 +286,7 @@ def main() -> None:
             continue
         rel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         dl = max(abs(a - b) for a, b in zip(r["losses"], base["losses"])) if base else float("nan")
-        print(f"{r['stack']:<14}{r['tokens_per_s']:>10,.0f}{r['peak_gib']:>10.1f}{rel:>8}{r['losses'][0]:>10.4f}"
+        print(f"{r['stack']:<14}{r['tokens_per_s']:>10,.0f}{r['peak_gib'] or 0:>10.1f}{rel:>8}{r['losses'][0]:>10.4f}"
               f"{dl:>13.4f}")  # fmt: skip
     Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -21,6 +21,13 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions (into the [..., T] tokens) whose shifted label is trained, ascending. Computed on the host by
+    the trainer, before the batch moves to the GPU: the boolean-mask indexing it replaces reads the count back from
+    the GPU (a synchronization) in every micro-batch."""
+    return (shift_labels(labels).reshape(-1) != IGNORE_INDEX).nonzero().view(-1)
+
+
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor):
     logits = F.linear(hidden, weight, bias).float()
     return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -31,18 +38,24 @@ def chunked_lm_loss(
     lm_head: torch.nn.Module,
     labels: torch.Tensor,
     chunk_size: int = 4096,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over every labelled position.
 
     `hidden` [..., T, H] are the final hidden states, `labels` [..., T] the unshifted labels (-100 = no loss).
     Returning the sum lets the caller divide by the number of labelled tokens in the whole optimizer step
     (across micro-batches and ranks), which is the token-level mean that gradient accumulation must preserve.
+    `positions` are `label_positions(labels)` when the caller has them (no host-device synchronization here).
     """
     target = shift_labels(labels).reshape(-1)
     h = hidden.reshape(-1, hidden.shape[-1])
-    keep = target != IGNORE_INDEX
     # Only labelled positions need logits at all: assistant tokens are often under half of a counseling dialogue.
-    h, target = h[keep], target[keep]
+    if positions is None:
+        keep = target != IGNORE_INDEX
+        h, target = h[keep], target[keep]
+    else:
+        positions = positions.to(h.device)
+        h, target = h.index_select(0, positions), target.index_select(0, positions)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk_size):
@@ -63,8 +76,12 @@ class ChunkedLMLoss(torch.nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **kw) -> torch.Tensor:
+    def forward(
+        self, input_ids, labels, position_ids=None, attention_mask=None, label_positions=None, **kw
+    ) -> torch.Tensor:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if attention_mask is None and "cu_seq_lens_q" in kw:
+            attention_mask = _packed_mask_mapping(lm.config)
         out = lm.get_decoder()(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -72,4 +89,23 @@ class ChunkedLMLoss(torch.nn.Module):
             use_cache=False,
             **kw,
         )
-        return chunked_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, self.chunk_size)
+        return chunked_lm_loss(
+            out.last_hidden_state, lm.get_output_embeddings(), labels, self.chunk_size, label_positions
+        )
+
+
+def _packed_mask_mapping(config):
+    """For a packed row under mhsft's packed attention: the per-layer-type mask mapping transformers would build,
+    given ready-made, which is all None (the attention reads the cu_seq_lens kwargs). Building it costs a
+    synchronization: transformers (>= 4.53) detects packing from the position ids with a `.all()` read back from
+    the GPU. None (let transformers build it) for other attentions or older transformers."""
+    from mhsft.packing import ATTN_NAME_PREFIX
+
+    if not str(getattr(config, "_attn_implementation", "")).startswith(ATTN_NAME_PREFIX):
+        return None
+    try:
+        import transformers.masking_utils  # noqa: F401  (the dict-of-masks interface came with it)
+    except ImportError:
+        return None
+    types = set(getattr(config, "layer_types", None) or ()) | {"full_attention", "sliding_attention"}
+    return dict.fromkeys(types)

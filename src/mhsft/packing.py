@@ -279,11 +279,18 @@ def _resolve_boundaries(query: torch.Tensor, key: torch.Tensor, kwargs: dict):
         max_len = kwargs.get("max_length_q")
 
         def build():
-            c = cu.to(device=query.device, dtype=torch.int32)
-            if int(c[-1]) != batch * q_len:  # checked once per forward, not per layer (it syncs the GPU)
-                raise ValueError(
-                    f"cu_seq_lens_q ends at {int(c[-1])} but the batch has {batch * q_len} tokens"
+            if cu.device.type == "cpu":  # checked on the host for free, once per forward
+                if int(cu[-1]) != batch * q_len:
+                    raise ValueError(
+                        f"cu_seq_lens_q ends at {int(cu[-1])} but the batch has {batch * q_len} tokens"
+                    )
+                c = cu.to(device=query.device, dtype=torch.int32)
+            else:  # already on the GPU: reading it back would synchronize every micro-batch; assert on the device
+                c = cu.to(device=query.device, dtype=torch.int32)
+                torch._assert_async(
+                    c[-1] == batch * q_len, "cu_seq_lens_q does not end at the batch's tokens"
                 )
+            # max_length_q comes from the collator as an int; deriving it syncs (the fallback only)
             return c, int(max_len) if max_len is not None else int(c.diff().max())
 
         return _per_forward("cu", cu, query.device, build)

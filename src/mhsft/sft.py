@@ -182,6 +182,27 @@ def collate(samples: list[dict], rows: list[list[int]], args: SftArguments, pad_
     return collate_padded([samples[row[0]] for row in rows], pad_id)
 
 
+def batch_to_device(batch: dict, device) -> dict:
+    """A collated (host) batch on `device`, without synchronizing it: the loss's label positions are found here on
+    the host (`loss.label_positions`), and on a GPU the tensors go through pinned memory with non-blocking copies
+    (a plain `.to("cuda")` of a host tensor waits for the whole stream: the GPU drains at every micro-batch)."""
+    import torch
+
+    from mhsft.loss import label_positions
+
+    batch = dict(batch)
+    if "labels" in batch:
+        batch["label_positions"] = label_positions(batch["labels"])
+    cuda = torch.device(device).type == "cuda"
+
+    def move(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+
+    return {k: move(v) for k, v in batch.items()}
+
+
 # ----------------------------------------------------------------------------------------------- model
 def choose_dtype(args: SftArguments, device) -> tuple[object, list[str]]:
     import torch
@@ -518,9 +539,12 @@ def run_loop(run: Run, step: int) -> Path:
             n_label_all = int(accelerator.reduce(t, reduction="sum").item())
         else:
             n_label_all = n_label
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)  # read back once per logging step
         for i, b in enumerate(batches):
-            b = {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
+            # real tokens only: padding (unpacked batches) does not count towards tokens/s
+            mask = b.get("attention_mask")
+            window["tokens"] += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
+            b = batch_to_device(b, device)
             sync = i == len(batches) - 1
             ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
             with ctx:
@@ -536,18 +560,17 @@ def run_loop(run: Run, step: int) -> Path:
                     accelerator.backward(loss, scale_wrt_gas=False)
                 else:
                     accelerator.backward(loss)
-            step_loss += float(loss_sum.detach())
-            # real tokens only: padding (unpacked batches) does not count towards tokens/s
-            mask = b.get("attention_mask")
-            window["tokens"] += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
+            step_loss += loss_sum.detach().double()
         if scaler is not None:
             scaler.unscale_(optimizer)
         if args.max_grad_norm > 0:
             norm = accelerator.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], args.max_grad_norm
             )
-            # DeepSpeed clips inside its own step and hands back no norm
-            grad_norm = float(norm) if norm is not None else float("nan")
+            # DeepSpeed clips inside its own step and hands back no norm; a tensor is read at the logging step
+            grad_norm = (
+                norm.detach() if isinstance(norm, torch.Tensor) else float("nan" if norm is None else norm)
+            )
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -562,7 +585,8 @@ def run_loop(run: Run, step: int) -> Path:
         bar.update(1)
 
         if step % args.logging_steps == 0 or step == total_steps:
-            metrics = log_metrics(run, window, step, grad_norm, t_start, step_at_start)
+            window["loss"] = float(window["loss"])
+            metrics = log_metrics(run, window, step, float(grad_norm), t_start, step_at_start)
             if is_main:
                 bar.write(format_line(metrics, total_steps))
                 tracker.log(metrics, step)
@@ -597,9 +621,9 @@ def evaluate(args, wrapped, model, val_samples, pad_id, accelerator) -> float:
     with torch.no_grad():
         for i in range(0, len(mine), bs):
             b = collate_padded([val_samples[j] for j in mine[i : i + bs]], pad_id)
-            b = {k: v.to(accelerator.device) if hasattr(v, "to") else v for k, v in b.items()}
-            total[0] += float(wrapped(**b))
             total[1] += int((b["labels"][..., 1:] != -100).sum())
+            b = batch_to_device(b, accelerator.device)
+            total[0] += wrapped(**b).double()
     if world > 1:
         total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / max(total[1], 1))
