@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from mhsft import kernels
 from mhsft.kernels import fast_lora_forward, fast_lora_inference
 
 
@@ -30,13 +32,27 @@ def _loss_and_grads(m, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
-def test_fast_lora_forward_matches_peft():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fast_lora_forward_matches_peft(checkpointing, monkeypatch):
+    """Loss and every LoRA gradient equal PEFT's, with the low-rank update added in place into the base
+    layer's output (also when checkpointing recomputes the forward)."""
     peft_model = _model(0.0)
     fast = copy.deepcopy(peft_model)
     assert fast_lora_forward(fast) == 14  # 7 linears x 2 layers, lm_head excluded
+    if checkpointing:
+        for m in (peft_model, fast):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.enable_input_require_grads()
+    in_place = []
+    apply = kernels._AddLowRankInPlace.apply
+    monkeypatch.setattr(kernels._AddLowRankInPlace, "apply", lambda *a: (in_place.append(1), apply(*a))[1])
     ids = torch.randint(0, 300, (2, 17))
     la, ga = _loss_and_grads(peft_model, ids)
     lb, gb = _loss_and_grads(fast, ids)
+    # in place where the base output is a tensor of its own: Qwen2's q/k/v have a bias, so their output is a
+    # view of addmm's (updating a view in place would make autograd copy the gradient instead)
+    own = sum(m.base_layer.bias is None for m in kernels._plain_lora_linears(fast))
+    assert own == 8 and len(in_place) == own * (2 if checkpointing else 1)
     torch.testing.assert_close(la, lb, rtol=0, atol=1e-6)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
