@@ -18,6 +18,7 @@ from mhsft.engine import BASE, Engine, Request, encode_chat
 from mhsft.sampling import RowState, SamplingParams, sample
 
 REPO = Path(__file__).resolve().parents[1]
+DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def adapter(tmp_path_factory) -> Path:
 def loaded(adapter):
     from mhsft.model import load_for_inference
 
-    return load_for_inference(None, [f"a={adapter}"], device="cpu")
+    # MHSFT_TEST_DEVICE=cuda runs the engine tests on a GPU: CUDA graphs, pinned copies and events included
+    return load_for_inference(None, [f"a={adapter}"], device=DEVICE)
 
 
 def _run(engine: Engine, reqs: list[Request]) -> list[list]:
@@ -59,7 +61,7 @@ def _run(engine: Engine, reqs: list[Request]) -> list[list]:
 
 def _reference_logprobs(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        return model(torch.tensor([ids], device=model.device)).logits[0].float().log_softmax(-1)
 
 
 @pytest.mark.parametrize("pad_batches", [False, True])
