@@ -49,7 +49,7 @@ class _AddLowRankInPlace(torch.autograd.Function):
 def _add_low_rank(result: torch.Tensor, h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     """result + h @ bt over the flattened tokens, as one addmm (in place when `result` allows it)."""
     shape = result.shape
-    if result.dtype == bt.dtype and result.is_contiguous() and not result._is_view():
+    if result.dtype == bt.dtype and result.is_contiguous() and result._base is None:
         if torch.is_grad_enabled() and (result.requires_grad or h.requires_grad or bt.requires_grad):
             return _AddLowRankInPlace.apply(result, h, bt)
         result.view(-1, shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), bt)
