@@ -106,7 +106,13 @@ class SftArguments(ModelArguments, DataArguments, TrackingArguments):
         default=False,
         metadata={"help": "Liger's fused RMSNorm / SwiGLU / RoPE kernels (needs liger-kernel)."},
     )
-    torch_compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer."})
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each decoder layer. Measured on an H100 (benchmarks/NOTES.md): no gain with "
+            "checkpointing, and 20x slower without it at 2 x 3072 (it kept recompiling); --use_liger_kernel is faster."
+        },
+    )
     system: str | None = field(
         default=None,
         metadata={"help": "System prompt for dialogues that have none (else the template's default)."},
