@@ -161,8 +161,7 @@ def worker(args) -> dict:
     losses, times, real_tokens = [], [], []
     from torch.profiler import record_function
 
-    from mhsft.packing import collate_packed
-    from mhsft.sft import batch_to_device
+    from mhsft.packing import batch_to_device, collate_packed
 
     def step(rows) -> float:
         """One optimizer step over one micro-batch, as the trainer's loop does it (mhsft: `batch_to_device`, the

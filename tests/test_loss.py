@@ -8,8 +8,7 @@ import torch
 
 from mhsft import loss as loss_mod
 from mhsft.loss import ChunkedLMLoss, chunked_lm_loss, label_positions
-from mhsft.packing import collate_packed, register_packed_attention
-from mhsft.sft import batch_to_device
+from mhsft.packing import batch_to_device, collate_packed, register_packed_attention
 
 
 def _tiny_qwen2(attn: str):

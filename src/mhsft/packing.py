@@ -29,6 +29,7 @@ import functools
 import importlib
 import inspect
 import logging
+import random
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from itertools import accumulate
@@ -503,3 +504,45 @@ def choose_attention(device, packing: bool, attn_impl: str | None) -> tuple[str,
             return "sdpa", "flash_attn is not installed; using PyTorch sdpa attention"
         return "flash_attention_2", None
     return (attn_impl or "sdpa"), None
+
+
+# ------------------------------------------------------------------------------- the trainer's batches
+def epoch_plan(samples: list[dict], epoch: int, args) -> list[list[list[int]]]:
+    """The epoch's micro-batches, each a list of rows, each row a list of sample indices (one index per row when
+    not packing). Deterministic in (seed, epoch), which is what makes resume exact."""
+    rng = random.Random(args.seed * 1000 + epoch)
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    if args.packing:
+        bins = pack_bfd([len(samples[i]["input_ids"]) for i in order], args.max_length)
+        rows = [[order[j] for j in b] for b in bins]
+        rng.shuffle(rows)
+    else:
+        rows = [[i] for i in order]
+    bs = args.per_device_train_batch_size
+    return [rows[i : i + bs] for i in range(0, len(rows), bs)]
+
+
+def collate(samples: list[dict], rows: list[list[int]], args, pad_id: int) -> dict:
+    if args.packing:
+        return collate_packed([[samples[i] for i in row] for row in rows])
+    return collate_padded([samples[row[0]] for row in rows], pad_id)
+
+
+def batch_to_device(batch: dict, device) -> dict:
+    """A collated (host) batch on `device`, without synchronizing it: the loss's label positions are found here on
+    the host (`loss.label_positions`), and on a GPU the tensors go through pinned memory with non-blocking copies
+    (a plain `.to("cuda")` of a host tensor waits for the whole stream: the GPU drains at every micro-batch)."""
+    from mhsft.loss import label_positions
+
+    batch = dict(batch)
+    if "labels" in batch:
+        batch["label_positions"] = label_positions(batch["labels"])
+    cuda = torch.device(device).type == "cuda"
+
+    def move(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+
+    return {k: move(v) for k, v in batch.items()}
