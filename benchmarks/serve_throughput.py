@@ -64,6 +64,10 @@ def _load(args):
     for cfg in (model.generation_config,):
         cfg.eos_token_id = None  # EOS disabled: every row generates exactly gen_tokens
         cfg.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    # The random model is saved for training (use_cache=False in its config): without this, `generate` recomputes
+    # the whole sequence at every step, which is what made the static batch of 64 run past 150 s on the H100.
+    model.config.use_cache = True
+    model.generation_config.use_cache = True
     return model, torch
 
 
