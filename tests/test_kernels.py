@@ -7,17 +7,14 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mhsft import kernels
 from mhsft.kernels import fast_lora_forward, fast_lora_inference
+from tiny import tiny_qwen2
 
 
 def _model(dropout: float):
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, use_cache=False)  # fmt: skip
-    torch.manual_seed(0)
-    m = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=8, lora_alpha=32, lora_dropout=dropout,
+    m = get_peft_model(tiny_qwen2().train(), LoraConfig(r=8, lora_alpha=32, lora_dropout=dropout,
                                                          target_modules="all-linear"))  # fmt: skip
     for n, p in m.named_parameters():
         if "lora_B" in n:  # B starts at zero; give it values so the LoRA path matters

@@ -9,26 +9,8 @@ import torch
 from mhsft import loss as loss_mod
 from mhsft.loss import ChunkedLMLoss, chunked_lm_loss, label_positions
 from mhsft.packing import batch_to_device, collate_packed, register_packed_attention
-
-
-def _tiny_qwen2(attn: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128)  # fmt: skip
-    model = Qwen2ForCausalLM(cfg).float()
-    model.set_attn_implementation(attn)
-    return model
-
-
-def _samples(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(0, 300, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
-    return out
+from tiny import random_samples as _samples
+from tiny import tiny_qwen2 as _tiny_qwen2
 
 
 def test_label_positions_match_the_boolean_mask():

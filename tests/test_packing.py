@@ -21,6 +21,8 @@ from mhsft.packing import (
     select_attn_backend,
     set_packed_attention,
 )
+from tiny import random_samples as _samples
+from tiny import tiny_qwen2 as _tiny_qwen2
 
 # ----------------------------------------------------------------------------------------------------------
 # Bin packing
@@ -222,33 +224,6 @@ def test_varlen_call_convention(qkv, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------------
 # Whole model: packed == per-sample
-
-
-def _tiny_qwen2(attn: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-    )
-    model = Qwen2ForCausalLM(cfg).float().eval()
-    model.set_attn_implementation(attn)
-    return model
-
-
-def _samples(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(0, 300, (n,), generator=g).tolist()
-        prompt = n // 3  # the first third is "user" text, the rest "assistant": only that is trained
-        out.append(_sample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    return out
 
 
 LENGTHS = [7, 13, 4, 22, 1, 9]

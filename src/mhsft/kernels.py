@@ -70,51 +70,49 @@ def _plain_lora_linears(model: torch.nn.Module):
         yield module
 
 
-def _switch_forward(module: torch.nn.Module, forward) -> None:
+def _switch_forward(module: torch.nn.Module, update) -> None:
+    """Run `module` through `_lora_forward`, adding each active adapter's update with `update`."""
     if not hasattr(module, "_mhsft_peft_forward"):
         module._mhsft_peft_forward = module.forward
-    module.forward = types.MethodType(forward, module)
+    module._mhsft_update = types.MethodType(update, module)
+    module.forward = types.MethodType(_lora_forward, module)
 
 
-def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
         return self._mhsft_peft_forward(x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
     for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        a = self.lora_A[name].weight
-        b = self.lora_B[name].weight
-        h = F.linear(self.lora_dropout[name](x), a.to(x.dtype))  # [..., r]
-        result = _add_low_rank(result, h, (b * self.scaling[name]).to(x.dtype).t())
+        if name in self.lora_A:
+            result = self._mhsft_update(result, x, name)
     return result
 
 
+def _train_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    a = self.lora_A[name].weight
+    b = self.lora_B[name].weight
+    h = F.linear(self.lora_dropout[name](x), a.to(x.dtype))  # [..., r]
+    return _add_low_rank(result, h, (b * self.scaling[name]).to(x.dtype).t())
+
+
 def fast_lora_forward(model: torch.nn.Module) -> int:
-    """Switch every plain LoRA linear of `model` to `_fast_forward`; returns how many were switched. Layers with
+    """Switch every plain LoRA linear of `model` to the bf16 training update; returns how many were switched. Layers with
     a LoRA variant (DoRA, ...) or bias keep PEFT's forward."""
     n = 0
     for module in _plain_lora_linears(model):
-        _switch_forward(module, _fast_forward)
+        _switch_forward(module, _train_update)
         n += 1
     return n
 
 
-def _infer_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
-        return self._mhsft_peft_forward(x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    for name in self.active_adapters:
-        if name not in self._mhsft_lora:
-            continue
-        a, bt = self._mhsft_lora[name]
-        result = _add_low_rank(result, F.linear(x.to(a.dtype), a), bt)
-    return result
+def _infer_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    a, bt = self._mhsft_lora[name]
+    return _add_low_rank(result, F.linear(x.to(a.dtype), a), bt)
 
 
 @torch.no_grad()
 def fast_lora_inference(model: torch.nn.Module) -> int:
-    """Switch every plain LoRA linear of `model` to `_infer_forward` (inference only: the weights are copied
+    """Switch every plain LoRA linear of `model` to the inference update (inference only: the weights are copied
     once, later changes to them are not seen); returns how many were switched."""
     n = 0
     for module in _plain_lora_linears(model):
@@ -128,7 +126,7 @@ def fast_lora_inference(model: torch.nn.Module) -> int:
             )
             for name in module.lora_A
         }
-        _switch_forward(module, _infer_forward)
+        _switch_forward(module, _infer_update)
         n += 1
     return n
 
