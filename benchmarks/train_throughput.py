@@ -124,7 +124,11 @@ def worker(args) -> dict:
         if "peft" in opts:  # PEFT's own LoRA forward, for comparison with mhsft.kernels.fast_lora_forward
             import mhsft.kernels
 
-            mhsft.kernels.fast_lora_forward = lambda model: 0
+            mhsft.kernels.fast_lora_forward = lambda model, fused=True: 0
+        if "nofused" in opts:  # mhsft's bf16 LoRA forward with nn.Dropout, not mhsft.fused_lora
+            import mhsft.fused_lora
+
+            mhsft.fused_lora.usable = lambda module, x: False
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Triton's interpreter runs the fused LoRA kernels on CPU tensors (tests/test_fused_lora.py); it must be chosen
+# before triton is imported. mhsft only takes the fused path on the CPU when a test asks for it.
+if os.environ.get("MHSFT_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 SHARED_DATA = Path(os.environ.get("MHSFT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -23,6 +23,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from mhsft import fused_lora
+
 
 class _AddLowRankInPlace(torch.autograd.Function):
     """result += h @ bt, written into `result`: an out-of-place addmm first copies `result` (the base layer's
@@ -70,8 +72,10 @@ def _plain_lora_linears(model: torch.nn.Module):
         yield module
 
 
-def _switch_forward(module: torch.nn.Module, update) -> None:
-    """Run `module` through `_lora_forward`, adding each active adapter's update with `update`."""
+def _switch_forward(module: torch.nn.Module, update, fused: bool = False) -> None:
+    """Run `module` through `_lora_forward`, adding each active adapter's update with `update` (or through
+    `fused_lora` where it applies, when `fused`)."""
+    module._mhsft_fused = fused
     if not hasattr(module, "_mhsft_peft_forward"):
         module._mhsft_peft_forward = module.forward
     module._mhsft_update = types.MethodType(update, module)
@@ -81,6 +85,8 @@ def _switch_forward(module: torch.nn.Module, update) -> None:
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
         return self._mhsft_peft_forward(x, *args, **kwargs)
+    if self._mhsft_fused and not args and not kwargs and fused_lora.usable(self, x):
+        return fused_lora.forward(self, x)
     result = self.base_layer(x, *args, **kwargs)
     for name in self.active_adapters:
         if name in self.lora_A:
@@ -95,12 +101,13 @@ def _train_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> tor
     return _add_low_rank(result, h, (b * self.scaling[name]).to(x.dtype).t())
 
 
-def fast_lora_forward(model: torch.nn.Module) -> int:
+def fast_lora_forward(model: torch.nn.Module, fused: bool = True) -> int:
     """Switch every plain LoRA linear of `model` to the bf16 training update; returns how many were switched. Layers with
-    a LoRA variant (DoRA, ...) or bias keep PEFT's forward."""
+    a LoRA variant (DoRA, ...) or bias keep PEFT's forward. With `fused`, a layer on CUDA with Triton at hand
+    runs `fused_lora` instead: dropout regenerated in the backward rather than stored (see there)."""
     n = 0
     for module in _plain_lora_linears(model):
-        _switch_forward(module, _train_update)
+        _switch_forward(module, _train_update, fused)
         n += 1
     return n
 
@@ -164,7 +171,8 @@ def compile_layers(model: torch.nn.Module) -> int:
 def speedups(model: torch.nn.Module, args, notices: list[str]) -> torch.nn.Module:
     """The trainer's measured speed paths (benchmarks/NOTES.md), as its arguments ask."""
     if args.train_type == "lora":
-        fast_lora_forward(model)
+        # torch.compile cannot trace the fused layer's seed draw (a host int); compiled layers keep the other path
+        fast_lora_forward(model, fused=not args.torch_compile)
     if args.use_liger_kernel and (msg := apply_liger(model)):
         notices.append(msg)
     if args.torch_compile:

@@ -1,0 +1,217 @@
+"""A LoRA linear for training whose dropout is never materialized (`--use_liger_kernel` or CUDA + Triton).
+
+PEFT computes `base(x) + B(A(dropout(x))) * s`. The dropout writes a copy of the layer's input and a mask,
+autograd keeps both until the backward, and the backward reads them again and writes the input gradient of
+the LoRA path as a tensor of its own that is then added to the base's. For a 7B layer that is 14 bytes of
+traffic and 3 bytes of stored activation per input element, over [tokens, 3584] six times and [tokens, 18944]
+once per layer: ~21 GB of activations at 2 x 3072 tokens, the difference between fitting 2 and 4 rows per
+micro-batch without checkpointing.
+
+Here the mask is a function of (seed, element index) through Philox (`tl.rand`), so it is regenerated where
+it is needed instead of stored:
+- forward: one kernel reads x once and computes dropout(x) @ A^T (the [tokens, r] LoRA hidden);
+- backward: one kernel reads x and the base's input gradient once, regenerates the mask, adds
+  (dh @ A) * mask * scale into that gradient in place and accumulates dA = dh^T @ dropout(x).
+The base matmuls and the rank-r matmuls with B stay with cuBLAS. Only x, the [tokens, r] hidden and a seed
+are kept for the backward. Seeds come from torch's CPU generator, so `torch.manual_seed` reproduces a run and
+activation checkpointing (which restores the RNG state before recomputing) regenerates the same masks.
+
+Triton is not a hand-written replacement for a library here: no library ships dropout fused into a
+skinny matmul with the mask recomputed in the backward (Unsloth and Liger skip dropout instead).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+try:  # module-level names: Triton's interpreter patches `tl` in the kernels' globals
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+# Tests set this to run the kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 before import)
+on_cpu = False
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.cache
+def _kernels():
+    """Built on first use, so that importing mhsft never needs Triton."""
+    import triton
+    import triton.language as tl
+
+    # The mask of element (m, k) is tl.rand(seed, m * K + k) >= p in both kernels (written out in each: a
+    # nested @triton.jit helper does not run under the interpreter). The uint32 index is distinct for the
+    # first 2^32 elements (77k tokens at K = 27648, Qwen2.5-32B's widest input); the pattern repeats beyond.
+    @triton.jit
+    def fwd(x_ptr, a_ptr, part_ptr, M, K, r, k_per_split, seed, p, scale,
+            BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr):  # fmt: skip
+        # part[split, m, :r] = sum over this split's K range of (x * keep * scale)[m, k] * A[:, k]
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        rows = pid_m * BM + tl.arange(0, BM)
+        ranks = tl.arange(0, R)
+        acc = tl.zeros((BM, R), dtype=tl.float32)
+        k_start = split * k_per_split
+        for k0 in range(k_start, k_start + k_per_split, BK):
+            cols = k0 + tl.arange(0, BK)
+            inside = (rows[:, None] < M) & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0)
+            keep = tl.rand(seed, rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)) >= p
+            xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+            a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None],
+                        mask=(ranks[None, :] < r) & (cols[:, None] < K), other=0.0)  # fmt: skip
+            acc += tl.dot(xd, a)
+        out = part_ptr + split.to(tl.int64) * M * R + rows[:, None].to(tl.int64) * R + ranks[None, :]
+        tl.store(out, acc, mask=rows[:, None] < M)
+
+    @triton.jit
+    def bwd(x_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, K, r, m_per_split, seed, p, scale,
+            HAS_DX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr):  # fmt: skip
+        # dx[m, k] += (dh @ A)[m, k] * keep * scale;  part[split, :, k] = sum over this split's rows of
+        # dh[m, :]^T (x * keep * scale)[m, k]. One Philox draw per element serves both.
+        pid_k = tl.program_id(0)
+        split = tl.program_id(1)
+        cols = pid_k * BK + tl.arange(0, BK)
+        ranks = tl.arange(0, R)
+        a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :],
+                    mask=(ranks[:, None] < r) & (cols[None, :] < K), other=0.0)  # fmt: skip
+        acc = tl.zeros((R, BK), dtype=tl.float32)
+        m_start = split * m_per_split
+        for m0 in range(m_start, m_start + m_per_split, BM):
+            rows = m0 + tl.arange(0, BM)
+            inside = (rows[:, None] < M) & (cols[None, :] < K)
+            at = rows[:, None].to(tl.int64) * K + cols[None, :]
+            keep = tl.rand(seed, rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)) >= p
+            dh = tl.load(dh_ptr + rows[:, None] * R + ranks[None, :], mask=rows[:, None] < M, other=0.0)
+            x = tl.load(x_ptr + at, mask=inside, other=0.0)
+            xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+            acc += tl.dot(tl.trans(dh), xd)
+            if HAS_DX:
+                ddx = tl.dot(dh, a)
+                dx = tl.load(dx_ptr + at, mask=inside, other=0.0)
+                dx = dx.to(tl.float32) + tl.where(keep, ddx * scale, 0.0)
+                tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        out = part_ptr + split.to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :]
+        tl.store(out, acc, mask=cols[None, :] < K)
+
+    return fwd, bwd
+
+
+def _rank_block(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())  # tl.dot wants every dimension >= 16
+
+
+def _programs(device: torch.device) -> int:
+    """Enough programs to fill the GPU about four times over (the kernels are bound by memory bandwidth)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# Tile sizes and warps of (forward, backward), from benchmarks/lora_kernels.py on an H100
+FWD_TILE = (64, 64, 4)
+BWD_TILE = (64, 64, 4)
+
+
+def dropout_matmul(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, tile=None) -> torch.Tensor:
+    """dropout(x, p) @ a.T for x [M, K], a [r, K], with the mask given by `seed`; returns [M, r] in x's dtype."""
+    fwd, _ = _kernels()
+    (m, k), r = x.shape, a.shape[0]
+    (bm, bk, warps), rb = tile or FWD_TILE, _rank_block(r)
+    m_blocks = triton.cdiv(m, bm)
+    k_blocks = triton.cdiv(k, bk)
+    splits = max(1, min(k_blocks, _programs(x.device) // m_blocks))
+    k_per_split = triton.cdiv(k_blocks, splits) * bk
+    splits = triton.cdiv(k, k_per_split)
+    part = torch.empty(splits, m, rb, device=x.device, dtype=torch.float32)
+    fwd[(m_blocks, splits)](x, a, part, m, k, r, k_per_split, seed, p, 1.0 / (1.0 - p),
+                            BM=bm, BK=bk, R=rb, num_warps=warps)  # fmt: skip
+    return part.sum(0)[:, :r].to(x.dtype)
+
+
+def dropout_matmul_backward(x, dh, a, dx, p: float, seed: int, tile=None) -> torch.Tensor:
+    """The backward of `dropout_matmul`: adds d(x) into `dx` in place (when given) and returns dA [r, K] in
+    float32. `dh` is the [M, r] gradient of the result."""
+    _, bwd = _kernels()
+    (m, k), r = x.shape, a.shape[0]
+    (bm, bk, warps), rb = tile or BWD_TILE, _rank_block(r)
+    dh = F.pad(dh, (0, rb - r)).contiguous() if rb != r else dh.contiguous()
+    k_blocks = triton.cdiv(k, bk)
+    m_blocks = triton.cdiv(m, bm)
+    splits = max(1, min(m_blocks, _programs(x.device) // k_blocks))
+    m_per_split = triton.cdiv(m_blocks, splits) * bm
+    splits = triton.cdiv(m, m_per_split)
+    part = torch.empty(splits, rb, k, device=x.device, dtype=torch.float32)
+    bwd[(k_blocks, splits)](x, dh, a, x if dx is None else dx, part, m, k, r, m_per_split, seed, p,
+                            1.0 / (1.0 - p), HAS_DX=dx is not None, BM=bm, BK=bk, R=rb, num_warps=warps)  # fmt: skip
+    return part.sum(0)[:r]
+
+
+class _LoRALinear(torch.autograd.Function):
+    """F.linear(x, weight, bias) + (dropout(x) @ a.T) @ bt for a frozen base; gradients for x, a and bt."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, bt, p, seed):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        out = F.linear(x2, weight, bias)
+        h = dropout_matmul(x2, a, p, seed) if p > 0 else x2 @ a.t()
+        out.addmm_(h, bt)
+        ctx.save_for_backward(x2, weight, a, bt, h)
+        ctx.p, ctx.seed, ctx.x_shape = p, seed, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, a, bt, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        dbt = h.t() @ g if ctx.needs_input_grad[4] else None
+        dh = g @ bt.t()
+        dx = g @ weight if ctx.needs_input_grad[0] else None
+        if ctx.p > 0:
+            da = dropout_matmul_backward(x2, dh, a, dx, ctx.p, ctx.seed).to(a.dtype)
+        else:
+            da = dh.t() @ x2
+            if dx is not None:
+                dx.addmm_(dh, a)
+        return None if dx is None else dx.view(ctx.x_shape), None, None, da, dbt, None, None
+
+
+def lora_linear(x, weight, bias, a, bt, p: float) -> torch.Tensor:
+    seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+    return _LoRALinear.apply(x, weight, bias, a, bt, p, seed)
+
+
+@functools.cache
+def _have_triton() -> bool:
+    try:
+        _kernels()
+    except ImportError:
+        return False
+    return True
+
+
+def usable(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """The fused path serves a plain nn.Linear base with frozen weights and one active adapter, on CUDA with
+    Triton (or on the CPU under Triton's interpreter, for tests)."""
+    base = module.base_layer
+    if type(base) is not torch.nn.Linear or base.weight.requires_grad or x.dtype not in _DTYPES:
+        return False
+    if base.bias is not None and base.bias.requires_grad or len(module.active_adapters) != 1:
+        return False
+    return (x.is_cuda or on_cpu) and _have_triton()
+
+
+def forward(module, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA linear's training forward through `lora_linear` (the caller checked `usable`)."""
+    name = module.active_adapters[0]
+    drop = module.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and module.training else 0.0
+    a = module.lora_A[name].weight.to(x.dtype)
+    bt = (module.lora_B[name].weight * module.scaling[name]).to(x.dtype).t()
+    base = module.base_layer
+    return lora_linear(x, base.weight, base.bias, a, bt, p)

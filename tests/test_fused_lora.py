@@ -1,0 +1,135 @@
+"""mhsft/fused_lora.py: the LoRA linear whose dropout mask is regenerated, not stored. On the CPU the Triton
+kernels run in Triton's interpreter (float32); MHSFT_TEST_DEVICE=cuda runs the same tests compiled, in bf16."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from mhsft import fused_lora, kernels
+from tiny import tiny_qwen2
+
+pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
+DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+TOL = {"rtol": 2e-2, "atol": 2e-2} if DEVICE == "cuda" else {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def triton_mode(monkeypatch):
+    monkeypatch.setattr(fused_lora, "on_cpu", DEVICE == "cpu")  # conftest switched Triton's interpreter on
+
+
+def _mask(seed: int, m: int, k: int, p: float) -> torch.Tensor:
+    """The kept elements of the mask `seed` draws, read back through the kernel itself (A = identity)."""
+    ones = torch.ones(m, k, device=DEVICE, dtype=DTYPE)
+    return fused_lora.dropout_matmul(ones, torch.eye(k, device=DEVICE, dtype=DTYPE), p, seed) != 0
+
+
+@pytest.mark.parametrize(("m", "k", "r"), [(70, 40, 8), (130, 100, 20)])
+def test_kernels_equal_dropout_then_matmul_with_the_same_mask(m, k, r):
+    p, seed, scale = 0.3, 1234, 1 / 0.7
+    g = torch.Generator().manual_seed(0)
+    x, a = (torch.randn(s, generator=g).to(DEVICE, DTYPE) for s in ((m, k), (r, k)))
+    dh, dx0 = (torch.randn(s, generator=g).to(DEVICE, DTYPE) for s in ((m, r), (m, k)))
+    keep = _mask(seed, m, k, p)
+    xd = (x.float() * keep * scale).to(DTYPE)
+    torch.testing.assert_close(
+        fused_lora.dropout_matmul(x, a, p, seed), (xd.float() @ a.float().t()).to(DTYPE), **TOL
+    )
+    dx = dx0.clone()
+    da = fused_lora.dropout_matmul_backward(x, dh, a, dx, p, seed)
+    torch.testing.assert_close(da, dh.float().t() @ xd.float(), **TOL)
+    torch.testing.assert_close(dx.float(), dx0.float() + (dh.float() @ a.float()) * keep * scale, **TOL)
+    # without an input gradient to update, dA is the same
+    torch.testing.assert_close(
+        fused_lora.dropout_matmul_backward(x, dh, a, None, p, seed), da, rtol=0, atol=0
+    )
+
+
+def test_mask_keeps_one_minus_p_and_depends_on_the_seed_only():
+    keep = _mask(7, 256, 192, 0.25)
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    assert torch.equal(keep, _mask(7, 256, 192, 0.25))
+    assert not torch.equal(keep, _mask(8, 256, 192, 0.25))
+    assert torch.equal(_mask(7, 256, 192, 0.25)[:100], _mask(7, 100, 192, 0.25))  # row by row, not per call
+
+
+def _model(dropout: float):
+    m = get_peft_model(tiny_qwen2().train(), LoraConfig(r=8, lora_alpha=32, lora_dropout=dropout,
+                                                         target_modules="all-linear"))  # fmt: skip
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return m.to(DEVICE, DTYPE if DEVICE == "cuda" else torch.float32)
+
+
+def _loss_and_grads(m, ids, seed=0):
+    torch.manual_seed(seed)
+    m.zero_grad()
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_fused_layers_equal_peft_without_dropout(monkeypatch):
+    calls = []
+    apply = fused_lora._LoRALinear.apply
+    monkeypatch.setattr(fused_lora._LoRALinear, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    peft_model = _model(0.0)
+    fused = copy.deepcopy(peft_model)
+    kernels.fast_lora_forward(fused)
+    ids = torch.randint(0, 300, (2, 17), device=DEVICE)
+    la, ga = _loss_and_grads(peft_model, ids)
+    lb, gb = _loss_and_grads(fused, ids)
+    assert len(calls) == 14  # every adapted linear went through the fused layer
+    torch.testing.assert_close(la, lb, **TOL)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], **TOL)
+
+
+def test_checkpointing_regenerates_the_same_masks():
+    """Recomputation draws the same seeds (checkpointing restores the RNG state), so with dropout on the
+    gradients equal those of a run that stores its activations; a different seed changes them."""
+    plain = _model(0.2)
+    kernels.fast_lora_forward(plain)
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.enable_input_require_grads()
+    ids = torch.randint(0, 300, (2, 17), device=DEVICE)
+    la, ga = _loss_and_grads(plain, ids, seed=3)
+    lb, gb = _loss_and_grads(ckpt, ids, seed=3)
+    torch.testing.assert_close(la, lb, **TOL)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], **TOL)
+    lc, _ = _loss_and_grads(plain, ids, seed=4)
+    assert not torch.equal(la, lc)
+
+
+def test_fused_layers_store_no_dropout_copy():
+    """What autograd keeps for the backward: PEFT's dropout keeps a copy of every adapted layer's input and its
+    mask; the fused layer keeps the input it shares with the base matmul."""
+
+    def saved_bytes(m):
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        ids = torch.randint(0, 300, (2, 33), device=DEVICE)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(input_ids=ids, labels=ids).loss.backward()
+        return sum(seen.values())
+
+    unfused = _model(0.1)
+    kernels.fast_lora_forward(unfused, fused=False)
+    fused = copy.deepcopy(unfused)
+    kernels.fast_lora_forward(fused)
+    # per token and layer the dropout keeps 6 x 64 + 128 inputs (copy and mask) of the tiny model's linears
+    per_copy = 2 * 33 * 2 * (6 * 64 + 128) * torch.finfo(DTYPE).bits // 8
+    assert saved_bytes(unfused) - saved_bytes(fused) >= per_copy
