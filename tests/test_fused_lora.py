@@ -30,7 +30,9 @@ def _mask(seed: int, m: int, k: int, p: float) -> torch.Tensor:
     return fused_lora.dropout_matmul(ones, torch.eye(k, device=DEVICE, dtype=DTYPE), p, seed) != 0
 
 
-@pytest.mark.parametrize(("m", "k", "r"), [(70, 40, 8), (130, 100, 20)])
+# shapes that give one program per row block and the K range split over several (forward), or the rows split
+# over several (backward)
+@pytest.mark.parametrize(("m", "k", "r"), [(70, 40, 8), (130, 100, 20), (70, 300, 8), (200, 40, 8)])
 def test_kernels_equal_dropout_then_matmul_with_the_same_mask(m, k, r):
     p, seed = 0.3, 1234
     scale = fused_lora._threshold(p)[1]

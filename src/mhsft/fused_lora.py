@@ -22,6 +22,8 @@ skinny matmul with the mask recomputed in the backward (Unsloth and Liger skip d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -77,7 +79,7 @@ if triton is not None:
                         mask=(ranks[None, :] < r) & (cols[:, None] < K), other=0.0)  # fmt: skip
             acc += tl.dot(xd, a)
         out = part_ptr + split.to(tl.int64) * M * R + rows[:, None].to(tl.int64) * R + ranks[None, :]
-        tl.store(out, acc, mask=rows[:, None] < M)
+        tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=rows[:, None] < M)
 
     @triton.jit(do_not_specialize=["seed", "M"])
     def _bwd(x_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, K, r, m_per_split, seed, threshold, scale,
@@ -98,7 +100,8 @@ if triton is not None:
             inside = (rows[:, None] < M) & (cols[None, :] < K)
             at = rows[:, None].to(tl.int64) * K + cols[None, :]
             keep = _keep(seed, rows, k0, K, threshold, BM, BK)
-            dh = tl.load(dh_ptr + rows[:, None] * R + ranks[None, :], mask=rows[:, None] < M, other=0.0)
+            dh = tl.load(dh_ptr + rows[:, None] * r + ranks[None, :],
+                         mask=(rows[:, None] < M) & (ranks[None, :] < r), other=0.0)  # fmt: skip
             x = tl.load(x_ptr + at, mask=inside, other=0.0)
             xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
             acc += tl.dot(tl.trans(dh), xd)
@@ -121,6 +124,7 @@ def _rank_block(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())  # tl.dot wants every dimension >= 16
 
 
+@functools.cache
 def _programs(device: torch.device) -> int:
     """Enough programs to fill the GPU about four times over (the kernels are bound by memory bandwidth)."""
     if device.type == "cuda":
@@ -129,8 +133,8 @@ def _programs(device: torch.device) -> int:
 
 
 # Tile sizes and warps of (forward, backward), from benchmarks/lora_kernels.py on an H100
-FWD_TILE = (32, 128, 4)
-BWD_TILE = (32, 128, 4)
+FWD_TILE = (64, 128, 4)
+BWD_TILE = (64, 128, 4)
 
 
 def dropout_matmul(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, tile=None) -> torch.Tensor:
@@ -143,19 +147,20 @@ def dropout_matmul(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, tile=N
     splits = max(1, min(k_blocks, _programs(x.device) // m_blocks))
     k_per_split = triton.cdiv(k_blocks, splits) * bk
     splits = triton.cdiv(k, k_per_split)
-    part = torch.empty(splits, m, rb, device=x.device, dtype=torch.float32)
+    # a split of its own writes the result's dtype directly; several write float32 partial sums
+    part = torch.empty(splits, m, rb, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
     fwd[(m_blocks, splits)](x, a, part, m, k, r, k_per_split, seed, *_threshold(p),
                             BM=bm, BK=bk, R=rb, num_warps=warps)  # fmt: skip
-    return part.sum(0)[:, :r].to(x.dtype)
+    return (part[0] if splits == 1 else part.sum(0).to(x.dtype))[:, :r]
 
 
 def dropout_matmul_backward(x, dh, a, dx, p: float, seed: int, tile=None) -> torch.Tensor:
     """The backward of `dropout_matmul`: adds d(x) into `dx` in place (when given) and returns dA [r, K] in
-    float32. `dh` is the [M, r] gradient of the result."""
+    a's dtype. `dh` is the [M, r] gradient of the result."""
     _, bwd = _kernels()
     (m, k), r = x.shape, a.shape[0]
     (bm, bk, warps), rb = tile or BWD_TILE, _rank_block(r)
-    dh = F.pad(dh, (0, rb - r)).contiguous() if rb != r else dh.contiguous()
+    dh = dh.contiguous()
     k_blocks = triton.cdiv(k, bk)
     m_blocks = triton.cdiv(m, bm)
     splits = max(1, min(m_blocks, _programs(x.device) // k_blocks))
@@ -164,7 +169,7 @@ def dropout_matmul_backward(x, dh, a, dx, p: float, seed: int, tile=None) -> tor
     part = torch.empty(splits, rb, k, device=x.device, dtype=torch.float32)
     bwd[(k_blocks, splits)](x, dh, a, x if dx is None else dx, part, m, k, r, m_per_split, seed, *_threshold(p),
                             HAS_DX=dx is not None, BM=bm, BK=bk, R=rb, num_warps=warps)  # fmt: skip
-    return part.sum(0)[:r]
+    return part[0, :r].to(a.dtype) if splits == 1 else part[:, :r].sum(0).to(a.dtype)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -188,7 +193,7 @@ class _LoRALinear(torch.autograd.Function):
         dh = g @ bt.t()
         dx = g @ weight if ctx.needs_input_grad[0] else None
         if ctx.p > 0:
-            da = dropout_matmul_backward(x2, dh, a, dx, ctx.p, ctx.seed).to(a.dtype)
+            da = dropout_matmul_backward(x2, dh, a, dx, ctx.p, ctx.seed)
         else:
             da = dh.t() @ x2
             if dx is not None:
