@@ -120,7 +120,8 @@ def worker(args) -> dict:
         mhsft_args = SftArguments(model="bench", dataset=["bench"], lora_dropout=args.lora_dropout,
                                   gradient_checkpointing=not args.no_gc, max_length=args.seq,
                                   use_liger_kernel="liger" in opts, torch_compile="compile" in opts,
-                                  gradient_checkpointing_ratio=args.gc_ratio)  # fmt: skip
+                                  gradient_checkpointing_ratio=args.gc_ratio,
+                                  loss_chunk_size=args.loss_chunk)  # fmt: skip
         if "peft" in opts:  # PEFT's own LoRA forward, for comparison with mhsft.kernels.fast_lora_forward
             import mhsft.kernels
 
@@ -221,6 +222,7 @@ def worker(args) -> dict:
         "seq": args.seq,
         "gradient_checkpointing": not args.no_gc,
         "gc_ratio": args.gc_ratio,
+        "loss_chunk": args.loss_chunk,
         "lora_dropout": args.lora_dropout,
         "tokens_per_s": round(sum(real_tokens) / sum(times), 1),
         "step_s_median": round(sorted(times)[len(times) // 2], 3),
@@ -244,6 +246,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--no_gc", action="store_true")
+    ap.add_argument("--loss_chunk", type=int, default=4096, help="mhsft: tokens per LM-head + loss chunk")
     ap.add_argument("--gc_ratio", type=float, default=1.0, help="mhsft: share of layers that recompute")
     ap.add_argument("--stacks", default="hf,liger,mhsft")
     ap.add_argument("--data", nargs="+", default=[str(ROOT.parent / "shared/data/train/emollm_data.json")])

@@ -46,7 +46,7 @@ def test_kernels_equal_dropout_then_matmul_with_the_same_mask(m, k, r):
     )
     dx = dx0.clone()
     da = fused_lora.dropout_matmul_backward(x, dh, a, dx, p, seed)
-    torch.testing.assert_close(da, dh.float().t() @ xd.float(), **TOL)
+    torch.testing.assert_close(da.float(), dh.float().t() @ xd.float(), **TOL)
     torch.testing.assert_close(dx.float(), dx0.float() + (dh.float() @ a.float()) * keep * scale, **TOL)
     # without an input gradient to update, dA is the same
     torch.testing.assert_close(
@@ -117,10 +117,13 @@ def test_checkpointing_regenerates_the_same_masks():
 
 
 def test_fused_layers_store_no_dropout_copy():
-    """What autograd keeps for the backward: PEFT's dropout keeps a copy of every adapted layer's input and its
-    mask; the fused layer keeps the input it shares with the base matmul."""
+    """What autograd keeps for the backward: with dropout on, PEFT's dropout keeps a copy of every adapted
+    layer's input and its mask on top of what the layers keep without dropout; the fused layers keep exactly
+    what they keep without dropout."""
 
-    def saved_bytes(m):
+    def saved_bytes(dropout: float, fused: bool) -> int:
+        m = _model(dropout)
+        kernels.fast_lora_forward(m, fused=fused)
         seen = {}
 
         def pack(t):
@@ -132,12 +135,8 @@ def test_fused_layers_store_no_dropout_copy():
             m(input_ids=ids, labels=ids).loss.backward()
         return sum(seen.values())
 
-    unfused = _model(0.1)
-    kernels.fast_lora_forward(unfused, fused=False)
-    fused = copy.deepcopy(unfused)
-    kernels.fast_lora_forward(fused)
-    # per token and layer the dropout keeps 6 x 64 + 128 inputs (copy and mask) of the tiny model's linears
-    per_copy = 2 * 33 * 2 * (6 * 64 + 128) * torch.finfo(DTYPE).bits // 8
-    a, b = saved_bytes(unfused), saved_bytes(fused)
-    print(a, b, per_copy)
-    assert a - b >= per_copy
+    # 2 x 33 tokens, 2 layers, inputs of 6 x 64 + 128 features per layer: at least the copies (the mask's form
+    # differs between torch's CPU and CUDA dropout)
+    copies = 2 * 33 * 2 * (6 * 64 + 128) * torch.finfo(DTYPE).bits // 8
+    assert saved_bytes(0.1, fused=False) - saved_bytes(0.0, fused=False) >= copies
+    assert saved_bytes(0.1, fused=True) == saved_bytes(0.0, fused=True)
