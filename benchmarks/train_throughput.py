@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--no_gc", action="store_true")
-    ap.add_argument("--loss_chunk", type=int, default=4096, help="mhsft: tokens per LM-head + loss chunk")
+    ap.add_argument("--loss_chunk", type=int, default=2048, help="mhsft: tokens per LM-head + loss chunk")
     ap.add_argument("--gc_ratio", type=float, default=1.0, help="mhsft: share of layers that recompute")
     ap.add_argument("--stacks", default="hf,liger,mhsft")
     ap.add_argument("--data", nargs="+", default=[str(ROOT.parent / "shared/data/train/emollm_data.json")])

@@ -132,16 +132,45 @@ def _programs(device: torch.device) -> int:
     return 4
 
 
-# Tile sizes and warps of (forward, backward), from benchmarks/lora_kernels.py on an H100
+# (rows, columns, warps) of a program's tile, forward and backward: from benchmarks/lora_kernels.py on an H100 at
+# rank 8. Larger ranks need more shared memory; `_fitting` shrinks the tile until the kernel compiles.
 FWD_TILE = (64, 128, 4)
 BWD_TILE = (64, 128, 4)
+_fitted: dict[tuple[str, int], tuple[int, int, int]] = {}
+
+
+def _fitting(kind: str, rb: int, tile, attempt):
+    """attempt(tile) with the first tile that fits the GPU's shared memory, remembered per (kind, rank)."""
+    tile = tile or _fitted.get((kind, rb)) or (FWD_TILE if kind == "fwd" else BWD_TILE)
+    while True:
+        try:
+            out = attempt(tile)
+        except triton.runtime.errors.OutOfResources:  # raised when compiling, before anything is written
+            bm, bk, warps = tile
+            if bk == 32 and bm == 16:
+                raise
+            tile = (bm, bk // 2, warps) if bk > 32 else (bm // 2, bk, warps)
+            continue
+        _fitted[(kind, rb)] = tile
+        return out
 
 
 def dropout_matmul(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, tile=None) -> torch.Tensor:
     """dropout(x, p) @ a.T for x [M, K], a [r, K], with the mask given by `seed`; returns [M, r] in x's dtype."""
+    return _fitting("fwd", _rank_block(a.shape[0]), tile, lambda t: _dropout_matmul(x, a, p, seed, t))
+
+
+def dropout_matmul_backward(x, dh, a, dx, p: float, seed: int, tile=None) -> torch.Tensor:
+    """The backward of `dropout_matmul`: adds d(x) into `dx` in place (when given) and returns dA [r, K] in
+    a's dtype. `dh` is the [M, r] gradient of the result."""
+    attempt = lambda t: _dropout_matmul_backward(x, dh, a, dx, p, seed, t)  # noqa: E731
+    return _fitting("bwd", _rank_block(a.shape[0]), tile, attempt)
+
+
+def _dropout_matmul(x, a, p, seed, tile):
     fwd, _ = _kernels()
     (m, k), r = x.shape, a.shape[0]
-    (bm, bk, warps), rb = tile or FWD_TILE, _rank_block(r)
+    (bm, bk, warps), rb = tile, _rank_block(r)
     m_blocks = triton.cdiv(m, bm)
     k_blocks = triton.cdiv(k, bk)
     splits = max(1, min(k_blocks, _programs(x.device) // m_blocks))
@@ -154,12 +183,10 @@ def dropout_matmul(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, tile=N
     return (part[0] if splits == 1 else part.sum(0).to(x.dtype))[:, :r]
 
 
-def dropout_matmul_backward(x, dh, a, dx, p: float, seed: int, tile=None) -> torch.Tensor:
-    """The backward of `dropout_matmul`: adds d(x) into `dx` in place (when given) and returns dA [r, K] in
-    a's dtype. `dh` is the [M, r] gradient of the result."""
+def _dropout_matmul_backward(x, dh, a, dx, p, seed, tile):
     _, bwd = _kernels()
     (m, k), r = x.shape, a.shape[0]
-    (bm, bk, warps), rb = tile or BWD_TILE, _rank_block(r)
+    (bm, bk, warps), rb = tile, _rank_block(r)
     dh = dh.contiguous()
     k_blocks = triton.cdiv(k, bk)
     m_blocks = triton.cdiv(m, bm)
