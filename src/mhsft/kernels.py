@@ -5,7 +5,8 @@ benchmarks/NOTES.md).
   update in float32, so every adapted linear materializes float32 copies of its input and of its whole output
   ([tokens, 18944] for gate/up: 1.9 GB each at 24k tokens). We compute the low-rank path in the activation dtype
   instead (the adapter weights stay float32 masters; only the rank-r matrices are cast, which is free) and add
-  it with one addmm. Same maths as PEFT under autocast; only rounding differs.
+  it with one addmm. Same maths as PEFT under autocast; only rounding differs. On a GPU with Triton, a layer
+  with dropout runs `fused_lora` instead: the dropout mask is regenerated in the backward rather than stored.
 - `fast_lora_inference`: the serving engine's LoRA path: A and (B * scaling)^T per adapter, cast to the layer's
   dtype once, so a layer costs its base matmul, one rank-r matmul and one addmm (a decode step is bound by
   kernel count: PEFT's casts, scale and add are 4 more launches in each of ~200 layers).
@@ -172,7 +173,13 @@ def speedups(model: torch.nn.Module, args, notices: list[str]) -> torch.nn.Modul
     """The trainer's measured speed paths (benchmarks/NOTES.md), as its arguments ask."""
     if args.train_type == "lora":
         # torch.compile cannot trace the fused layer's seed draw (a host int); compiled layers keep the other path
-        fast_lora_forward(model, fused=not args.torch_compile)
+        fused = not args.torch_compile
+        fast_lora_forward(model, fused=fused)
+        on_gpu = next(model.parameters()).is_cuda
+        if fused and args.lora_dropout > 0 and on_gpu and fused_lora.triton is not None:
+            notices.append(
+                "LoRA dropout runs in fused Triton kernels: its mask is regenerated in the backward, not stored"
+            )
     if args.use_liger_kernel and (msg := apply_liger(model)):
         notices.append(msg)
     if args.torch_compile:
