@@ -1,14 +1,14 @@
-"""A LoRA linear for training whose dropout is never materialized (`--use_liger_kernel` or CUDA + Triton).
+"""A LoRA linear for training whose dropout is never materialized (on CUDA, when Triton is installed).
 
 PEFT computes `base(x) + B(A(dropout(x))) * s`. The dropout writes a copy of the layer's input and a mask,
 autograd keeps both until the backward, and the backward reads them again and writes the input gradient of
-the LoRA path as a tensor of its own that is then added to the base's. For a 7B layer that is 14 bytes of
-traffic and 3 bytes of stored activation per input element, over [tokens, 3584] six times and [tokens, 18944]
-once per layer: ~21 GB of activations at 2 x 3072 tokens, the difference between fitting 2 and 4 rows per
-micro-batch without checkpointing.
+the LoRA path as a tensor of its own that is then added to the base's. For a 7B layer that is ~14 bytes of
+traffic per input element, over [tokens, 3584] six times and [tokens, 18944] once per layer, and on an H100 it
+moved the peak of a 2 x 3072 micro-batch without checkpointing from 60.0 to 49.0 GiB: the difference between
+fitting 2 and 4 rows (benchmarks/NOTES.md).
 
-Here the mask is a function of (seed, element index) through Philox (`tl.rand`), so it is regenerated where
-it is needed instead of stored:
+Here the mask is a function of (seed, element index) through Philox (`tl.randint4x`), so it is regenerated
+where it is needed instead of stored:
 - forward: one kernel reads x once and computes dropout(x) @ A^T (the [tokens, r] LoRA hidden);
 - backward: one kernel reads x and the base's input gradient once, regenerates the mask, adds
   (dh @ A) * mask * scale into that gradient in place and accumulates dA = dh^T @ dropout(x).
@@ -240,6 +240,8 @@ def usable(module: torch.nn.Module, x: torch.Tensor) -> bool:
     if type(base) is not torch.nn.Linear or base.weight.requires_grad or x.dtype not in _DTYPES:
         return False
     if base.bias is not None and base.bias.requires_grad or len(module.active_adapters) != 1:
+        return False
+    if module.active_adapters[0] not in module.lora_A:
         return False
     return (x.is_cuda or on_cpu) and triton is not None
 
