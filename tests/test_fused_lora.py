@@ -139,3 +139,14 @@ def test_fused_layers_store_no_dropout_copy():
 
     assert saved_bytes(0.1, fused=True) == saved_bytes(0.0, fused=True)
     assert saved_bytes(0.1, fused=False) > saved_bytes(0.0, fused=False)
+
+
+def test_zero3_partitioned_weights_keep_the_module_path():
+    """Under DeepSpeed ZeRO-3 a base weight is only gathered inside base_layer's own forward: such layers must
+    not take the fused path (which reads the weight directly)."""
+    m = _model(0.1)
+    layer = next(kernels._plain_lora_linears(m))
+    x = torch.randn(2, 3, layer.base_layer.in_features, device=DEVICE, dtype=layer.base_layer.weight.dtype)
+    assert fused_lora.usable(layer, x)
+    layer.base_layer.weight.ds_id = 0  # what deepspeed.zero.Init sets on a partitioned parameter
+    assert not fused_lora.usable(layer, x)

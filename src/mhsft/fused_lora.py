@@ -243,6 +243,10 @@ def usable(module: torch.nn.Module, x: torch.Tensor) -> bool:
         return False
     if module.active_adapters[0] not in module.lora_A:
         return False
+    # DeepSpeed ZeRO-3 gathers a module's weights in a hook around that module's own forward, which this path
+    # bypasses by reading base_layer.weight directly
+    if hasattr(base.weight, "ds_id"):
+        return False
     return (x.is_cuda or on_cpu) and triton is not None
 
 
