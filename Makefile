@@ -38,6 +38,8 @@ test: $(STAMP)
 	fi
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	@# the layer contract in pyproject.toml ([tool.importlinter]): no stage imports one above it
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest -q
 
 format: $(STAMP)

@@ -50,7 +50,7 @@ def _top_kernels(torch, fn, rows: int = 12) -> str:
 
 
 def run_variant(torch, model, tok, names, prompts, args, graphs, fast, cudnn, sync=False) -> dict:
-    from mhsft.engine import Engine, Request, SamplingParams
+    from mhsft.serve.engine import Engine, Request, SamplingParams
 
     engine = Engine(model, tok, names, max_batch_size=args.streams, max_model_len=args.max_model_len,
                     cuda_graphs=graphs, fast_paths=fast, async_scheduling=not sync)  # fmt: skip

@@ -1,5 +1,5 @@
 """The LoRA path of one adapted linear on the GPU: PEFT-style dropout + rank-r matmuls (as mhsft ran it before
-`mhsft.fused_lora`) against the fused Triton kernels, forward and backward, for Qwen2.5-7B's input widths and
+`mhsft.train.fused_lora`) against the fused Triton kernels, forward and backward, for Qwen2.5-7B's input widths and
 the trainer's token counts; the fused kernels over a few tile sizes. Prints a table, writes JSON.
 
     python benchmarks/lora_kernels.py --out lora_kernels.json
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mhsft import fused_lora  # noqa: E402
+from mhsft.train import fused_lora  # noqa: E402
 
 TILES = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (32, 128, 4), (64, 128, 8), (128, 128, 8)]
 

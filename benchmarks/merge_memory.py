@@ -5,7 +5,7 @@
     python benchmarks/merge_memory.py --preset qwen2.5-32b --shard_size 5GB   # 65 GB on disk twice
 
 It writes a random-weight Qwen2 model of the preset's shape straight to safetensors shards (never holding the
-model in memory), a random LoRA adapter on every linear layer, then runs `mhsft.merge.merge_lora(verify=False)`
+model in memory), a random LoRA adapter on every linear layer, then runs `mhsft.export.merge.merge_lora(verify=False)`
 in a fresh process and reports the resident memory it added over the process's baseline (torch + transformers
 imported), from the kernel's high-water mark (VmHWM). Expected: about one output shard (--shard_size, default 5 GB in
 `mhsft export`) plus the largest single tensor (the embedding: 1.1 GB in bf16 for Qwen2.5-7B, 2.2 GB once upcast
@@ -95,8 +95,8 @@ def measure(base: str, adapter: str, out: str, shard_size: str, dtype: str) -> d
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from mhsft.merge import merge_lora
-    from mhsft.merge_weights import peak_rss_mb
+    from mhsft.export.merge import merge_lora
+    from mhsft.export.merge_weights import peak_rss_mb
 
     rss_before = psutil.Process().memory_info().rss / 1e6
     peak_before = peak_rss_mb()

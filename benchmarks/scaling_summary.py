@@ -192,7 +192,8 @@ def rank_balance(dataset: str, max_length: int, batch: int, ns: list[int], steps
     from mhsft.builtin import resolve_model
     from mhsft.data.loader import load_datasets
     from mhsft.model import load_tokenizer
-    from mhsft.sft import SftArguments, epoch_plan, render_samples
+    from mhsft.train.batches import epoch_plan
+    from mhsft.train.sft import SftArguments, render_samples
 
     a = SftArguments(model="x", dataset=[dataset], packing=True, max_length=max_length,
                      per_device_train_batch_size=batch)  # fmt: skip

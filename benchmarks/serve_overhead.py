@@ -30,9 +30,10 @@ def worker_server(args, argv: list[str]) -> int:
     """`mhsft deploy` on a simulated device (the lm_head, sampling and everything after them are real)."""
     import torch
 
-    from mhsft import engine as engine_module
-    from mhsft import sampling, serve
-    from mhsft.engine import Engine
+    from mhsft.serve import deploy as serve
+    from mhsft.serve import engine as engine_module
+    from mhsft.serve import sampling
+    from mhsft.serve.engine import Engine
 
     # A device that runs one step after another while the host goes on: each forward is queued on a clock,
     # and reading a step's tokens back (`Pending.wait`) sleeps until the device would have finished it.

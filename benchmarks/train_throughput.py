@@ -38,10 +38,10 @@ def make_batches(args) -> str:
     import torch
 
     from mhsft.builtin import resolve_model
+    from mhsft.data.binpack import pack_bfd
     from mhsft.data.loader import load_datasets
     from mhsft.data.render import render_dialogue
     from mhsft.model import load_tokenizer
-    from mhsft.packing import pack_bfd
 
     tok = load_tokenizer(resolve_model("builtin:tiny"))
     data = load_datasets(args.data, seed=0)
@@ -111,8 +111,8 @@ def worker(args) -> dict:
     attn = "sdpa"
     mhsft_args = None
     if stack == "mhsft":
-        from mhsft.packing import register_packed_attention, select_attn_backend
-        from mhsft.sft import SftArguments
+        from mhsft.train.packed_attention import register_packed_attention, select_attn_backend
+        from mhsft.train.sft import SftArguments
 
         backend, _ = select_attn_backend(dev, "flash_attn")
         attn = register_packed_attention(backend)
@@ -122,14 +122,16 @@ def worker(args) -> dict:
                                   use_liger_kernel="liger" in opts, torch_compile="compile" in opts,
                                   gradient_checkpointing_ratio=args.gc_ratio,
                                   loss_chunk_size=args.loss_chunk)  # fmt: skip
-        if "peft" in opts:  # PEFT's own LoRA forward, for comparison with mhsft.kernels.fast_lora_forward
-            import mhsft.kernels
+        if (
+            "peft" in opts
+        ):  # PEFT's own LoRA forward, for comparison with mhsft.lora_forward.fast_lora_forward
+            import mhsft.train.speedups
 
-            mhsft.kernels.fast_lora_forward = lambda model, fused=True: 0
-        if "nofused" in opts:  # mhsft's bf16 LoRA forward with nn.Dropout, not mhsft.fused_lora
-            import mhsft.fused_lora
+            mhsft.train.speedups.fast_lora_forward = lambda model, fused=None: 0
+        if "nofused" in opts:  # mhsft's bf16 LoRA forward with nn.Dropout, not mhsft.train.fused_lora
+            import mhsft.train.fused_lora
 
-            mhsft.fused_lora.usable = lambda module, x: False
+            mhsft.train.fused_lora.usable = lambda module, x: False
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -140,8 +142,8 @@ def worker(args) -> dict:
     torch.set_default_dtype(torch.float32)
     init_s = time.perf_counter() - t0
     if stack == "mhsft":
-        from mhsft.loss import ChunkedLMLoss
-        from mhsft.sft import prepare_model
+        from mhsft.train.loss import ChunkedLMLoss
+        from mhsft.train.sft import prepare_model
 
         notes: list[str] = []
         model = prepare_model(model, mhsft_args, notes)
@@ -166,7 +168,7 @@ def worker(args) -> dict:
     losses, times, real_tokens = [], [], []
     from torch.profiler import record_function
 
-    from mhsft.packing import batch_to_device, collate_packed
+    from mhsft.train.batches import batch_to_device, collate_packed
 
     def step(rows) -> float:
         """One optimizer step over one micro-batch, as the trainer's loop does it (mhsft: `batch_to_device`, the

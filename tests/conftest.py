@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 # Triton's interpreter runs the fused LoRA kernels on CPU tensors (tests/test_fused_lora.py); it must be chosen
 # before triton is imported. mhsft only takes the fused path on the CPU when a test asks for it.
 if os.environ.get("MHSFT_TEST_DEVICE", "cpu") == "cpu":
@@ -40,16 +41,3 @@ def tiny_model_dir() -> Path:
     from mhsft.builtin import resolve_model
 
     return Path(resolve_model("builtin:tiny"))
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `mhsft ARGV` in-process: (exit code, stdout, stderr). A traceback is a failure."""
-    from mhsft import cli
-
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse's --help and usage errors
-        rc = e.code if isinstance(e.code, int) else 0
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return rc, out, err

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO
 from mhsft import builtin
 from mhsft.builtin import QWEN25_CHAT_TEMPLATE, demo_corpus_path, ensure_tiny, resolve_model
 from mhsft.utils import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "data"
 
 

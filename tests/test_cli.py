@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from mhsft import cli
 from mhsft.data.schema import DataError, Source
 from mhsft.utils import UserError
@@ -91,14 +91,6 @@ def test_stage_errors_become_one_line_and_exit_code(fake_stage, capsys, exc, rc,
     assert got == rc
     assert "Traceback" not in err
     assert text in err and len(err.strip().splitlines()) <= 1
-
-
-def test_unimplemented_stage(monkeypatch, capsys):
-    monkeypatch.setitem(cli.STAGES, "ghost", ("mhsft.no_such_module_yet", "a stage still to write"))
-    rc, out, _ = run(["ghost", "--help"], capsys)
-    assert rc == 0 and "not implemented yet" in out and "a stage still to write" in out
-    rc, _, err = run(["ghost"], capsys)
-    assert rc == 3 and "not implemented yet" in err
 
 
 def test_dotenv_is_loaded_and_never_printed(fake_stage, tmp_path, monkeypatch, capsys):

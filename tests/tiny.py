@@ -1,4 +1,5 @@
-"""Small builders the model-level tests share: a 2-layer Qwen2 from a config and random training samples."""
+"""Small builders the model-level tests share: a 2-layer Qwen2 from a config, a LoRA on it, and random training
+samples."""
 
 from __future__ import annotations
 
@@ -26,3 +27,25 @@ def random_samples(lengths, seed: int = 1) -> list[dict]:
         ids = torch.randint(0, 300, (n,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
     return out
+
+
+def tiny_lora(dropout: float):
+    """tiny_qwen2 with a LoRA (r8, alpha 32) on every linear layer, in training mode; B is random instead of zero, so
+    that the LoRA path changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=8, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
+    m = get_peft_model(tiny_qwen2().train(), cfg)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return m
+
+
+def loss_and_grads(m, ids, seed: int = 0):
+    """(loss, {trainable parameter: gradient}) of one forward and backward, with the RNG seeded (dropout)."""
+    torch.manual_seed(seed)
+    m.zero_grad()
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}

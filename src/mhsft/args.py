@@ -8,11 +8,12 @@ Each stage defines ONE dataclass of arguments (by inheriting the mixins below) a
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from mhsft.utils import UserError
+from mhsft.utils import UserError, get_logger, is_secret_name, redact_args, redact_argv
 
 T = TypeVar("T")
 
@@ -90,8 +91,6 @@ def _normalize_argv(argv: list[str]) -> list[str]:
     """ms-swift renames -> our names; a secret flag left without a value (`--swanlab_token ${SWANLAB_API_KEY}`
     with the variable unset expands to nothing) is dropped with a notice instead of swallowing the next flag,
     so that the key is then looked up in the environment and `.env` as usual."""
-    from mhsft.utils import get_logger, is_secret_name
-
     out = []
     for i, a in enumerate(argv):
         name, eq, val = a.partition("=")
@@ -128,17 +127,11 @@ def parse_args(cls: type[T], argv: list[str], prog: str, yaml_overrides: dict | 
 
 def args_to_dict(args) -> dict:
     """All fields of an arguments dataclass, secrets masked."""
-    from mhsft.utils import redact_args
-
     return redact_args(dataclasses.asdict(args))
 
 
 def command_line() -> str:
     """The command line as typed, secrets masked, for logs and args.json."""
-    import shlex
-
-    from mhsft.utils import redact_argv
-
     return "mhsft " + " ".join(shlex.quote(a) for a in redact_argv(sys.argv[1:]))
 
 
@@ -172,3 +165,25 @@ class GenerationArguments:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         return kw
+
+
+@dataclass
+class EngineArguments:
+    """What the generation engine runs: the adapters beside the base model, and its batch, context and device.
+    Shared by `mhsft infer` and `mhsft deploy`, which run the same engine."""
+
+    adapters: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "LoRA checkpoints: `ckpt` or `name1=ckpt1 name2=ckpt2` (each served as model `name`); "
+            "--model may be left out when the checkpoint names its base."
+        },
+    )
+    max_batch_size: int | None = field(
+        default=None, metadata={"help": "Requests generated at once (default 64 on a GPU, 8 on the CPU)."}
+    )
+    max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt + reply in tokens (default: the model's limit, at most 4096)."},
+    )
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1 or cpu (default: cuda if any)."})

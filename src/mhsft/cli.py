@@ -1,4 +1,5 @@
-"""`mhsft <stage> ...`: a thin dispatcher. Each stage lives in its own module and exposes `main(argv) -> int`."""
+"""`mhsft <stage> ...`: a thin dispatcher. Each stage lives in its own folder (data/, train/, serve/, export/, eval/,
+report/, pipeline/) and its verb in a module there that exposes `main(argv) -> int`."""
 
 from __future__ import annotations
 
@@ -6,25 +7,36 @@ import contextlib
 import importlib
 import os
 import sys
+import warnings
+
+from mhsft import __version__
+from mhsft.data.schema import DataError
+from mhsft.utils import UserError, get_logger, load_dotenv_file, register_env_secrets, setup_console
 
 # stage name -> (module, one-line description). Modules are imported lazily so that `mhsft --help`
 # and `mhsft data ...` do not pay for importing torch when they do not need it.
 STAGES: dict[str, tuple[str, str]] = {
     "data": (
-        "mhsft.data.cli",
+        "mhsft.data.commands",
         "inspect | validate | convert | clean datasets (ShareGPT, messages, Alpaca, EmoLLM, CPsyCoun)",
     ),
-    "sft": ("mhsft.sft", "LoRA / full supervised fine-tuning (ms-swift flags), packing, resume, SwanLab"),
-    "infer": ("mhsft.infer", "chat with a model or adapter interactively, or run a JSONL batch"),
-    "deploy": ("mhsft.serve", "OpenAI-compatible HTTP server (chat, completions with logprobs)"),
+    "sft": (
+        "mhsft.train.sft",
+        "LoRA / full supervised fine-tuning (ms-swift flags), packing, resume, SwanLab",
+    ),
+    "infer": ("mhsft.serve.infer", "chat with a model or adapter interactively, or run a JSONL batch"),
+    "deploy": ("mhsft.serve.deploy", "OpenAI-compatible HTTP server (chat, completions with logprobs)"),
     "export": (
-        "mhsft.merge",
+        "mhsft.export.merge",
         "merge a LoRA adapter into its base model, shard by shard, with a numeric check",
     ),
-    "upload": ("mhsft.upload", "publish a model directory to ModelScope or Hugging Face with a model card"),
-    "eval": ("mhsft.eval", "exam multiple choice, QA metrics, counseling dimensions by a judge"),
-    "report": ("mhsft.report", "markdown + self-contained HTML report: base vs fine-tuned"),
-    "run": ("mhsft.pipeline", "run a whole experiment from one YAML file, resuming finished stages"),
+    "upload": (
+        "mhsft.export.upload",
+        "publish a model directory to ModelScope or Hugging Face with a model card",
+    ),
+    "eval": ("mhsft.eval.evaluate", "exam multiple choice, QA metrics, counseling dimensions by a judge"),
+    "report": ("mhsft.report.report", "markdown + self-contained HTML report: base vs fine-tuned"),
+    "run": ("mhsft.pipeline.run", "run a whole experiment from one YAML file, resuming finished stages"),
 }
 
 USAGE = """usage: mhsft <stage> [--flag value ...]     (mhsft <stage> --help for a stage's flags)
@@ -45,16 +57,12 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mhsft.utils import UserError, get_logger, load_dotenv_file, register_env_secrets, setup_console
-
     setup_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from mhsft import __version__
-
         print(f"mhsft {__version__}")
         return 0
     stage, rest = argv[0], argv[1:]
@@ -67,23 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         get_logger().error(f"error: {e}")
         return 2
     register_env_secrets()
-    import warnings
-
     # transformers 5.x deprecation notices raised inside PEFT and transformers: nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
-    module_name = STAGES[stage][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        if rest and rest[0] in ("-h", "--help"):
-            print(f"usage: mhsft {stage} ...\n\n{STAGES[stage][1]}\n\n(not implemented yet)")
-            return 0
-        print(f"mhsft {stage}: not implemented yet", file=sys.stderr)
-        return 3
-    from mhsft.data.schema import DataError
-
+    module = importlib.import_module(STAGES[stage][0])
     try:
         return int(module.main(rest) or 0)
     except (UserError, DataError) as e:  # a DataError escaping a stage is still the data's fault

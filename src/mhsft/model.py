@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 from mhsft.builtin import is_builtin, resolve_model
-from mhsft.utils import UserError, get_logger, scrub
+from mhsft.checkpoint import base_model_of
+from mhsft.utils import UserError, get_logger, hub_reachable, scrub
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {
@@ -20,6 +21,7 @@ DTYPES = {
     "fp16": "float16",
     "float32": "float32",
 }
+BASE = None  # the adapter name that means "the base model, adapters off"
 # ms-swift's --attn_impl names -> transformers' attn_implementation.
 ATTN_IMPLS = {
     "flash_attn": "flash_attention_2",
@@ -61,8 +63,6 @@ def resolve_model_dir(model: str | None, use_hf: bool = False, token: str | None
 
 
 def _download(model_id: str, use_hf: bool, token: str | None) -> str:
-    from mhsft.utils import hub_reachable
-
     hub = "Hugging Face" if use_hf else "ModelScope"
     # no network: answer from the client's cache, or fail in seconds instead of after its retries
     cached_only = not hub_reachable(use_hf)
@@ -187,8 +187,6 @@ def parse_adapters(adapters: list[str] | None) -> dict[str, str]:
 
 def base_model_for(model: str | None, adapters: dict[str, str]) -> str:
     """`--model`, or the base model the (first) adapter names in its args.json (ours and ms-swift's)."""
-    from mhsft.checkpoint import base_model_of
-
     if model:
         return model
     for path in adapters.values():
@@ -198,6 +196,26 @@ def base_model_for(model: str | None, adapters: dict[str, str]) -> str:
     raise UserError(
         "give --model, or --adapters pointing at a checkpoint whose args.json names its base model"
     )
+
+
+def model_ids(model: str, adapters: list[str], served_model_name: str | None) -> dict[str, str | None]:
+    """The names clients (and evaluations) use: model id -> adapter name (BASE: the base model). A single unnamed
+    adapter is served as --served_model_name (default: its folder name) and the base model beside it under its
+    own name; named adapters are served by name and the base as --served_model_name (default: the model's
+    name)."""
+    named = parse_adapters(adapters)
+    base_name = Path(model.removeprefix("builtin:").rstrip("/")).name or model
+    unnamed = len(adapters) == 1 and "=" not in adapters[0]
+    out: dict[str, str | None] = {}
+    if unnamed:
+        ((name, path),) = named.items()
+        out[served_model_name or Path(path.rstrip("/")).name] = name
+    else:
+        out.update({n: n for n in named})
+    base_id = base_name if unnamed or not served_model_name else served_model_name
+    if base_id in out:
+        base_id += "-base"
+    return {base_id: BASE, **out}
 
 
 def load_for_inference(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -195,3 +197,10 @@ def hub_reachable(use_hf: bool, timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def settings_hash(settings) -> str:
+    """A short, stable hash of JSON-able settings: what decides whether earlier work can be reused (a pipeline
+    stage, an evaluation's predictions). Key order does not matter; Chinese text hashes as itself."""
+    text = json.dumps(settings, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -329,7 +329,7 @@ _NUM_PERM = 128
 _WS = re.compile(r"\s+")
 
 
-def _shingle_hashes(text: str) -> list[int]:
+def shingle_hashes(text: str) -> list[int]:
     """32-bit hashes of the character 5-grams of `text` (whitespace removed).
 
     Hashed here with a vectorized polynomial hash rather than datasketch's per-item sha1, which would
@@ -363,7 +363,7 @@ def find_near_duplicates(
     found: list[NearDuplicate] = []
     for d in dialogues:
         mh.clear()
-        mh.update_batch(_shingle_hashes("\n".join(t.content for t in d.turns)))
+        mh.update_batch(shingle_hashes("\n".join(t.content for t in d.turns)))
         best, best_sim = -1, 0.0
         for key in lsh.query(mh):
             sim = float(np.mean(heads[key][1] == mh.hashvalues))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mhsft.data.readers import DATA_SUFFIXES, FORMATS, iter_file, list_data_files
 from mhsft.data.schema import DataError, Dialogue
-from mhsft.utils import UserError, get_logger
+from mhsft.utils import UserError, get_logger, hub_reachable
 
 MAX_PRINTED_REJECTS = 20
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -102,8 +102,6 @@ def download_dataset(repo_id: str, use_hf: bool = False) -> Path:
     offline_var = "HF_HUB_OFFLINE" if use_hf else "MODELSCOPE_OFFLINE"
     offline = _env_true(offline_var)
     if not offline:
-        from mhsft.utils import hub_reachable
-
         # no network: answer from the client's cache, or fail in seconds instead of after its retries
         offline = not hub_reachable(use_hf)
         if offline:

@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mhsft.data.binpack import pack_bfd
+from mhsft.data.render import render_dialogue
 from mhsft.data.schema import DataError, Dialogue
 
 # Per-record detail that would split one kind of problem into many groups: a leading `turn 3 (user): `,
@@ -89,8 +91,6 @@ class Stats:
 
     def _render(self, d: Dialogue, tokenizer) -> tuple[int, int, int, int, bool]:
         """(full tokens, tokens after fitting max_length, trained tokens after fitting, dropped pairs, cut)."""
-        from mhsft.data.render import render_dialogue
-
         full = render_dialogue(tokenizer, d, None)
         r = full
         if self.max_length and len(full.input_ids) > self.max_length:
@@ -102,8 +102,6 @@ class Stats:
         max_length) into rows of max_length."""
         if not self.max_length or not self.fitted_tokens:
             return None
-        from mhsft.packing import pack_bfd
-
         lengths = list(self.fitted_tokens)
         rows = pack_bfd(lengths, self.max_length)
         eff = sum(lengths) / (len(rows) * self.max_length)

@@ -21,8 +21,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mhsft.data.loader import parse_spec
 from mhsft.data.readers import detect_record, parse_record
 from mhsft.data.schema import DataError, Dialogue, Source
+from mhsft.utils import UserError
 
 LETTERS = "ABCDEFGHIJ"
 CASE_TYPE_RE = re.compile(r"^\s*(单选|多选)\s*[：:]\s*")
@@ -349,9 +351,6 @@ def load_eval_set(
     """(the evaluated set, the rest of the same files) for one `--eval_dataset` spec: `PATH` or `PATH#N`.
     `#N` (or `limit`, whichever is smaller) keeps a seeded random sample of N items of each kind; the items left
     out are the pool few-shot exemplars may come from. Raises UserError for a missing path."""
-    from mhsft.data.loader import parse_spec
-    from mhsft.utils import UserError
-
     spec = parse_spec(spec_text)
     if not spec.local:
         raise UserError(

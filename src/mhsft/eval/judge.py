@@ -8,6 +8,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from mhsft.args import GenerationArguments
+
 JUDGE_VERSION = 1
 
 # name -> (lowest, highest, Chinese title)
@@ -180,8 +182,6 @@ def parse_hits(text: str, n: int) -> tuple[list[bool] | None, str | None]:
 
 def ask(target, messages: list[dict], parse, retries: int, max_tokens: int = 1024):
     """Ask the judge; on malformed output, say why and ask again. Returns (parsed or None, raw, attempts, error)."""
-    from mhsft.args import GenerationArguments
-
     gen = GenerationArguments(temperature=0.0, top_p=1.0, seed=0)
     msgs = list(messages)
     raw, err = "", "not asked"

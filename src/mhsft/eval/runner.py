@@ -1,58 +1,16 @@
 """Run one evaluation set against a target: multiple choice, open QA and turn-based counseling, each item's
-record appended to predictions.jsonl as soon as it is done, so that an interrupted run resumes where it stopped.
-
-A record's key hashes the task's settings, the dataset's content hash and the item id: a rerun with the same
-settings skips what is done; changed settings (another model, prompt, generation setting) never reuse old rows.
+record appended to the predictions log (mhsft.eval.predictions) as soon as it is done, so that an interrupted run
+resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 from mhsft.eval import judge as judge_mod
 from mhsft.eval import mcq, qa, safety
 from mhsft.eval.datasets import EvalSet, MCQItem
+from mhsft.eval.predictions import PredictionLog
 from mhsft.eval.targets import RequestError
 from mhsft.utils import get_logger
-
-
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-class Cache:
-    """predictions.jsonl: append-only, one JSON record per finished item."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill: its item is simply done again
-                if isinstance(rec, dict) and "key" in rec:
-                    self.done[rec["key"]] = rec
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the whole run
-        if torn:  # a kill mid-write left half a line: start the next record on a line of its own
-            self.f.write("\n")
-
-    @staticmethod
-    def key(task_hash: str, dataset_sha: str, item_id: str) -> str:
-        return hashlib.sha256(f"{task_hash}\0{dataset_sha}\0{item_id}".encode()).hexdigest()[:24]
-
-    def put(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()
-        self.done[rec["key"]] = rec
-
-    def close(self) -> None:
-        self.f.close()
 
 
 def _chunks(xs: list, n: int):
@@ -66,23 +24,20 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=True)
 
 
-class Runner:
-    """Everything one `mhsft eval` run shares: target, judge, settings, cache, counters."""
+class Evaluator:
+    """Everything one `mhsft eval` run shares: target, judge, settings, predictions log, counters."""
 
-    def __init__(self, args, target, judge_target, cache: Cache, hashes: dict[str, str], ll_ok: bool):
-        self.args, self.target, self.judge, self.cache, self.hashes = (
-            args,
-            target,
-            judge_target,
-            cache,
-            hashes,
-        )
+    def __init__(
+        self, args, target, judge_target, predictions: PredictionLog, hashes: dict[str, str], ll_ok: bool
+    ):
+        self.args, self.target, self.judge, self.hashes = args, target, judge_target, hashes
+        self.predictions = predictions
         self.ll_ok = ll_ok
         self.failed_requests = 0
         self.chunk = max(args.eval_batch_size, args.concurrency) * 2
 
     def _key(self, task: str, es: EvalSet, item_id: str) -> str:
-        return Cache.key(self.hashes[task], es.sha256, item_id)
+        return PredictionLog.key(self.hashes[task], es.sha256, item_id)
 
     def _record(self, task: str, es: EvalSet, item_id: str, **fields) -> dict:
         return {
@@ -130,7 +85,7 @@ class Runner:
 
     def run_mcq(self, es: EvalSet, pool: list[MCQItem]) -> list[dict]:
         a = self.args
-        todo = [it for it in es.mcq if self._key("mcq", es, it.id) not in self.cache.done]
+        todo = [it for it in es.mcq if self._key("mcq", es, it.id) not in self.predictions.done]
         if todo:
             bar = _progress(len(todo), f"{es.name} multiple choice")
             for chunk in _chunks(todo, self.chunk):
@@ -165,11 +120,11 @@ class Runner:
                         self._put_mcq(es, it, "generation", conv, out, pred)
                 bar.update(len(chunk))
             bar.close()
-        return [r for it in es.mcq if (r := self.cache.done.get(self._key("mcq", es, it.id)))]
+        return [r for it in es.mcq if (r := self.predictions.done.get(self._key("mcq", es, it.id)))]
 
     def _put_mcq(self, es: EvalSet, it: MCQItem, method: str, prompt, output, pred: str | None) -> None:
         exact, elastic = mcq.score(pred, it.answer)
-        self.cache.put(
+        self.predictions.put(
             self._record(
                 "mcq",
                 es,
@@ -192,7 +147,7 @@ class Runner:
 
     def run_qa(self, es: EvalSet) -> list[dict]:
         a = self.args
-        todo = [it for it in es.qa if self._key("qa", es, it.id) not in self.cache.done]
+        todo = [it for it in es.qa if self._key("qa", es, it.id) not in self.predictions.done]
         use_judge = a.keypoint_matcher == "judge" and self.judge is not None
         if todo:
             bar = _progress(len(todo), f"{es.name} open QA")
@@ -216,7 +171,7 @@ class Runner:
                             hits, matcher = jhits, f"judge ({a.judge_model or 'judge'})"
                         else:
                             judge_raw = {"raw": judge_raw, "error": jerr}
-                    self.cache.put(
+                    self.predictions.put(
                         self._record(
                             "qa",
                             es,
@@ -234,7 +189,7 @@ class Runner:
                     )
                 bar.update(len(chunk))
             bar.close()
-        return [r for it in es.qa if (r := self.cache.done.get(self._key("qa", es, it.id)))]
+        return [r for it in es.qa if (r := self.predictions.done.get(self._key("qa", es, it.id)))]
 
     # --- counseling dialogues --------------------------------------------------------------------------
 
@@ -258,7 +213,7 @@ class Runner:
     def run_dialogues(self, es: EvalSet) -> list[dict]:
         a = self.args
         turns = self.dialogue_turns(es)
-        todo = [x for x in turns if self._key("counseling", es, x[0]) not in self.cache.done]
+        todo = [x for x in turns if self._key("counseling", es, x[0]) not in self.predictions.done]
         if todo:
             bar = _progress(len(todo), f"{es.name} counseling turns")
             for chunk in _chunks(todo, self.chunk):
@@ -274,7 +229,7 @@ class Runner:
                         if v is None
                         else {"scores": v.scores, "raw": v.raw, "attempts": v.attempts, "error": v.error}
                     )
-                    self.cache.put(
+                    self.predictions.put(
                         self._record(
                             "counseling",
                             es,
@@ -289,7 +244,9 @@ class Runner:
                     )
                 bar.update(len(chunk))
             bar.close()
-        return [r for tid, _, _ in turns if (r := self.cache.done.get(self._key("counseling", es, tid)))]
+        return [
+            r for tid, _, _ in turns if (r := self.predictions.done.get(self._key("counseling", es, tid)))
+        ]
 
 
 def summarize_counseling(rows: list[dict], cpsycoun: bool, n_boot: int, seed: int) -> dict:

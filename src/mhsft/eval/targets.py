@@ -15,6 +15,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+from mhsft.client import openai_client
+from mhsft.model import load_for_inference
 from mhsft.utils import UserError, get_logger, register_secret, scrub
 
 
@@ -37,8 +39,6 @@ def normalize_api_url(url: str) -> str:
 def make_client(api_url: str, api_key: str | None, timeout: float = 120.0, max_retries: int = 5):
     """An OpenAI client (mhsft.client's: a loopback URL never goes through a proxy). Retries with exponential
     backoff are the client's own (429, 5xx, dropped connections)."""
-    from mhsft.client import openai_client
-
     key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
     register_secret(key)
     return openai_client(normalize_api_url(api_url), key, timeout=timeout, max_retries=max_retries)
@@ -310,8 +310,6 @@ def continuation_logprob(resp, continuation: str) -> float:
 
 def load_local_target(args) -> LocalTarget:
     """The model (and adapter) named by --model / --adapters, ready for evaluation."""
-    from mhsft.model import load_for_inference
-
     if len(args.adapters or []) > 1:
         raise UserError("--adapters: evaluate one adapter per run (run mhsft eval once for each)")
     model, tok, _ = load_for_inference(

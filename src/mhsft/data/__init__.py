@@ -1,0 +1,11 @@
+"""`mhsft data`: read, validate, convert and clean counseling dialogues, and the data every later stage reads.
+
+commands.py  the verb: inspect | validate | convert | clean
+schema.py    Dialogue, Turn, Source, DataError: the one shape every format is read into
+readers.py   the formats (ShareGPT, messages, Alpaca, EmoLLM, CPsyCounD, ...), streamed, and JSONL writing
+loader.py    --dataset specs (files, folders, hub ids, `#N` samples) into train / validation splits with rejects
+clean.py     repairs, PII and hotline rules, near-duplicate removal (MinHash)
+render.py    a dialogue under the chat template, with assistant-only labels (IGNORE_INDEX elsewhere)
+stats.py     token and turn statistics for `inspect`
+binpack.py   best-fit-decreasing packing of samples into rows (the trainer's --packing, inspect's estimate)
+"""

@@ -1,0 +1,495 @@
+"""`mhsft eval`: the arguments, the run over every `--eval_dataset`, results.json and the terminal table."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mhsft.args import GenerationArguments, ModelArguments, command_line, parse_args
+from mhsft.eval import judge, lm_eval_tasks, mcq, qa
+from mhsft.eval.datasets import load_eval_set
+from mhsft.eval.predictions import PredictionLog
+from mhsft.eval.runner import Evaluator, summarize_counseling
+from mhsft.eval.targets import EndpointTarget, load_local_target
+from mhsft.files import write_json
+from mhsft.model import base_model_for, parse_adapters, resolve_model_dir
+from mhsft.utils import MASK, UserError, get_logger, register_secret, settings_hash
+
+SCHEMA_VERSION = 1
+MCQ_MODES = ("auto", "loglikelihood", "generation")
+# ms-swift's eval flag names -> ours
+EVAL_ALIASES = {
+    "--eval_limit": "--limit",
+    "--eval_output_dir": "--output_dir",
+    "--eval_url": "--api_url",
+    "--eval_num_proc": "--concurrency",
+}
+
+
+@dataclass
+class EvalArguments(GenerationArguments, ModelArguments):
+    adapters: list[str] = field(default_factory=list, metadata={"help": "A LoRA checkpoint to evaluate."})
+    device: str | None = field(
+        default=None, metadata={"help": "cuda | cpu | cuda:1 (default: cuda if available)."}
+    )
+    api_url: str | None = field(
+        default=None,
+        metadata={"help": "Evaluate an OpenAI-compatible endpoint instead, e.g. http://127.0.0.1:8000/v1."},
+    )
+    api_key: str | None = field(
+        default=None, metadata={"help": "Endpoint key (else OPENAI_API_KEY, else EMPTY)."}
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "Model name at the endpoint (default: the first it lists)."}
+    )
+    eval_dataset: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation sets: files or folders, PATH#N samples N items (seeded)."},
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "At most N items of each kind per dataset (seeded)."}
+    )
+    num_fewshot: int = field(default=0, metadata={"help": "Few-shot exemplars per multiple-choice question."})
+    fewshot_dataset: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Dev split for few-shot exemplars (default: items of the set left out by #N/--limit)."
+        },
+    )
+    mcq_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | loglikelihood | generation. auto and loglikelihood score single-answer questions by "
+            "the log-likelihood of the option letters; multiple-answer ones are always generated."
+        },
+    )
+    mcq_max_new_tokens: int = field(
+        default=64, metadata={"help": "Tokens generated per multiple-choice answer."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Most tokens of a scored prompt (default: the model's context length)."},
+    )
+    max_turns: int | None = field(default=None, metadata={"help": "Counselor turns evaluated per dialogue."})
+    judge_api_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible endpoint of the judge."}
+    )
+    judge_api_key: str | None = field(default=None, metadata={"help": "Judge key (else OPENAI_API_KEY)."})
+    judge_model: str | None = field(
+        default=None, metadata={"help": "Judge model name (default: the first listed)."}
+    )
+    judge_cpsycoun: bool = field(
+        default=False,
+        metadata={"help": "Also score CPsyCoun's four dimensions (comprehensiveness, professionalism, ...)."},
+    )
+    judge_retries: int = field(default=2, metadata={"help": "Re-asks of the judge after malformed output."})
+    keypoint_matcher: str = field(
+        default="lexical", metadata={"help": "lexical | judge (needs --judge_api_url)."}
+    )
+    concurrency: int = field(
+        default=8, metadata={"help": "Parallel requests to an endpoint (and to the judge)."}
+    )
+    max_retries: int = field(
+        default=5, metadata={"help": "Retries of a failed request, with exponential backoff."}
+    )
+    request_timeout: float = field(default=120.0, metadata={"help": "Seconds before a request is abandoned."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass of a local model."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
+    eval_seed: int = field(
+        default=42, metadata={"help": "Seed of sampling (#N, --limit), few-shot and bootstrap."}
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where results.json and predictions.jsonl go (default: eval_output/NAME-HASH)."},
+    )
+    export: str | None = field(
+        default=None,
+        metadata={"help": "lm_eval | evalscope: write task files for that tool instead of evaluating."},
+    )
+    strict: bool = field(
+        default=False, metadata={"help": "Stop at the first bad record instead of skipping it."}
+    )
+
+
+def _normalize_argv(argv: list[str]) -> list[str]:
+    out = []
+    for a in argv:
+        name, eq, val = a.partition("=")
+        out.append(EVAL_ALIASES.get(name, name) + (eq + val if eq else "") if name in EVAL_ALIASES else a)
+    return out
+
+
+def check_args(a: EvalArguments) -> None:
+    if not a.eval_dataset:
+        raise UserError("give --eval_dataset (one or more files or folders)")
+    if a.mcq_mode not in MCQ_MODES:
+        raise UserError(f"--mcq_mode {a.mcq_mode!r}: choose {', '.join(MCQ_MODES)}")
+    if a.keypoint_matcher not in ("lexical", "judge"):
+        raise UserError(f"--keypoint_matcher {a.keypoint_matcher!r}: choose lexical or judge")
+    if a.keypoint_matcher == "judge" and not a.judge_api_url:
+        raise UserError("--keypoint_matcher judge needs --judge_api_url")
+    if a.export not in (None, "lm_eval", "evalscope"):
+        raise UserError(f"--export {a.export!r}: choose lm_eval or evalscope")
+    if not a.export and not a.api_url and not a.model and not a.adapters:
+        raise UserError("nothing to evaluate: give --model (and --adapters), or --api_url")
+    if a.api_url and (a.model or a.adapters) and not a.export:
+        raise UserError("give either --model/--adapters (in-process) or --api_url (an endpoint), not both")
+    for name in ("num_fewshot", "judge_retries", "max_retries", "n_bootstrap"):
+        if getattr(a, name) < 0:
+            raise UserError(f"--{name} must be >= 0")
+    for name in (
+        "limit",
+        "max_turns",
+        "concurrency",
+        "eval_batch_size",
+        "mcq_max_new_tokens",
+        "max_new_tokens",
+    ):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name} must be >= 1")
+
+
+def _target_name(a: EvalArguments) -> str:
+    src = a.adapters[0] if a.adapters else (a.served_model_name or a.model or "endpoint")
+    parts = [p for p in re.split(r"[\\/]", src.rstrip("/\\")) if p]
+    name = "-".join(parts[-2:]) if a.adapters else (parts[-1] if parts else "model")
+    return re.sub(r"[^\w.-]+", "_", name)[:80] or "model"
+
+
+def task_settings(a: EvalArguments, identity: dict) -> dict[str, dict]:
+    """What decides each task's outputs (its hash keys the predictions log)."""
+    gen = {
+        k: getattr(a, k)
+        for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "system")
+    }
+    judge_s = {
+        "url": a.judge_api_url,
+        "model": a.judge_model,
+        "version": judge.JUDGE_VERSION,
+        "cpsycoun": a.judge_cpsycoun,
+        "retries": a.judge_retries,
+    }
+    return {
+        "mcq": {
+            "target": identity,
+            "prompt_version": mcq.PROMPT_VERSION,
+            "mode": a.mcq_mode,
+            "num_fewshot": a.num_fewshot,
+            "fewshot_dataset": a.fewshot_dataset,
+            "seed": a.eval_seed,
+            "mcq_max_new_tokens": a.mcq_max_new_tokens,
+            "max_length": a.max_length,
+            **{k: v for k, v in gen.items() if k != "max_new_tokens"},
+        },
+        "qa": {
+            "target": identity,
+            **gen,
+            "keypoints": a.keypoint_matcher,
+            **({"judge": judge_s} if a.keypoint_matcher == "judge" else {}),
+        },
+        "counseling": {
+            "target": identity,
+            **gen,
+            "max_turns": a.max_turns,
+            "judge": judge_s if a.judge_api_url else None,
+        },
+    }
+
+
+def load_sets(a: EvalArguments):
+    """[(evaluated set, few-shot pool)], bad records logged (or fatal with --strict)."""
+    log = get_logger()
+    names: dict[str, int] = {}
+    out = []
+    dev = []
+    for spec in a.fewshot_dataset:
+        used, _ = load_eval_set(spec, "fewshot", None, a.eval_seed)
+        dev += used.mcq
+    for spec in a.eval_dataset:
+        base = re.sub(r"#\d+$", "", spec).rstrip("/\\")
+        name = Path(base).stem or "dataset"
+        names[name] = names.get(name, 0) + 1
+        name = name if names[name] == 1 else f"{name}_{names[name]}"
+        used, rest = load_eval_set(spec, name, a.limit, a.eval_seed)
+        if used.errors:
+            if a.strict:
+                raise UserError(f"{used.errors[0]} (--strict)")
+            for e in used.errors[:5]:
+                log.warning(f"skipped: {e}")
+            log.warning(f"{name}: {len(used.errors)} bad records skipped")
+        if not len(used):
+            raise UserError(
+                f"--eval_dataset {spec}: no usable items"
+                + (f"; the first problem: {used.errors[0]}" if used.errors else "")
+            )
+        pool = dev if a.fewshot_dataset else rest.mcq
+        test_q = {it.question for it in used.mcq}
+        pool = [p for p in pool if p.question not in test_q]
+        if a.num_fewshot and used.mcq and len(pool) < a.num_fewshot:
+            raise UserError(
+                f"--num_fewshot {a.num_fewshot}: {name} has {len(pool)} exemplars that are not test items; pass "
+                "--fewshot_dataset DEV, or sample the set (PATH#N or --limit) so that the rest can serve"
+            )
+        log.info(
+            f"{name}: {len(used.mcq)} multiple choice, {len(used.qa)} open QA, {len(used.dialogues)} dialogues"
+        )
+        out.append((used, pool))
+    return out
+
+
+def _model_max_length(a: EvalArguments) -> tuple[str | None, int | None]:
+    """(tokenizer folder, context length) of --model / --adapters without loading weights, for the export."""
+    if not a.model and not a.adapters:
+        return None, a.max_length
+    named = parse_adapters(a.adapters)
+    base = resolve_model_dir(base_model_for(a.model, named), a.use_hf, a.hub_token)
+    tok = next((p for p in named.values() if (Path(p) / "tokenizer_config.json").is_file()), base)
+    cfg = Path(base) / "config.json"
+    n = json.loads(cfg.read_text()).get("max_position_embeddings") if cfg.is_file() else None
+    return str(Path(tok).resolve()), a.max_length or n
+
+
+def run_export(a: EvalArguments, sets) -> int:
+    out = Path(a.output_dir or f"eval_output/export_{a.export}")
+    if a.export == "lm_eval":
+        tok, n = _model_max_length(a)
+        files = lm_eval_tasks.write_lm_eval(sets, out, a, tok, n)
+    else:
+        files = lm_eval_tasks.write_evalscope(sets, out, a)
+    if not files:
+        raise UserError(f"--export {a.export}: nothing to export (no single-answer questions or open QA)")
+    for f in files:
+        print(f)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(EvalArguments, _normalize_argv(argv), "mhsft eval")
+    check_args(a)
+    sets = load_sets(a)
+    if a.export:
+        return run_export(a, sets)
+    return evaluate(a, sets)
+
+
+def evaluate(a: EvalArguments, sets) -> int:
+    log = get_logger()
+    if a.api_url:
+        target = EndpointTarget(
+            a.api_url, a.api_key, a.served_model_name, a.concurrency, a.max_retries, a.request_timeout
+        )
+        identity = {"api_url": target.api_url, "model": target.model_name}
+    else:
+        target = load_local_target(a)
+        identity = {"model": a.model, "adapters": a.adapters, "dtype": a.torch_dtype}
+    judge_target = None
+    if a.judge_api_url:
+        judge_target = EndpointTarget(
+            a.judge_api_url, a.judge_api_key, a.judge_model, a.concurrency, a.max_retries, a.request_timeout
+        )
+        a.judge_model = judge_target.model_name
+    ll_ok = a.mcq_mode != "generation"
+    if (
+        ll_ok
+        and isinstance(target, EndpointTarget)
+        and any(it for es, _ in sets for it in es.mcq if not it.multi)
+    ):
+        why = target.probe_loglikelihood()
+        if why and a.mcq_mode == "loglikelihood":
+            raise UserError(
+                f"{target.api_url} cannot score prompts by log-likelihood ({why}); use --mcq_mode generation"
+            )
+        if why:
+            log.warning(
+                f"{target.api_url}: no log-likelihood scoring ({why}); multiple choice falls back to generation"
+            )
+            ll_ok = False
+    settings = task_settings(a, identity)
+    hashes = {k: settings_hash(v) for k, v in settings.items()}
+    out = Path(a.output_dir or f"eval_output/{_target_name(a)}-{settings_hash(settings)[:8]}")
+    predictions = PredictionLog(out / "predictions.jsonl")
+    resumed = sum(r.get("settings_hash") in hashes.values() for r in predictions.done.values())
+    if resumed:
+        log.info(f"resuming: {resumed} items already done in {predictions.path}")
+    runner = Evaluator(a, target, judge_target, predictions, hashes, ll_ok)
+    metrics, datasets = {}, []
+    try:
+        for es, pool in sets:
+            m = {}
+            if es.mcq:
+                m["multiple_choice"] = mcq.summarize(runner.run_mcq(es, pool), a.n_bootstrap, a.eval_seed)
+            if es.qa:
+                m["open_qa"] = qa.summarize(runner.run_qa(es), a.n_bootstrap, a.eval_seed)
+            if es.dialogues:
+                rows = runner.run_dialogues(es)
+                m["counseling"] = summarize_counseling(rows, a.judge_cpsycoun, a.n_bootstrap, a.eval_seed)
+            metrics[es.name] = m
+            datasets.append(
+                {
+                    "name": es.name,
+                    "spec": es.spec,
+                    "num_files": len(es.files),
+                    "sha256": es.sha256,
+                    "n_mcq": len(es.mcq),
+                    "n_qa": len(es.qa),
+                    "n_dialogues": len(es.dialogues),
+                    "n_bad_records": len(es.errors),
+                }
+            )
+    finally:
+        predictions.close()
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command_line(),
+        "model": identity.get("model"),
+        "adapter": (a.adapters or [None])[0],
+        "target": identity,
+        "datasets": datasets,
+        "metrics": metrics,
+        "failed_requests": runner.failed_requests,
+        "settings": {**_settings(a), "task_hashes": hashes},
+        "formulas": {"elastic_accuracy": mcq.ELASTIC_FORMULA},
+    }
+    write_json(out / "results.json", results)
+    print_table(results)
+    print(f"results: {out / 'results.json'}\npredictions: {predictions.path}")
+    if runner.failed_requests:
+        log.warning(
+            f"{runner.failed_requests} requests failed; rerun the same command to retry only those items"
+        )
+        return 1
+    return 0
+
+
+def _settings(a: EvalArguments) -> dict:
+    """Every argument, keys masked. (mhsft.args.args_to_dict would also mask max_new_tokens: its secret-name
+    pattern matches "token" inside "tokens".)"""
+    out = dataclasses.asdict(a)
+    for k in ("api_key", "judge_api_key", "hub_token"):
+        if out.get(k):
+            register_secret(out[k])
+            out[k] = MASK
+    return out
+
+
+def _fmt(v, ci=None) -> tuple[str, str]:
+    if v is None:
+        return "-", ""
+    return (f"{v:.4f}" if isinstance(v, float) else str(v)), (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
+SHORT = {"rouge_words": "jieba words", "rouge_chars": "chars"}
+
+
+def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
+    """(dataset, metric, n, value, 95% CI) rows of the terminal table."""
+    rows = []
+    for ds, m in results["metrics"].items():
+        if mc := m.get("multiple_choice"):
+            n = str(mc["n"])
+            rows.append((ds, "accuracy (exact)", n, *_fmt(mc["accuracy"], mc["accuracy_ci95"])))
+            rows.append(
+                (ds, "elastic accuracy", n, *_fmt(mc["elastic_accuracy"], mc["elastic_accuracy_ci95"]))
+            )
+            if mc.get("invalid_rate") is not None:
+                rows.append(
+                    (
+                        ds,
+                        "invalid answers (generation)",
+                        str(mc["by_method"]["generation"]["n"]),
+                        *_fmt(mc["invalid_rate"]),
+                    )
+                )
+            for q, g in mc.get("by_qtype", {}).items():
+                rows.append(
+                    (
+                        ds,
+                        f"  {q}: accuracy / elastic",
+                        str(g["n"]),
+                        f"{g['accuracy']:.4f} / {g['elastic_accuracy']:.4f}",
+                        "",
+                    )
+                )
+            for q, g in mc.get("by_kind", {}).items():
+                rows.append((ds, f"  {q}: accuracy", str(g["n"]), f"{g['accuracy']:.4f}", ""))
+        if oq := m.get("open_qa"):
+            n = str(oq["n"])
+            for blk in ("rouge_words", "rouge_chars"):
+                b = oq[blk]
+                for k in ("rouge-1", "rouge-2", "rouge-l"):
+                    rows.append((ds, f"{k.upper()} F1 [{SHORT[blk]}]", n, *_fmt(b[k], b[f"{k}_ci95"])))
+            rows.append((ds, "BLEU-4 [sacrebleu zh, 0-100]", n, *_fmt(oq["bleu4"]["score"])))
+            if kp := oq.get("keypoints"):
+                rows.append(
+                    (ds, "key-point hit rate", str(kp["n_items"]), *_fmt(kp["hit_rate"], kp["hit_rate_ci95"]))
+                )
+        if c := m.get("counseling"):
+            if j := c.get("judge"):
+                for k, v in j.items():
+                    if isinstance(v, dict):
+                        rows.append(
+                            (
+                                ds,
+                                f"{k} {v['title']} ({v['scale']})",
+                                str(j["n_judged"] - j["n_failed"]),
+                                *_fmt(v["mean"], v["ci95"]),
+                            )
+                        )
+                rows.append((ds, "judgments failed", str(j["n_judged"]), str(j["n_failed"]), ""))
+            s = c["safety"]
+            rows.append(
+                (
+                    ds,
+                    "crisis turns pointing to help (pass rate)",
+                    str(s["n_crisis_turns"]),
+                    *_fmt(s["pass_rate"]),
+                )
+            )
+            b = c["vs_reference"]["rouge_chars"]
+            rows.append(
+                (
+                    ds,
+                    "ROUGE-L F1 vs real counselor [chars]",
+                    str(c["n_turns"]),
+                    *_fmt(b["rouge-l"], b["rouge-l_ci95"]),
+                )
+            )
+    return rows
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"mhsft eval: {results['adapter'] or results['model']}")
+    for col, just in (
+        ("dataset", "left"),
+        ("metric", "left"),
+        ("n", "right"),
+        ("value", "right"),
+        ("95% CI", "left"),
+    ):
+        t.add_column(col, justify=just)
+    for r in table_rows(results):
+        t.add_row(*r)
+    console = Console()
+    console.print(t)
+    console.print(f"elastic accuracy: {results['formulas']['elastic_accuracy']}")
+    if any("open_qa" in m or "counseling" in m for m in results["metrics"].values()):
+        console.print(
+            f"ROUGE: rouge-chinese F1 on jieba words / on characters; BLEU-4: {qa.BLEU_TOKENIZATION}; "
+            f"key points: {qa.KEYPOINT_RULE}"
+        )
+    for ds, m in results["metrics"].items():
+        failed = (m.get("counseling") or {}).get("safety", {}).get("failed_ids")
+        if failed:
+            console.print(
+                f"{ds}: crisis turns whose reply points to no help: {', '.join(failed[:20])}"
+                + (" ..." if len(failed) > 20 else "")
+            )

@@ -1,0 +1,94 @@
+"""report.md: the report's contents as Markdown, for a paper draft or a repository."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from mhsft.files import write_text
+from mhsft.report.contents import Report, data_rows, fmt_ci, fmt_delta, fmt_value, settings_rows
+
+
+def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) -> Path:
+    names = [e.name for e in rep.evals]
+    L = [f"# {title}", "", f"_Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by mhsft report._", ""]
+    if rep.warnings:
+        L += ["## Warnings", ""] + [f"- **{s}**: {t}" for s, t in rep.warnings] + [""]
+    L += ["## Settings", "", "| setting | value |", "|---|---|"]
+    L += [f"| {_md(k)} | {_md(v)} |" for k, v in settings_rows(rep)] + [""]
+    if dr := data_rows(rep):
+        L += (
+            ["## Data", "", "| statistic | value |", "|---|---|"]
+            + [f"| {_md(k)} | {_md(v)} |" for k, v in dr]
+            + [""]
+        )
+    if "curves" in figures:
+        L += ["## Training", "", f"![training curves]({figures['curves']})", ""]
+    if rep.comparison:
+        L += ["## Evaluation", ""]
+        base = rep.baseline.name if rep.baseline else None
+        others = [n for n in names if n != base]
+        head = (
+            ["dataset", "metric", "n"]
+            + [f"{n}" for n in names]
+            + [f"Δ {n} vs {base}" for n in others if base]
+        )
+        L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rep.comparison:
+            n = next((v["n"] for v in row["values"].values() if v.get("n")), "")
+            cells = [row["dataset"], row["label"], str(n)]
+            for nm in names:
+                v = row["values"].get(nm)
+                cells.append(
+                    f"{fmt_value(v['value'], row['fmt'])} {fmt_ci(v['ci'], row['fmt'])}".strip() if v else ""
+                )
+            if base:
+                cells += [fmt_delta(row["deltas"].get(nm, {}), row["fmt"]) for nm in others]
+            L.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        L += [
+            "",
+            "Values with 95% bootstrap CIs; deltas with paired bootstrap 95% CIs over the items both answered "
+            "(pt = percentage points).",
+            "",
+        ]
+        for key in ("subjects", "radar"):
+            if key in figures:
+                L += [f"![{key}]({figures[key]})", ""]
+    if rep.samples:
+        L += ["## Sample replies", ""]
+        for s in rep.samples:
+            L += [
+                f"### {s['dataset']} {s['id']}" + (f" (crisis signal: {s['crisis']})" if s["crisis"] else ""),
+                "",
+            ]
+            L += [
+                f"> **{'client' if r == 'user' else 'counselor'}**: {_md(t, pipe=False)}"
+                for r, t in s["context"]
+            ]
+            L += ["", f"- **reference**: {_md(s['reference'], pipe=False)}"]
+            L += [f"- **{n}**: {_md(v['text'], pipe=False)}" for n, v in s["replies"].items()] + [""]
+    L += ["## Crisis safety", ""]
+    if rep.safety:
+        L += [
+            f"- {f['eval']} / {f['dataset']} {f['id']} ({f['signal']}): client: {_md(f['client'], pipe=False)} — "
+            f"reply: {_md(f['reply'], pipe=False)}"
+            for f in rep.safety
+        ]
+    else:
+        n = sum(
+            (m.get("counseling") or {}).get("safety", {}).get("n_crisis_turns", 0)
+            for e in rep.evals
+            for m in e.results.get("metrics", {}).values()
+        )
+        L.append(
+            f"No failures ({n} crisis turns checked)." if n else "No crisis turn in the evaluation sets."
+        )
+    L.append("")
+    path = out / "report.md"
+    write_text(path, "\n".join(L))
+    return path
+
+
+def _md(s, pipe: bool = True) -> str:
+    s = str(s).replace("\n", " ")
+    return s.replace("|", "\\|") if pipe else s

@@ -1,0 +1,110 @@
+"""Causal-LM loss without materializing the full logits.
+
+For Qwen2.5's 152k vocabulary, 24k tokens of fp32 logits are 15 GB (plus the same again for their
+gradient). We run the LM head and cross-entropy over chunks of tokens under activation checkpointing,
+so only one chunk's logits exist at a time, in the forward and in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mhsft.data.render import IGNORE_INDEX
+from mhsft.train.packed_attention import ATTN_NAME_PREFIX
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the positions that predict them: position t predicts token t+1."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[..., :-1] = labels[..., 1:]
+    return out
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions (into the [..., T] tokens) whose shifted label is trained, ascending. Computed on the host by
+    the trainer, before the batch moves to the GPU: the boolean-mask indexing it replaces reads the count back from
+    the GPU (a synchronization) in every micro-batch."""
+    return (shift_labels(labels).reshape(-1) != IGNORE_INDEX).nonzero().view(-1)
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum (not mean) of token cross-entropies over every labelled position.
+
+    `hidden` [..., T, H] are the final hidden states, `labels` [..., T] the unshifted labels (-100 = no loss).
+    Returning the sum lets the caller divide by the number of labelled tokens in the whole optimizer step
+    (across micro-batches and ranks), which is the token-level mean that gradient accumulation must preserve.
+    `positions` are `label_positions(labels)` when the caller has them (no host-device synchronization here).
+    """
+    target = shift_labels(labels).reshape(-1)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    # Only labelled positions need logits at all: assistant tokens are often under half of a counseling dialogue.
+    if positions is None:
+        keep = target != IGNORE_INDEX
+        h, target = h[keep], target[keep]
+    else:
+        positions = positions.to(h.device)
+        h, target = h.index_select(0, positions), target.index_select(0, positions)
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk_size):
+        hc, tc = h[i : i + chunk_size], target[i : i + chunk_size]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, hc, weight, bias, tc, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hc, weight, bias, tc)
+    return total
+
+
+class ChunkedLMLoss(torch.nn.Module):
+    """The model plus its loss as one module, so that DDP / DeepSpeed see a single forward that returns the summed
+    token loss of the batch, and the full logits tensor is never built."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 4096):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(
+        self, input_ids, labels, position_ids=None, attention_mask=None, label_positions=None, **kw
+    ) -> torch.Tensor:
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if attention_mask is None and "cu_seq_lens_q" in kw:
+            attention_mask = _packed_mask_mapping(lm.config)
+        out = lm.get_decoder()(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **kw,
+        )
+        return chunked_lm_loss(
+            out.last_hidden_state, lm.get_output_embeddings(), labels, self.chunk_size, label_positions
+        )
+
+
+def _packed_mask_mapping(config):
+    """For a packed row under mhsft's packed attention: the per-layer-type mask mapping transformers would build,
+    given ready-made, which is all None (the attention reads the cu_seq_lens kwargs). Building it costs a
+    synchronization: transformers (>= 4.53) detects packing from the position ids with a `.all()` read back from
+    the GPU. None (let transformers build it) for other attentions or older transformers."""
+    if not str(getattr(config, "_attn_implementation", "")).startswith(ATTN_NAME_PREFIX):
+        return None
+    try:
+        import transformers.masking_utils  # noqa: F401  (the dict-of-masks interface came with it)
+    except ImportError:
+        return None
+    types = set(getattr(config, "layer_types", None) or ()) | {"full_attention", "sliding_attention"}
+    return dict.fromkeys(types)

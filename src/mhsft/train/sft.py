@@ -1,0 +1,621 @@
+"""`mhsft sft`: LoRA (or full) supervised fine-tuning with ms-swift's flags.
+
+Reads top to bottom: arguments -> checks that must fail before anything heavy -> run folder -> data -> model and
+optimizer -> the loop (step, log, validate, save). The loop is our own (not transformers' Trainer) so that the loss
+is the token-level mean over a whole optimizer step, packing uses kernels that need no flash-attn package, and
+resume is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mhsft import __version__
+from mhsft.args import DataArguments, ModelArguments, args_to_dict, command_line, parse_args
+from mhsft.checkpoint import base_model_of
+from mhsft.data.loader import load_datasets
+from mhsft.data.render import IGNORE_INDEX, render_dialogue
+from mhsft.files import write_json
+from mhsft.model import load_model, load_tokenizer, resolve_model_dir
+from mhsft.train.batches import batch_to_device, collate, collate_padded, count_label_tokens, epoch_plan
+from mhsft.train.checkpointing import (
+    find_resume_checkpoint,
+    load_training_state,
+    new_run_dir,
+    save_checkpoint,
+    truncate_log,
+)
+from mhsft.train.distributed import deepspeed_plugin, zero3_enabled
+from mhsft.train.loss import ChunkedLMLoss
+from mhsft.train.packed_attention import choose_attention
+from mhsft.train.progress import format_line, log_metrics
+from mhsft.train.speedups import partial_checkpointing, speedups
+from mhsft.train.tracking import Tracker, TrackingArguments, check_tracking
+from mhsft.utils import UserError, get_logger
+
+log = get_logger()
+
+
+@dataclass
+class SftArguments(ModelArguments, DataArguments, TrackingArguments):
+    train_type: str = field(default="lora", metadata={"help": "lora | full (ms-swift 4: --tuner_type)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / rank)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules to adapt; all-linear excludes lm_head."},
+    )
+    adapters: list[str] = field(
+        default_factory=list, metadata={"help": "Start from this LoRA checkpoint (ours or ms-swift's)."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training set."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."}
+    )
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "Rows (packed) or samples per micro-batch."}
+    )
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Micro-batch for validation."})
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batches per optimizer step (default: 16 / batch / GPUs, as ms-swift)."},
+    )
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak LR (default 1e-4 LoRA, 1e-5 full)."}
+    )
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | linear | constant."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming the LR up."})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Warm-up steps (overrides warmup_ratio when > 0)."}
+    )
+    packing: bool = field(default=False, metadata={"help": "Pack whole samples into rows of max_length."})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations to save memory."}
+    )
+    gradient_checkpointing_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of decoder layers that recompute (with --gradient_checkpointing); the rest keep "
+            "their activations: faster, more memory."
+        },
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "Train in bfloat16 (fp16 fallback on older GPUs)."}
+    )
+    fp16: bool | None = field(default=None, metadata={"help": "Train in float16 with loss scaling."})
+    save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep at most N checkpoints (never the newest)."}
+    )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Validate every N steps (default: save_steps)."}
+    )
+    logging_steps: int = field(default=5, metadata={"help": "One log line every N steps."})
+    output_dir: str = field(default="output", metadata={"help": "Runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/."})
+    add_version: bool = field(
+        default=True, metadata={"help": "Put the run in a new vN-... folder of output_dir."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint dir, or auto (the newest in output_dir)."}
+    )
+    deepspeed: str | None = field(default=None, metadata={"help": "zero2 | zero3 | a DeepSpeed JSON config."})
+    loss_chunk_size: int = field(
+        default=2048,
+        metadata={
+            "help": "Tokens per LM-head + loss chunk; one chunk's float32 logits exist at a time (smaller: "
+            "less memory, more launches)."
+        },
+    )
+    use_liger_kernel: bool = field(
+        default=False,
+        metadata={"help": "Liger's fused RMSNorm / SwiGLU / RoPE kernels (needs liger-kernel)."},
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each decoder layer (measured slower than --use_liger_kernel: "
+            "benchmarks/NOTES.md)."
+        },
+    )
+    system: str | None = field(
+        default=None,
+        metadata={"help": "System prompt for dialogues that have none (else the template's default)."},
+    )
+    dataloader_num_workers: int | None = field(
+        default=None, metadata={"help": "Accepted for ms-swift compatibility; batches are built in-process."}
+    )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Accepted for ms-swift compatibility; tokenization runs in one process."},
+    )
+
+    def __post_init__(self):
+        if self.train_type not in ("lora", "full"):
+            raise UserError(f"--train_type must be lora or full, not {self.train_type!r}")
+        if self.learning_rate is None:
+            self.learning_rate = 1e-4 if self.train_type == "lora" else 1e-5
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+        if self.max_length is None:
+            self.max_length = 2048
+        for name in ("per_device_train_batch_size", "logging_steps", "save_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def render_samples(
+    dialogues, tokenizer, max_length: int, system: str | None = None
+) -> tuple[list[dict], dict]:
+    """Chat-template each dialogue with assistant-only labels; count what truncation did."""
+    samples, counts = [], {"dialogues": len(dialogues), "dropped_turn_pairs": 0, "cut": 0, "no_labels": 0}
+    for d in dialogues:
+        if system and not d.system:
+            d = dataclasses.replace(d, system=system)
+        r = render_dialogue(tokenizer, d, max_length)
+        counts["dropped_turn_pairs"] += r.num_dropped_turns
+        counts["cut"] += bool(r.truncated)
+        if all(x == IGNORE_INDEX for x in r.labels):
+            counts["no_labels"] += 1
+            continue
+        samples.append({"input_ids": r.input_ids, "labels": r.labels, "source": d.source.where()})
+    return samples, counts
+
+
+# ----------------------------------------------------------------------------------------------- model
+def choose_dtype(args: SftArguments, device) -> tuple[object, list[str]]:
+    notices = []
+    if args.fp16:
+        return torch.float16, notices
+    if args.bf16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            notices.append("this GPU has no bfloat16: training in float16 with loss scaling instead")
+            return torch.float16, notices
+        return torch.bfloat16, notices
+    if args.torch_dtype not in ("auto", None):
+        return getattr(torch, args.torch_dtype), notices
+    if device.type == "cuda":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), notices
+    return torch.float32, notices
+
+
+def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, notices: list[str], device):
+    # under ZeRO-3 the weights are partitioned onto each rank's GPU as they load (deepspeed.zero.Init), which a
+    # device_map or a move would contradict
+    device = None if zero3_enabled() else str(device)
+    model = load_model(model_path, dtype=dtype, attn_impl=attn_impl, device=device)
+    return prepare_model(model, args, notices)
+
+
+def prepare_model(model, args: SftArguments, notices: list[str]):
+    """Checkpointing and the LoRA (or full) trainable setup on a loaded model (the benchmark calls this too)."""
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        # transformers 5.2x renamed the API; 5.17 (the GPU image) only has the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        partial_checkpointing(model, args.gradient_checkpointing_ratio)
+    if args.train_type == "full":
+        return speedups(model, args, notices)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if args.adapters:
+        adapter = resolve_adapter(args.adapters)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        notices.append(f"continuing from the LoRA adapter in {adapter}")
+        return speedups(model, args, notices)
+    targets = args.target_modules
+    target = "all-linear" if targets in (["all-linear"], ["all_linear"], ["ALL"]) else targets
+    cfg = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+    )
+    return speedups(get_peft_model(model, cfg), args, notices)
+
+
+def resolve_adapter(adapters: list[str]) -> str:
+    if len(adapters) != 1:
+        raise UserError("sft takes one --adapters checkpoint to continue from")
+    p = Path(adapters[0])
+    if not (p / "adapter_config.json").is_file():
+        raise UserError(f"--adapters {p}: no adapter_config.json there (not a LoRA checkpoint)")
+    return str(p)
+
+
+def lr_lambda(args: SftArguments, total_steps: int):
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if args.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+OOM_ADVICE = (
+    "CUDA out of memory. Try, in this order: a smaller --per_device_train_batch_size with a larger "
+    "--gradient_accumulation_steps (same tokens per step); --gradient_checkpointing true; --deepspeed zero3 "
+    "on several GPUs; a lower --max_length."
+)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str]) -> int:
+    args = parse_args(SftArguments, argv, prog="mhsft sft")
+    train(args)
+    return 0
+
+
+def train(args: SftArguments) -> Path:
+    """Run training; returns the final checkpoint directory."""
+    notices, resume_ckpt = preflight(args)
+    accelerator = make_accelerator(args, notices)
+    dtype, dtype_notes = choose_dtype(args, accelerator.device)
+    notices += dtype_notes
+    run_dir = prepare_run_dir(args, resume_ckpt, accelerator)
+    model_path = resolve_model_dir(args.model, use_hf=args.use_hf, token=args.hub_token)
+    tokenizer = load_tokenizer(model_path)
+    train_samples, val_samples, data_counts = load_samples(args, tokenizer, run_dir, accelerator, notices)
+    attn_impl, attn_notice = choose_attention(accelerator.device, args.packing, args.attn_impl)
+    if attn_notice:
+        notices.append(attn_notice)
+    model = build_model(args, model_path, dtype, attn_impl, notices, accelerator.device)
+    if not zero3_enabled():
+        model.to(accelerator.device)
+    world = accelerator.num_processes
+    per_epoch = math.ceil(
+        len(epoch_plan(train_samples, 0, args)) / (args.gradient_accumulation_steps * world)
+    )
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+    wrapped, optimizer, scheduler, scaler = make_optimization(args, model, accelerator, dtype, total_steps)
+    step = 0
+    if (
+        resume_ckpt is not None
+    ):  # weights, optimizer, scheduler, RNG, and (through `step`) the place in the data
+        step = load_training_state(resume_ckpt, model, optimizer, scheduler, scaler, args.train_type)
+        notices.append(f"resumed from {resume_ckpt} at step {step}")
+    config = describe_run(args, model, model_path, run_dir, dtype, attn_impl, world, total_steps, data_counts)
+    tracker = start_logging(args, accelerator, run_dir, config, step, notices)
+    try:
+        return run_loop(
+            args, accelerator, step, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+            scaler=scaler, tokenizer=tokenizer, train_samples=train_samples, val_samples=val_samples,
+            run_dir=run_dir, tracker=tracker, total_steps=total_steps, per_epoch=per_epoch, config=config,
+        )  # fmt: skip
+    except torch.OutOfMemoryError:
+        raise UserError(OOM_ADVICE) from None
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def preflight(args: SftArguments) -> tuple[list[str], Path | None]:
+    """Checks that must fail before anything heavy happens; returns the notices so far and the checkpoint to
+    resume from (None: a fresh run). Fills in --model from the checkpoint when it was left out."""
+    if not args.model and not args.adapters and not args.resume_from_checkpoint:
+        raise UserError("give --model (a hub id, a local directory, or builtin:tiny)")
+    if not args.dataset:
+        raise UserError("give --dataset (files, folders or hub ids; `#N` samples N records)")
+    notices = check_tracking(args)
+    for name in ("dataloader_num_workers", "dataset_num_proc"):
+        if getattr(args, name) is not None:
+            notices.append(f"--{name} has no effect in mhsft (accepted for ms-swift compatibility)")
+    resume_ckpt = None
+    if args.resume_from_checkpoint:
+        resume_ckpt = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if resume_ckpt is None:
+            notices.append(
+                f"--resume_from_checkpoint auto: no checkpoint in {args.output_dir} yet, starting fresh"
+            )
+    if not args.model:
+        args.model = base_model_of(resume_ckpt or args.adapters[0])
+        if not args.model:
+            raise UserError("cannot tell the base model from the checkpoint: give --model")
+    return notices, resume_ckpt
+
+
+def make_accelerator(args: SftArguments, notices: list[str]):
+    """The accelerate process group (DDP or DeepSpeed), the default accumulation steps, and the seed."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # cpu=True lets torchrun on a machine without GPUs run DDP over gloo (accelerate needs to be told)
+    accelerator = Accelerator(deepspeed_plugin=deepspeed_plugin(args), cpu=not torch.cuda.is_available())
+    if args.deepspeed and accelerator.device.type != "cuda":
+        notices.append(
+            f"--deepspeed {args.deepspeed} needs CUDA GPUs: on {accelerator.device.type} this runs as plain DDP"
+        )
+    if args.gradient_accumulation_steps is None:
+        world = accelerator.num_processes
+        args.gradient_accumulation_steps = max(1, math.ceil(16 / args.per_device_train_batch_size / world))
+    set_seed(args.seed)
+    return accelerator
+
+
+def prepare_run_dir(args: SftArguments, resume_ckpt: Path | None, accelerator) -> Path:
+    """Resuming continues the checkpoint's own run, so that its logs stay in one place; else a new vN-... folder
+    (made by the main process, its name sent to the others) or --output_dir itself with --add_version false."""
+    if resume_ckpt is not None:
+        return resume_ckpt.parent
+    if not args.add_version:
+        run_dir = Path(args.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    run_dir = new_run_dir(args.output_dir) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    return run_dir
+
+
+def load_samples(args: SftArguments, tokenizer, run_dir: Path, accelerator, notices: list[str]):
+    """(training samples, validation samples, counts for args.json): read, validated (rejects to
+    RUN/rejects.jsonl) and chat-templated."""
+    data = load_datasets(
+        args.dataset,
+        fmt=args.dataset_format,
+        use_hf=args.use_hf,
+        seed=args.seed,
+        strict=args.strict,
+        val_specs=args.val_dataset,
+        split_ratio=args.split_dataset_ratio,
+        rejects_path=run_dir / "rejects.jsonl" if accelerator.is_main_process else None,
+    )
+    train_samples, tcounts = render_samples(data.train, tokenizer, args.max_length, args.system)
+    val_samples, _ = render_samples(data.val, tokenizer, args.max_length, args.system)
+    if not train_samples:
+        raise UserError(
+            "no trainable sample: every dialogue was rejected or lost its assistant turns to truncation"
+        )
+    if tcounts["no_labels"]:
+        notices.append(
+            f"{tcounts['no_labels']} dialogue(s) kept no assistant token within --max_length and are skipped"
+        )
+    counts = {"train_samples": len(train_samples), "val_samples": len(val_samples), "truncation": tcounts,
+              "rejected_records": data.num_rejected}  # fmt: skip
+    return train_samples, val_samples, counts
+
+
+def make_optimization(args: SftArguments, model, accelerator, dtype, total_steps: int):
+    """(model inside its loss module, optimizer, LR scheduler, fp16 loss scaler or None), prepared by accelerate."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        fused=accelerator.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
+    use_ds = accelerator.state.deepspeed_plugin is not None
+    # DeepSpeed scales fp16 losses itself (its config's fp16 section)
+    scaler = torch.amp.GradScaler(accelerator.device.type) if dtype == torch.float16 and not use_ds else None
+    wrapped = ChunkedLMLoss(model, args.loss_chunk_size)
+    wrapped.config = model.config  # accelerate sizes DeepSpeed's "auto" buckets from model.config.hidden_size
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    return wrapped, optimizer, scheduler, scaler
+
+
+def describe_run(args, model, model_path, run_dir, dtype, attn_impl, world, total_steps, data_counts) -> dict:
+    """args.json: every argument (secrets masked) and what the run decided, written before the first step."""
+
+    def numel(p) -> int:  # a ZeRO-3 partitioned parameter holds only its shard; ds_numel is its full size
+        return getattr(p, "ds_numel", p.numel())
+
+    return args_to_dict(args) | {
+        "command": command_line(),
+        "model_dir": model_path,
+        "run_dir": str(run_dir),
+        "trainable_parameters": sum(numel(p) for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(numel(p) for p in model.parameters()),
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": attn_impl,
+        "world_size": world,
+        "total_steps": total_steps,
+        **data_counts,
+        "mhsft_version": __version__,
+    }
+
+
+def start_logging(
+    args, accelerator, run_dir: Path, config: dict, step: int, notices: list[str]
+) -> Tracker | None:
+    """On the main process: args.json, the log cut back to the resumed step, the trackers, and what the run is
+    about to do. Returns the tracker (None on the other ranks)."""
+    if not accelerator.is_main_process:
+        return None
+    write_json(run_dir / "args.json", config)
+    truncate_log(run_dir / "logging.jsonl", step)
+    tracker = Tracker(run_dir, args, config)
+    for n in notices:
+        log.info(n)
+    log.info(f"run directory: {run_dir}")
+    n_train, n_total = config["trainable_parameters"], config["total_parameters"]
+    log.info(
+        f"{config['train_samples']:,} training samples, {config['val_samples']:,} validation; {n_train:,} trainable "
+        f"of {n_total:,} parameters ({100 * n_train / n_total:.3f}%); {config['total_steps']:,} steps of "
+        f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {config['world_size']} "
+        f"{'packed rows' if args.packing else 'samples'}"
+    )
+    return tracker
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def run_loop(
+    args: SftArguments, accelerator, step: int, *, model, wrapped, optimizer, scheduler, scaler, tokenizer,
+    train_samples: list, val_samples: list, run_dir: Path, tracker, total_steps: int, per_epoch: int, config: dict,
+) -> Path:  # fmt: skip
+    """Optimizer steps from `step` to `total_steps`: a logging line every --logging_steps, validation every
+    --eval_steps, a checkpoint every --save_steps and at the end. Returns the last checkpoint."""
+    from tqdm import tqdm
+
+    is_main = accelerator.is_main_process
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # the step lines carry the progress in logs; the bar is for a terminal
+    quiet = not is_main or not sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=quiet)
+    window = _new_window()
+    t_start, step_at_start = time.perf_counter(), step
+    last_ckpt, grad_norm = None, float("nan")
+    flops_per_token = (6 if args.train_type == "full" else 4) * config["total_parameters"]
+    model.train()
+    plans: dict[int, list] = {}  # the epoch's plan, computed once (packing a large dataset takes a while)
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, per_epoch)
+        if epoch not in plans:
+            plans = {epoch: epoch_plan(train_samples, epoch, args)}
+        batches = step_batches(plans[epoch], in_epoch, train_samples, args, accelerator, pad_id)
+        step_loss, n_label, n_tokens = backward_step(batches, accelerator, wrapped, scaler)
+        grad_norm = optimizer_step(
+            model, optimizer, scheduler, scaler, accelerator, args.max_grad_norm, grad_norm
+        )
+        step += 1
+        window["loss"] += step_loss
+        window["label_tokens"] += n_label
+        window["tokens"] += n_tokens
+        window["steps"] += 1
+        bar.update(1)
+        if step % args.logging_steps == 0 or step == total_steps:
+            window["loss"] = float(window["loss"])
+            metrics = log_metrics(accelerator, window, step, total_steps=total_steps, per_epoch=per_epoch,
+                                  lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                                  flops_per_token=flops_per_token, t_start=t_start, step_at_start=step_at_start)  # fmt: skip
+            if is_main:
+                bar.write(format_line(metrics, total_steps))
+                tracker.log(metrics, step)
+            window = _new_window()
+        if val_samples and (step % args.eval_steps == 0 or step == total_steps):
+            eval_loss = evaluate(args, wrapped, model, val_samples, pad_id, accelerator)
+            if is_main:
+                bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                tracker.log({"eval_loss": eval_loss, "step": step, "epoch": round(step / per_epoch, 4)}, step)
+            model.train()
+        if step % args.save_steps == 0 or step == total_steps:
+            last_ckpt = save_checkpoint(accelerator, run_dir, step, model=model, wrapped=wrapped, tokenizer=tokenizer,
+                                        optimizer=optimizer, scheduler=scheduler, scaler=scaler, config=config,
+                                        save_total_limit=args.save_total_limit)  # fmt: skip
+            if is_main:
+                bar.write(f"saved {last_ckpt}")
+    bar.close()
+    if is_main:
+        log.info(f"done: {step} steps; final checkpoint {last_ckpt}")
+    return last_ckpt
+
+
+def _new_window() -> dict:
+    """What one logging step sums: the loss (a device tensor, read back only when logged) and token counts."""
+    return {"loss": 0.0, "tokens": 0, "label_tokens": 0, "t0": time.perf_counter(), "steps": 0}
+
+
+def step_batches(plan: list, in_epoch: int, samples: list, args, accelerator, pad_id: int) -> list[dict]:
+    """This rank's collated micro-batches of the optimizer step `in_epoch` of the epoch `plan`."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = args.gradient_accumulation_steps * world
+    group = plan[in_epoch * per_step : (in_epoch + 1) * per_step]
+    if len(group) < per_step and world > 1:  # every rank needs the same number of micro-batches
+        group = group + plan[: per_step - len(group)]
+    return [collate(samples, mb, args, pad_id) for mb in group[rank::world]]
+
+
+def backward_step(batches: list[dict], accelerator, wrapped, scaler) -> tuple:
+    """Forward and backward over one optimizer step's micro-batches, with the loss of each token divided by the
+    labelled tokens of the whole step on every rank: the token-level mean that accumulation must preserve.
+    Returns (this rank's summed loss as a device tensor, its labelled tokens, its real tokens)."""
+    world = accelerator.num_processes
+    use_ds = accelerator.state.deepspeed_plugin is not None
+    n_label = sum(count_label_tokens(b["labels"]) for b in batches)
+    # real tokens only: padding (unpacked batches) does not count towards tokens/s
+    n_tokens = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+    )
+    n_label_all = n_label
+    if world > 1:
+        t = torch.tensor([n_label], device=accelerator.device)
+        n_label_all = int(accelerator.reduce(t, reduction="sum").item())
+    step_loss = torch.zeros(
+        (), dtype=torch.float64, device=accelerator.device
+    )  # read back once per logging step
+    for i, b in enumerate(batches):
+        b = batch_to_device(b, accelerator.device)
+        sync = i == len(batches) - 1
+        ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
+        with ctx:
+            loss_sum = wrapped(**b)
+            # DDP averages gradients over ranks, so scale by world to get the global token mean.
+            loss = loss_sum * world / max(n_label_all, 1)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            elif use_ds:
+                # DeepSpeed steps inside backward when told this is the step's last micro-batch; the loss is
+                # already the step's token mean, so DeepSpeed must not divide it by the accumulation steps.
+                accelerator.gradient_state._set_sync_gradients(sync)
+                accelerator.backward(loss, scale_wrt_gas=False)
+            else:
+                accelerator.backward(loss)
+        step_loss += loss_sum.detach().double()
+    return step_loss, n_label, n_tokens
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, accelerator, max_grad_norm: float, grad_norm):
+    """Clip, step, schedule, zero. Returns the gradient norm before clipping (a device tensor, read back at the
+    logging step), or the previous one when not clipping."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        # DeepSpeed clips inside its own step and hands back no norm
+        grad_norm = (
+            norm.detach() if isinstance(norm, torch.Tensor) else float("nan" if norm is None else norm)
+        )
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def evaluate(args, wrapped, model, val_samples, pad_id, accelerator) -> float:
+    """Token-mean validation loss."""
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    bs = args.per_device_eval_batch_size
+    mine = list(range(len(val_samples)))[rank::world]
+    with torch.no_grad():
+        for i in range(0, len(mine), bs):
+            b = collate_padded([val_samples[j] for j in mine[i : i + bs]], pad_id)
+            total[1] += count_label_tokens(b["labels"])
+            b = batch_to_device(b, accelerator.device)
+            total[0] += wrapped(**b).double()
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / max(total[1], 1))
