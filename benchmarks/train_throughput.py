@@ -111,7 +111,7 @@ def worker(args) -> dict:
     attn = "sdpa"
     mhsft_args = None
     if stack == "mhsft":
-        from mhsft.train.packed_attention import register_packed_attention, select_attn_backend
+        from mhsft.packed_attention import register_packed_attention, select_attn_backend
         from mhsft.train.sft import SftArguments
 
         backend, _ = select_attn_backend(dev, "flash_attn")

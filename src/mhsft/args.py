@@ -152,25 +152,11 @@ class GenerationArguments:
         default=None, metadata={"help": "System prompt (else the chat template's default)."}
     )
 
-    def generate_kwargs(self, tokenizer) -> dict:
-        """Keyword arguments for transformers' `generate`."""
-        kw: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.temperature and self.temperature > 0:
-            kw.update(
-                do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None
-            )
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        kw["pad_token_id"] = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-        return kw
-
 
 @dataclass
 class EngineArguments:
     """What the generation engine runs: the adapters beside the base model, and its batch, context and device.
-    Shared by `mhsft infer` and `mhsft deploy`, which run the same engine."""
+    Shared by `mhsft infer`, `mhsft deploy` and `mhsft eval` (in-process), which run the same engine."""
 
     adapters: list[str] = field(
         default_factory=list,
@@ -187,3 +173,6 @@ class EngineArguments:
         metadata={"help": "Longest prompt + reply in tokens (default: the model's limit, at most 4096)."},
     )
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1 or cpu (default: cuda if any)."})
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "On CUDA: replay decode steps as CUDA graphs (false: eager steps)."}
+    )

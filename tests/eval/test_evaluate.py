@@ -103,12 +103,12 @@ def test_local_end_to_end_then_resume(tmp_path, tiny_model_dir, shared_data, cap
     # interrupted run: the last 5 records never got written; a rerun asks the model for exactly those
     lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     (out / "predictions.jsonl").write_text("\n".join(lines[:-5]) + "\n" + lines[-5][:20], encoding="utf-8")
-    from mhsft.eval.targets import LocalTarget
+    from mhsft.eval.targets import EngineTarget
 
     asked = []
-    real_ll, real_chat = LocalTarget.loglikelihood, LocalTarget.chat
-    monkeypatch.setattr(LocalTarget, "loglikelihood", lambda s, reqs: asked.extend(reqs) or real_ll(s, reqs))
-    monkeypatch.setattr(LocalTarget, "chat", lambda s, c, g, n: asked.extend(c) or real_chat(s, c, g, n))
+    real_ll, real_chat = EngineTarget.loglikelihood, EngineTarget.chat
+    monkeypatch.setattr(EngineTarget, "loglikelihood", lambda s, reqs: asked.extend(reqs) or real_ll(s, reqs))
+    monkeypatch.setattr(EngineTarget, "chat", lambda s, c, g, n: asked.extend(c) or real_chat(s, c, g, n))
     assert _run(*argv) == 0
     assert 0 < len(asked) <= 5 * 5  # five items (a multiple-choice one asks once per option)
     res2 = _results(out)
@@ -453,3 +453,110 @@ def test_ms_swift_flag_names(tmp_path, tiny_model_dir):
     )
     mc = _results(out)["metrics"]["demo_mcq"]["multiple_choice"]
     assert mc["n"] == 3 and mc["accuracy_ci95"] is None and set(mc["by_method"]) == {"generation"}
+
+
+def test_base_and_adapters_in_one_load_equal_separate_runs(tmp_path, tiny_model_dir):
+    """`--adapters ft=CKPT other=CKPT2` evaluates the base model and each adapter in one process, one folder per
+    system; each equals the run of that system alone (same predictions, same hashes, so they resume each other),
+    and `mhsft report` reads the folders as they are."""
+    ckpts = []
+    for i, lr in enumerate(("2e-2", "5e-2")):
+        rc = main(["sft", "--model", "builtin:tiny", "--dataset", str(REPO / "examples/data/demo_sharegpt.jsonl"),
+                   "--max_steps", "2", "--output_dir", str(tmp_path / f"sft{i}"), "--report_to", "none",
+                   "--max_length", "256", "--learning_rate", lr])  # fmt: skip
+        assert rc == 0
+        ckpts.append(next((tmp_path / f"sft{i}").glob("v*/checkpoint-2")))
+    sets = ["--eval_dataset", DEMO_MCQ, str(REPO / "examples/data/demo_qa.jsonl"), "--max_new_tokens", "6"]
+    out = tmp_path / "together"
+    assert _run("--model", "builtin:tiny", "--adapters", f"ft={ckpts[0]}", f"other={ckpts[1]}", *sets,
+                "--output_dir", out) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["base", "ft", "other"]
+    alone = {"base": ["--model", "builtin:tiny"], "ft": ["--model", "builtin:tiny", "--adapters", ckpts[0]]}
+    for name, argv in alone.items():
+        assert _run(*argv, *sets, "--output_dir", tmp_path / name) == 0
+        got, want = _rows(out / name), _rows(tmp_path / name)
+        assert [(r["key"], r["output"]) for r in got] == [(r["key"], r["output"]) for r in want], name
+        assert _results(out / name)["metrics"] == _results(tmp_path / name)["metrics"]
+    assert _results(out / "ft")["adapter"] == str(ckpts[0]) and _results(out / "base")["adapter"] is None
+    assert [r["output"] for r in _rows(out / "ft")] != [r["output"] for r in _rows(out / "other")]
+    assert main(["report", str(out / "ft"), str(out / "other"), "--baseline", str(out / "base"),
+                 "--output", str(tmp_path / "report")]) == 0  # fmt: skip
+    head = next(ln for ln in (tmp_path / "report" / "report.md").read_text(encoding="utf-8").splitlines()
+                if ln.startswith("| dataset | metric"))  # fmt: skip
+    assert "| base | ft | other | Δ ft vs base | Δ other vs base |" in head
+
+
+class _DyingJudge:
+    """A judge that answers `lives` verdicts and then goes down: the connection of the next request is dropped
+    without an answer and the port closed, as when a judge server crashes. (http.server, HTTP/1.0: each request
+    opens its own connection, so nothing is served from a kept-alive one after the death.)"""
+
+    VALID = '{"理由": "共情到位", "EmoE": 4, "CogE": 3, "Con": 4, "Sta": 5, "Saf": 5}'
+
+    def __init__(self, port: int, lives: int | None):
+        import http.server
+
+        judge = self
+        self.calls = 0
+        self.gone = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, obj):
+                data = json.dumps(obj, ensure_ascii=False).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send({"object": "list", "data": [{"id": "j", "object": "model", "owned_by": "t"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if lives is not None and judge.calls >= lives:
+                    threading.Thread(target=judge.stop, daemon=True).start()
+                    self.close_connection = True
+                    return  # no answer: the client sees the connection drop
+                judge.calls += 1
+                msg = {"role": "assistant", "content": judge.VALID}
+                self._send({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                            "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})  # fmt: skip
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.gone.set()
+
+
+def test_a_judge_that_goes_down_fails_in_seconds_and_keeps_what_was_scored(tmp_path, tiny_model_dir):
+    from mhsft.client import free_port
+
+    dialogues = str(REPO / "examples/data/demo_sharegpt.jsonl") + "#6"
+    port = free_port()
+    argv = ["--model", "builtin:tiny", "--eval_dataset", dialogues, "--max_turns", "1", "--max_new_tokens", "4",
+            "--judge_api_url", f"http://127.0.0.1:{port}/v1", "--judge_model", "j", "--concurrency", "1",
+            "--max_batch_size", "1", "--max_retries", "0", "--output_dir", tmp_path / "o"]  # fmt: skip
+    t = time.monotonic()
+    assert _run(*argv) == 2  # down before anything: a one-line error at once
+    assert time.monotonic() - t < 20
+    judge = _DyingJudge(port, lives=4)
+    assert _run(*argv) == 2  # down halfway (chunks of four turns): the run stops
+    kept = _rows(tmp_path / "o")
+    assert len(kept) == 4 and all(r["judge"]["scores"] for r in kept)  # the first chunk is kept
+    assert judge.gone.wait(10)
+    judge = _DyingJudge(port, lives=None)
+    try:
+        assert _run(*argv) == 0
+        assert judge.calls == 2  # only what was not scored is asked
+    finally:
+        judge.stop()
+    assert len(_rows(tmp_path / "o")) == 6

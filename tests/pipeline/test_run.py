@@ -100,7 +100,17 @@ def test_demo_dry_run_prints_every_stage(tmp_path, capsys, monkeypatch):
     assert names == ["data", "sft", "export", "eval_base", "eval_finetuned", "report"]
     assert "mhsft data clean --dataset examples/data/demo_sharegpt.jsonl" in out
     assert "--resume_from_checkpoint auto" in out and "--judge_api_url http://127.0.0.1:PORT/v1" in out
-    assert "--baseline" in out and "--model EXP/export/merged" in out
+    assert "--baseline" in out
+    # base and fine-tuned in one `mhsft eval`: the adapter beside the base model, one load
+    assert "eval_finetuned: evaluate the fine-tuned model (adapter): with eval_base, in one load" in out
+    (line,) = [ln for ln in out.splitlines() if "would run: mhsft eval" in ln]
+    assert "--model builtin:tiny --adapters finetuned=EXP/sft/vN-.../checkpoint-N" in line
+    assert line.endswith(f"--output_dir {tmp_path / 'exp' / 'eval'} --judge_api_url http://127.0.0.1:PORT/v1")
+    # `finetuned: merged` evaluates the merged model, in an `mhsft eval` of its own
+    exp.write_text(exp.read_text().replace("  max_turns: 2\n", "  max_turns: 2\n  finetuned: merged\n"))
+    assert pipeline.main([str(exp), "--dry_run"]) == 0
+    evals = [ln for ln in capsys.readouterr().out.splitlines() if "would run: mhsft eval" in ln]
+    assert len(evals) == 2 and "--model EXP/export/merged" in evals[1]
 
 
 def test_without_export_the_adapter_is_evaluated(tmp_path, capsys):
@@ -213,7 +223,10 @@ def test_whole_pipeline_with_judge_and_report(tmp_path):
         assert s.connect_ex(("127.0.0.1", int(url.group(2)))) != 0
     base = json.loads((X / "eval" / "base" / "results.json").read_text())
     ft = json.loads((X / "eval" / "finetuned" / "results.json").read_text())
-    assert base["model"] == "builtin:tiny" and ft["model"] == str(X / "export" / "merged")
+    # one `mhsft eval` for both stages: the adapter beside the base model, one load
+    assert p.stdout.count("$ mhsft eval") == 1 and "with eval_base, in one load" in p.stdout
+    assert base["model"] == ft["model"] == "builtin:tiny" and base["adapter"] is None
+    assert ft["adapter"] == str(next(X.glob("sft/v*/checkpoint-6")))
     for res in (base, ft):
         judge = res["metrics"]["test_dialogues"]["counseling"]["judge"]
         assert judge["n_judged"] == 2  # every held-out reply went to the judge

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from mhsft.packed_attention import register_packed_attention
 from mhsft.train import loss as loss_mod
 from mhsft.train.batches import batch_to_device, collate_packed
 from mhsft.train.loss import ChunkedLMLoss, chunked_lm_loss, label_positions
-from mhsft.train.packed_attention import register_packed_attention
 from tiny import random_samples as _samples
 from tiny import tiny_qwen2 as _tiny_qwen2
 
@@ -43,12 +43,12 @@ def test_packed_loss_without_syncs_equals_transformers_masks(monkeypatch):
     model = _tiny_qwen2(register_packed_attention("sdpa"))
     wrapped = ChunkedLMLoss(model, chunk_size=16)
     host = collate_packed(_samples([7, 13, 4, 22, 1, 9]))
-    assert loss_mod._packed_mask_mapping(model.config) is not None
+    assert loss_mod.packed_mask_mapping(model.config) is not None
     fast = wrapped(**batch_to_device(host, "cpu"))
     fast.backward()
     g_fast = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    monkeypatch.setattr(loss_mod, "_packed_mask_mapping", lambda config: None)
+    monkeypatch.setattr(loss_mod, "packed_mask_mapping", lambda config: None)
     slow = wrapped(**host)
     slow.backward()
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
@@ -58,7 +58,7 @@ def test_packed_loss_without_syncs_equals_transformers_masks(monkeypatch):
 
 def test_mask_mapping_only_for_packed_attention():
     model = _tiny_qwen2("sdpa")
-    assert loss_mod._packed_mask_mapping(model.config) is None
+    assert loss_mod.packed_mask_mapping(model.config) is None
 
 
 def test_batch_to_device_keeps_values_and_adds_positions():

@@ -9,14 +9,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mhsft.args import GenerationArguments, ModelArguments, command_line, parse_args
+from mhsft.args import EngineArguments, GenerationArguments, ModelArguments, command_line, parse_args
 from mhsft.eval import judge, lm_eval_tasks, mcq, qa
 from mhsft.eval.datasets import load_eval_set
 from mhsft.eval.predictions import PredictionLog
 from mhsft.eval.runner import Evaluator, summarize_counseling
-from mhsft.eval.targets import EndpointTarget, load_local_target
+from mhsft.eval.targets import EndpointTarget, EngineTarget, load_engine_for
 from mhsft.files import write_json
-from mhsft.model import base_model_for, parse_adapters, resolve_model_dir
+from mhsft.model import BASE, base_model_for, parse_adapters, resolve_model_dir
+from mhsft.serve.engine import encode_chat
 from mhsft.utils import MASK, UserError, get_logger, register_secret, settings_hash
 
 SCHEMA_VERSION = 1
@@ -27,15 +28,16 @@ EVAL_ALIASES = {
     "--eval_output_dir": "--output_dir",
     "--eval_url": "--api_url",
     "--eval_num_proc": "--concurrency",
+    "--eval_batch_size": "--max_batch_size",  # what the engine generates at once
 }
 
 
 @dataclass
-class EvalArguments(GenerationArguments, ModelArguments):
-    adapters: list[str] = field(default_factory=list, metadata={"help": "A LoRA checkpoint to evaluate."})
-    device: str | None = field(
-        default=None, metadata={"help": "cuda | cpu | cuda:1 (default: cuda if available)."}
-    )
+class EvalArguments(EngineArguments, GenerationArguments, ModelArguments):
+    """In-process evaluations run on the generation engine (EngineArguments: --max_batch_size, --max_model_len,
+    --device). One unnamed --adapters CKPT evaluates that adapter; named ones (`ft=CKPT [other=CKPT2]`) evaluate
+    the base model and each adapter in one load, into OUTPUT_DIR/base, OUTPUT_DIR/ft, ..."""
+
     api_url: str | None = field(
         default=None,
         metadata={"help": "Evaluate an OpenAI-compatible endpoint instead, e.g. http://127.0.0.1:8000/v1."},
@@ -97,7 +99,6 @@ class EvalArguments(GenerationArguments, ModelArguments):
         default=5, metadata={"help": "Retries of a failed request, with exponential backoff."}
     )
     request_timeout: float = field(default=120.0, metadata={"help": "Seconds before a request is abandoned."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass of a local model."})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
     eval_seed: int = field(
         default=42, metadata={"help": "Seed of sampling (#N, --limit), few-shot and bootstrap."}
@@ -145,7 +146,8 @@ def check_args(a: EvalArguments) -> None:
         "limit",
         "max_turns",
         "concurrency",
-        "eval_batch_size",
+        "max_batch_size",
+        "max_model_len",
         "mcq_max_new_tokens",
         "max_new_tokens",
     ):
@@ -277,94 +279,171 @@ def main(argv: list[str]) -> int:
     return evaluate(a, sets)
 
 
+@dataclass
+class System:
+    """One model evaluated: a name (its folder in a multi-system run), the target answering, and the identity
+    that keys its predictions (so that a system evaluated alone or beside others reuses the same rows)."""
+
+    name: str
+    target: object
+    identity: dict
+    adapter: str | None = None
+
+
 def evaluate(a: EvalArguments, sets) -> int:
+    """Every system over every set: results.json + predictions.jsonl per system; 1 when requests failed."""
     log = get_logger()
-    if a.api_url:
-        target = EndpointTarget(
-            a.api_url, a.api_key, a.served_model_name, a.concurrency, a.max_retries, a.request_timeout
-        )
-        identity = {"api_url": target.api_url, "model": target.model_name}
-    else:
-        target = load_local_target(a)
-        identity = {"model": a.model, "adapters": a.adapters, "dtype": a.torch_dtype}
+    systems, engine = open_systems(a, sets)
     judge_target = None
     if a.judge_api_url:
         judge_target = EndpointTarget(
             a.judge_api_url, a.judge_api_key, a.judge_model, a.concurrency, a.max_retries, a.request_timeout
         )
         a.judge_model = judge_target.model_name
-    ll_ok = a.mcq_mode != "generation"
-    if (
-        ll_ok
-        and isinstance(target, EndpointTarget)
-        and any(it for es, _ in sets for it in es.mcq if not it.multi)
+    try:
+        ll_ok = loglikelihood_ok(a, systems[0].target, sets)
+        root = Path(
+            a.output_dir or f"eval_output/{_target_name(a)}-{settings_hash(task_settings(a, {}))[:8]}"
+        )
+        failed = 0
+        for sy in systems:
+            out = root / sy.name if len(systems) > 1 else root
+            if len(systems) > 1:
+                log.info(f"== {sy.name}: {sy.adapter or 'the base model'}")
+            failed += evaluate_system(a, sets, sy, judge_target, ll_ok, out)
+    finally:
+        if engine is not None:
+            engine.stop()
+    if failed:
+        log.warning(f"{failed} requests failed; rerun the same command to retry only those items")
+        return 1
+    return 0
+
+
+def open_systems(a: EvalArguments, sets) -> tuple[list[System], object]:
+    """The systems to evaluate and the engine they share (None for an endpoint): the endpoint; the model (or its
+    one unnamed adapter); or, with named adapters, the base model and each adapter, in one load."""
+    if a.api_url:
+        t = EndpointTarget(a.api_url, a.api_key, a.served_model_name, a.concurrency, a.max_retries,
+                           a.request_timeout)  # fmt: skip
+        return [System("endpoint", t, {"api_url": t.api_url, "model": t.model_name})], None
+    named = parse_adapters(a.adapters)
+    several = len(named) > 1 or any("=" in spec for spec in a.adapters)
+    if several and "base" in named:
+        raise UserError("--adapters: `base` names the base model's results; call the adapter something else")
+    if a.max_model_len is None:
+        a.max_model_len = context_needed(a, sets, named)
+    engine = load_engine_for(a, named)
+    dtype = a.torch_dtype
+    if not several:
+        adapter = next(iter(named), None)
+        identity = {"model": a.model, "adapters": a.adapters, "dtype": dtype}
+        target = EngineTarget(engine, adapter, a.max_length)
+        return [System("model", target, identity, next(iter(named.values()), None))], engine
+    base = a.model or base_model_for(None, named)
+    out = [
+        System(
+            "base", EngineTarget(engine, BASE, a.max_length), {"model": base, "adapters": [], "dtype": dtype}
+        )
+    ]
+    for name, path in named.items():
+        identity = {"model": base, "adapters": [path], "dtype": dtype}
+        out.append(System(name, EngineTarget(engine, name, a.max_length), identity, path))
+    return out, engine
+
+
+def context_needed(a: EvalArguments, sets, named: dict[str, str]) -> int:
+    """The engine's context for these sets: the longest prompt it generates from (multiple-answer and generated
+    questions, open QA, counseling turns) plus the tokens generated, rounded up to 256. A KV cache sized for the
+    data holds more requests at once than one sized for the model's whole context."""
+    from mhsft.model import load_tokenizer
+
+    base = a.model or base_model_for(None, named)
+    tok_src = next((p for p in named.values() if (Path(p) / "tokenizer_config.json").is_file()), base)
+    tok = load_tokenizer(tok_src, use_hf=a.use_hf, token=a.hub_token)
+    runner = Evaluator(a, None, None, None, {}, a.mcq_mode != "generation", 1)
+    longest = 1
+    for es, pool in sets:
+        for msgs in runner.generation_prompts(es, pool):
+            longest = max(longest, len(encode_chat(tok, msgs)))
+    return -(-(longest + max(a.max_new_tokens, a.mcq_max_new_tokens) + 1) // 256) * 256
+
+
+def loglikelihood_ok(a: EvalArguments, target, sets) -> bool:
+    """Whether single-answer questions are scored by log-likelihood: not with --mcq_mode generation, nor by an
+    endpoint that cannot score echoed prompts (then generation, or an error with --mcq_mode loglikelihood)."""
+    if a.mcq_mode == "generation":
+        return False
+    if not isinstance(target, EndpointTarget) or not any(
+        it for es, _ in sets for it in es.mcq if not it.multi
     ):
-        why = target.probe_loglikelihood()
-        if why and a.mcq_mode == "loglikelihood":
-            raise UserError(
-                f"{target.api_url} cannot score prompts by log-likelihood ({why}); use --mcq_mode generation"
-            )
-        if why:
-            log.warning(
-                f"{target.api_url}: no log-likelihood scoring ({why}); multiple choice falls back to generation"
-            )
-            ll_ok = False
-    settings = task_settings(a, identity)
+        return True
+    why = target.probe_loglikelihood()
+    if why and a.mcq_mode == "loglikelihood":
+        raise UserError(
+            f"{target.api_url} cannot score prompts by log-likelihood ({why}); use --mcq_mode generation"
+        )
+    if why:
+        get_logger().warning(
+            f"{target.api_url}: no log-likelihood scoring ({why}); multiple choice falls back to generation"
+        )
+    return not why
+
+
+def evaluate_system(a: EvalArguments, sets, sy: System, judge_target, ll_ok: bool, out: Path) -> int:
+    """One system over every set, resuming from its predictions log; writes its results.json and prints its
+    table. Returns how many requests failed."""
+    settings = task_settings(a, sy.identity)
     hashes = {k: settings_hash(v) for k, v in settings.items()}
-    out = Path(a.output_dir or f"eval_output/{_target_name(a)}-{settings_hash(settings)[:8]}")
     predictions = PredictionLog(out / "predictions.jsonl")
     resumed = sum(r.get("settings_hash") in hashes.values() for r in predictions.done.values())
     if resumed:
-        log.info(f"resuming: {resumed} items already done in {predictions.path}")
-    runner = Evaluator(a, target, judge_target, predictions, hashes, ll_ok)
+        get_logger().info(f"resuming: {resumed} items already done in {predictions.path}")
+    chunk = max(a.concurrency * 2, 4 * getattr(getattr(sy.target, "engine", None), "max_batch_size", 0))
+    runner = Evaluator(a, sy.target, judge_target, predictions, hashes, ll_ok, chunk)
     metrics, datasets = {}, []
     try:
         for es, pool in sets:
-            m = {}
-            if es.mcq:
-                m["multiple_choice"] = mcq.summarize(runner.run_mcq(es, pool), a.n_bootstrap, a.eval_seed)
-            if es.qa:
-                m["open_qa"] = qa.summarize(runner.run_qa(es), a.n_bootstrap, a.eval_seed)
-            if es.dialogues:
-                rows = runner.run_dialogues(es)
-                m["counseling"] = summarize_counseling(rows, a.judge_cpsycoun, a.n_bootstrap, a.eval_seed)
-            metrics[es.name] = m
-            datasets.append(
-                {
-                    "name": es.name,
-                    "spec": es.spec,
-                    "num_files": len(es.files),
-                    "sha256": es.sha256,
-                    "n_mcq": len(es.mcq),
-                    "n_qa": len(es.qa),
-                    "n_dialogues": len(es.dialogues),
-                    "n_bad_records": len(es.errors),
-                }
-            )
+            metrics[es.name] = evaluate_set(a, runner, es, pool)
+            datasets.append({"name": es.name, "spec": es.spec, "num_files": len(es.files), "sha256": es.sha256,
+                             "n_mcq": len(es.mcq), "n_qa": len(es.qa), "n_dialogues": len(es.dialogues),
+                             "n_bad_records": len(es.errors)})  # fmt: skip
     finally:
         predictions.close()
     results = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command_line(),
-        "model": identity.get("model"),
-        "adapter": (a.adapters or [None])[0],
-        "target": identity,
+        "model": sy.identity.get("model"),
+        "adapter": sy.adapter,
+        "target": sy.identity,
         "datasets": datasets,
         "metrics": metrics,
         "failed_requests": runner.failed_requests,
+        # seconds spent waiting for the model (and the judge): total, and the first chunk's (warm-up included)
+        "timing": {
+            k: {"total_s": round(sum(v), 2), "first_chunk_s": round(v[0], 2), "chunks": len(v)}
+            for k, v in runner.timing.items()
+        },  # fmt: skip
         "settings": {**_settings(a), "task_hashes": hashes},
         "formulas": {"elastic_accuracy": mcq.ELASTIC_FORMULA},
     }
     write_json(out / "results.json", results)
     print_table(results)
     print(f"results: {out / 'results.json'}\npredictions: {predictions.path}")
-    if runner.failed_requests:
-        log.warning(
-            f"{runner.failed_requests} requests failed; rerun the same command to retry only those items"
-        )
-        return 1
-    return 0
+    return runner.failed_requests
+
+
+def evaluate_set(a: EvalArguments, runner: Evaluator, es, pool) -> dict:
+    m = {}
+    if es.mcq:
+        m["multiple_choice"] = mcq.summarize(runner.run_mcq(es, pool), a.n_bootstrap, a.eval_seed)
+    if es.qa:
+        m["open_qa"] = qa.summarize(runner.run_qa(es), a.n_bootstrap, a.eval_seed)
+    if es.dialogues:
+        rows = runner.run_dialogues(es)
+        m["counseling"] = summarize_counseling(rows, a.judge_cpsycoun, a.n_bootstrap, a.eval_seed)
+    return m
 
 
 def _settings(a: EvalArguments) -> dict:

@@ -5,6 +5,9 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 from mhsft.eval import judge as judge_mod
 from mhsft.eval import mcq, qa, safety
 from mhsft.eval.datasets import EvalSet, MCQItem
@@ -28,13 +31,17 @@ class Evaluator:
     """Everything one `mhsft eval` run shares: target, judge, settings, predictions log, counters."""
 
     def __init__(
-        self, args, target, judge_target, predictions: PredictionLog, hashes: dict[str, str], ll_ok: bool
-    ):
+        self, args, target, judge_target, predictions: PredictionLog, hashes: dict[str, str], ll_ok: bool,
+        chunk: int,
+    ):  # fmt: skip
         self.args, self.target, self.judge, self.hashes = args, target, judge_target, hashes
         self.predictions = predictions
         self.ll_ok = ll_ok
         self.failed_requests = 0
-        self.chunk = max(args.eval_batch_size, args.concurrency) * 2
+        self.timing: dict[str, list[float]] = {}  # seconds waiting for the target (and the judge), per chunk
+        self.chunk = max(
+            1, chunk
+        )  # items sent at once: enough to keep the engine's batch (or the endpoint) full
 
     def _key(self, task: str, es: EvalSet, item_id: str) -> str:
         return PredictionLog.key(self.hashes[task], es.sha256, item_id)
@@ -54,9 +61,18 @@ class Evaluator:
         if self.failed_requests <= 5:
             get_logger().warning(f"{what}: request failed ({err}); it will be retried on the next run")
 
+    @contextlib.contextmanager
+    def _timed(self, what: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing.setdefault(what, []).append(time.perf_counter() - t)
+
     def _chat(self, es: EvalSet, ids: list[str], convs: list[list[dict]], max_new_tokens: int) -> list:
         """Replies, None where the request failed for good (counted; the item is retried by the next run)."""
-        outs = self.target.chat(convs, self.args, max_new_tokens)
+        with self._timed("generation"):
+            outs = self.target.chat(convs, self.args, max_new_tokens)
         for i, o in zip(ids, outs):
             if isinstance(o, RequestError):
                 self._failed(f"{es.name} {i}", o)
@@ -78,6 +94,25 @@ class Evaluator:
 
     # --- multiple choice -------------------------------------------------------------------------------
 
+    def generation_prompts(self, es: EvalSet, pool: list[MCQItem]):
+        """Every conversation this set has the model generate from (the engine's context is sized by them)."""
+        a = self.args
+        for it in es.mcq:
+            if self.method_for(it) == "generation":
+                yield mcq.generation_messages(
+                    it, mcq.pick_fewshot(it, pool, a.num_fewshot, a.eval_seed), a.system
+                )
+        for it in es.qa:
+            yield self._qa_messages(it)
+        for _, msgs, _ in self.dialogue_turns(es):
+            yield msgs
+
+    def _qa_messages(self, it) -> list[dict]:
+        system = self.args.system
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": it.question}
+        ]
+
     def method_for(self, item: MCQItem) -> str:
         if item.multi or self.args.mcq_mode == "generation" or not self.ll_ok:
             return "generation"
@@ -98,7 +133,8 @@ class Evaluator:
                         for it in ll
                         for L in it.options
                     ]
-                    lps = self.target.loglikelihood(reqs)
+                    with self._timed("loglikelihood"):
+                        lps = self.target.loglikelihood(reqs)
                     pos = 0
                     for it in ll:
                         vals = lps[pos : pos + len(it.options)]
@@ -152,14 +188,11 @@ class Evaluator:
         if todo:
             bar = _progress(len(todo), f"{es.name} open QA")
             for chunk in _chunks(todo, self.chunk):
-                convs = [
-                    ([{"role": "system", "content": a.system}] if a.system else [])
-                    + [{"role": "user", "content": it.question}]
-                    for it in chunk
-                ]
+                convs = [self._qa_messages(it) for it in chunk]
                 outs = self._chat(es, [it.id for it in chunk], convs, a.max_new_tokens)
                 ok = [(it, c, o) for it, c, o in zip(chunk, convs, outs) if o is not None]
-                judged = self.judge.map(self._judge_keypoints, ok) if use_judge else [None] * len(ok)
+                with self._timed("judge"):
+                    judged = self.judge.map(self._judge_keypoints, ok) if use_judge else [None] * len(ok)
                 for (it, conv, out), jk in zip(ok, judged):
                     if isinstance(jk, RequestError):
                         self._failed(f"{es.name} {it.id} (judge)", jk)
@@ -219,7 +252,8 @@ class Evaluator:
             for chunk in _chunks(todo, self.chunk):
                 outs = self._chat(es, [x[0] for x in chunk], [x[1] for x in chunk], a.max_new_tokens)
                 ok = [(x, o) for x, o in zip(chunk, outs) if o is not None]
-                verdicts = self.judge.map(self._judge_reply, ok) if self.judge else [None] * len(ok)
+                with self._timed("judge"):
+                    verdicts = self.judge.map(self._judge_reply, ok) if self.judge else [None] * len(ok)
                 for ((tid, msgs, ref), out), v in zip(ok, verdicts):
                     if isinstance(v, RequestError):
                         self._failed(f"{es.name} {tid} (judge)", v)

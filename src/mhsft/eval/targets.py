@@ -1,5 +1,6 @@
-"""What gets evaluated: a model loaded in this process, or any OpenAI-compatible endpoint. Both answer the same
-two questions: the log-likelihood of a continuation after a context, and a chat reply.
+"""What gets evaluated: a model in this process (on the generation engine `infer` and `deploy` use), or any
+OpenAI-compatible endpoint. Both answer the same two questions: the log-likelihood of a continuation after a
+context, and a chat reply.
 
 Log-likelihood follows lm-eval exactly, so that mhsft's numbers and an exported lm-eval task agree: trailing
 spaces of the context move to the continuation; the context and context+continuation are tokenized separately
@@ -10,13 +11,16 @@ with echo, logprobs=1 and max_tokens=1, summing the log-probabilities of the ech
 
 from __future__ import annotations
 
-import inspect
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 from mhsft.client import openai_client
-from mhsft.model import load_for_inference
+from mhsft.model import BASE, load_for_inference
+from mhsft.serve.engine import Engine, Request, encode_chat
+from mhsft.serve.kv_cache import kv_cache_bytes
+from mhsft.serve.sampling import SamplingParams
 from mhsft.utils import UserError, get_logger, register_secret, scrub
 
 
@@ -59,32 +63,21 @@ def _first_line(e: BaseException) -> str:
     return scrub(lines[0] if lines else type(e).__name__)[:300]
 
 
-class LocalTarget:
-    """A causal LM (with its adapter, if any) in this process."""
+class EngineTarget:
+    """A model in this process, on mhsft's generation engine (the one `infer` and `deploy` run: continuous
+    batching, CUDA graphs, per-row sampling); `adapter` is the system evaluated (BASE: the base model). Several
+    targets share one engine: the base and each adapter, in one load."""
 
     kind = "local"
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, max(1, batch_size)
-        cfg_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.max_length = max_length or cfg_len or 2048
-
-    @property
-    def _cache_arg(self) -> str:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
+    def __init__(self, engine, adapter=BASE, max_length: int | None = None):
+        self.engine, self.adapter, self.tokenizer = engine, adapter, engine.tokenizer
+        # scoring reads no KV cache: its limit is the model's own, as lm-eval's (not the engine's --max_model_len)
+        self.max_length = max_length or int(getattr(engine.config, "max_position_embeddings", 0) or 2048)
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
-        """Requests sharing a context (the options of one question) run that context once: a batch of distinct
-        contexts goes through the model with a KV cache, the first continuation token is scored from its last
-        position, and any further continuation tokens run on the cache, one row per request."""
-        import torch
-
-        enc: list[tuple[tuple[int, ...], list[int]]] = []
+        """lm-eval's loglikelihood of each (context, continuation), batched by the engine (mhsft.serve.scoring)."""
+        pairs = []
         for ctx, cont in requests:
             c, k = encode_pair(self.tokenizer, ctx, cont)
             if not k or len(k) >= self.max_length:
@@ -92,89 +85,42 @@ class LocalTarget:
                     f"the continuation {cont!r} is empty or longer than --max_length once tokenized"
                 )
             inp = (c + k)[-self.max_length :]  # lm-eval keeps the last max_length tokens
-            enc.append((tuple(inp[: len(inp) - len(k)]), k))
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (c, _) in enumerate(enc):
-            groups.setdefault(c, []).append(i)
-        out = [0.0] * len(enc)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ctxs = sorted(groups, key=len, reverse=True)
-        dev = self.device
-        for s in range(0, len(ctxs), self.batch_size):
-            batch = ctxs[s : s + self.batch_size]
-            width = max(len(c) for c in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, c in enumerate(batch):  # left padding: every context ends at the last position
-                ids[r, width - len(c) :] = torch.tensor(c)
-                mask[r, width - len(c) :] = 1
-            with torch.no_grad():
-                o = self.model(
-                    input_ids=ids.to(dev),
-                    attention_mask=mask.to(dev),
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev),
-                    use_cache=True,
-                    logits_to_keep=1,  # a 150k vocabulary times the whole prompt would not fit
-                )
-            first = torch.log_softmax(o.logits[:, -1].float(), dim=-1).cpu()
-            rows = [(r, i) for r, c in enumerate(batch) for i in groups[c]]
-            for r, i in rows:
-                out[i] = float(first[r, enc[i][1][0]])
-            longer = [(r, i) for r, i in rows if len(enc[i][1]) > 1]
-            if not longer:
+            pairs.append((inp[: len(inp) - len(k)], k))
+        return self.engine.score(pairs, self.adapter)
+
+    def chat(self, conversations: list[list[dict]], gen, max_new_tokens: int) -> list[str | RequestError]:
+        """Replies to all conversations, generated together (the engine batches them as they fit); a request the
+        engine refuses (longer than its context) or that fails gets its RequestError."""
+        events: queue.Queue = queue.Queue()
+        out: list = [None] * len(conversations)
+        tokens: list[list[int]] = [[] for _ in conversations]
+        reqs, waiting = [], 0
+        for i, msgs in enumerate(conversations):
+            params = SamplingParams.of(gen, max_new_tokens)
+            req = Request(encode_chat(self.tokenizer, msgs), params, lambda ev, i=i: events.put((i, ev)),
+                          adapter=self.adapter)  # fmt: skip
+            try:
+                self.engine.submit(req)
+            except (UserError, RuntimeError) as e:
+                out[i] = RequestError(str(e))
                 continue
-            sel = torch.tensor([r for r, _ in longer])
-            cache = getattr(o, "cache", None) or o.past_key_values  # transformers 5 renamed it `cache`
-            cache.reorder_cache(sel.to(dev))  # one cache row per request that needs more tokens
-            m = max(len(enc[i][1]) - 1 for _, i in longer)
-            step = torch.full((len(longer), m), pad, dtype=torch.long)
-            step_mask = torch.zeros((len(longer), m), dtype=torch.long)
-            for row, (_, i) in enumerate(longer):
-                k = enc[i][1][:-1]
-                step[row, : len(k)] = torch.tensor(k)
-                step_mask[row, : len(k)] = 1
-            pos = mask[sel].sum(-1, keepdim=True) + torch.arange(m)[None]
-            with torch.no_grad():
-                o2 = self.model(
-                    input_ids=step.to(dev),
-                    attention_mask=torch.cat([mask[sel], step_mask], dim=1).to(dev),
-                    position_ids=pos.to(dev),
-                    use_cache=True,
-                    **{self._cache_arg: cache},
-                )
-            logp = torch.log_softmax(o2.logits.float(), dim=-1).cpu()
-            for row, (_, i) in enumerate(longer):
-                k = enc[i][1]
-                out[i] += float(logp[row, torch.arange(len(k) - 1), torch.tensor(k[1:])].sum())
-        return out
+            reqs.append(req)
+            waiting += 1
+        try:
+            while waiting:
+                i, ev = events.get()
+                if ev.kind == "token" and not ev.is_stop:
+                    tokens[i].append(ev.token)
+                elif ev.kind in ("done", "error"):
+                    waiting -= 1
+                    out[i] = RequestError(ev.message or "generation failed") if ev.kind == "error" else None
+        finally:
+            for r in reqs:  # an interrupted evaluation frees its slots
+                self.engine.cancel(r)
+        return [o if o is not None else self._text(t) for o, t in zip(out, tokens)]
 
-    def chat(self, conversations: list[list[dict]], gen, max_new_tokens: int) -> list[str]:
-        import torch
-
-        tok = self.tokenizer
-        texts = [
-            tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations
-        ]
-        kwargs = gen.generate_kwargs(tok)
-        kwargs["max_new_tokens"] = max_new_tokens
-        if gen.seed is not None:
-            torch.manual_seed(gen.seed)
-        out = [""] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
-            enc = tok(
-                [texts[i] for i in idx],
-                return_tensors="pt",
-                padding=True,
-                padding_side="left",
-                add_special_tokens=False,
-            ).to(self.device)
-            with torch.no_grad():
-                gen_ids = self.model.generate(**enc, **kwargs)
-            for r, i in enumerate(idx):
-                out[i] = tok.decode(gen_ids[r, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        return out
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 class EndpointTarget:
@@ -193,12 +139,32 @@ class EndpointTarget:
     ):
         self.api_url = normalize_api_url(api_url)
         self.client = make_client(api_url, api_key, timeout, max_retries)
+        # one try, a short wait: a server that is down is said in seconds, before any work (the retries with
+        # backoff are for requests to a server that is up)
+        self.quick = self.client.with_options(max_retries=0, timeout=min(timeout, 10.0))
         self.concurrency = max(1, concurrency)
         self.model_name = model_name or self._first_model()
+        if model_name:
+            self._check_up()
+
+    def _check_up(self) -> None:
+        import openai
+
+        try:
+            self.quick.models.list()
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            raise UserError(
+                f"{self.api_url}: cannot connect ({_first_line(e)}); start the server, then rerun (done items "
+                "are kept)"
+            ) from e
+        except (
+            openai.APIError
+        ):  # up, but without /v1/models (or it needs other rights): its requests will tell
+            pass
 
     def _first_model(self) -> str:
         try:
-            models = self.client.models.list().data
+            models = self.quick.models.list().data
         except Exception as e:  # connection refused, 404 from a server without /models, auth
             raise UserError(
                 f"{self.api_url}: cannot list models ({_first_line(e)}); is the server up? "
@@ -308,20 +274,37 @@ def continuation_logprob(resp, continuation: str) -> float:
     return float(sum(values))
 
 
-def load_local_target(args) -> LocalTarget:
-    """The model (and adapter) named by --model / --adapters, ready for evaluation."""
-    if len(args.adapters or []) > 1:
-        raise UserError("--adapters: evaluate one adapter per run (run mhsft eval once for each)")
-    model, tok, _ = load_for_inference(
-        args.model,
-        args.adapters or None,
-        dtype=args.torch_dtype,
-        attn_impl=args.attn_impl,
-        device=args.device,
-        use_hf=args.use_hf,
-        token=args.hub_token,
-    )
+def load_engine_for(args, adapters: dict[str, str]):
+    """The engine an in-process evaluation runs on: --model with `adapters` ({name: checkpoint}) loaded beside
+    it. --max_model_len defaults to the model's limit (at most 4096); --max_batch_size to 8 on the CPU and on a GPU
+    to as many requests as the KV cache holds in 70% of the memory the weights leave free, at most 256 (an
+    evaluation's prompts are many and short: a larger batch is faster)."""
+    import torch  # deferred: an evaluation of an endpoint never loads it
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    specs = [f"{n}={p}" for n, p in adapters.items()]
+    model, tok, names = load_for_inference(args.model, specs, args.torch_dtype, args.attn_impl, device,
+                                           use_hf=args.use_hf, token=args.hub_token)  # fmt: skip
+    batch = args.max_batch_size or _batch_that_fits(model, args.max_model_len, device)
+    engine = Engine(model, tok, names, max_batch_size=batch, max_model_len=args.max_model_len,
+                    cuda_graphs=getattr(args, "cuda_graphs", True)).start()  # fmt: skip
     get_logger().info(
-        f"evaluating {args.model or args.adapters[0]} in-process on {next(model.parameters()).device}"
+        f"evaluating in-process on {device}: {args.model or 'the base model'}"
+        + (f" and {', '.join(adapters)}" if adapters else "")
+        + f" (batch {engine.max_batch_size}, context {engine.max_model_len} tokens)"
     )
-    return LocalTarget(model, tok, batch_size=args.eval_batch_size, max_length=args.max_length)
+    return engine
+
+
+def _batch_that_fits(model, max_model_len: int | None, device: str) -> int:
+    import torch
+
+    if not device.startswith("cuda"):
+        return 8
+    cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    limit = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+    length = min(int(max_model_len or min(limit, 4096)), limit)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    per_request = kv_cache_bytes(cfg, 1, length, dtype)
+    return int(max(8, min(256, 0.7 * free // per_request - 1)))

@@ -268,7 +268,9 @@ def _plan_eval(exp: Experiment) -> list[Stage]:
     held_out = bool("data" in S and S["data"].get("test_size"))
     if not flags.get("eval_dataset") and not held_out:
         raise UserError(f"{err} give eval_dataset (or data: test_size, to hold dialogues out)")
-    finetuned = sec.get("finetuned") or ("merged" if "export" in S else "adapter")
+    # the adapter by default: what was trained, evaluated beside the base model in one load (an export checks
+    # its merge against it); `finetuned: merged` evaluates the merged folder instead, in a load of its own
+    finetuned = sec.get("finetuned") or "adapter"
     if finetuned not in ("merged", "adapter"):
         raise UserError(f"{err} finetuned is merged or adapter, not {finetuned!r}")
     if finetuned == "merged" and "export" not in S:
@@ -308,6 +310,39 @@ def data_commands(st: Stage, exp: Experiment) -> tuple[list[str], list[str]]:
     return prep, inspect
 
 
+def _eval_flags(st: Stage, done: dict[str, dict]) -> dict:
+    f = dict(st.flags)
+    f["eval_dataset"] = _as_list(f.get("eval_dataset"))
+    if st.options["held_out"] and done.get("data", {}).get("test"):
+        f["eval_dataset"].append(done["data"]["test"])
+    return f
+
+
+def evaluated_together(base: Stage, ft: Stage, exp: Experiment) -> bool:
+    """Whether the base model's and the fine-tuned adapter's evaluations can run as one `mhsft eval`, the adapter
+    beside the base in one load: the same settings, and the adapter trained on that base."""
+    trained_on = exp.sections.get("sft", {}).get("model") or exp.model
+    return ft.options.get("finetuned") == "adapter" and base.flags == ft.flags and trained_on == exp.model
+
+
+def command_together(
+    base: Stage, ft: Stage, exp: Experiment, done: dict[str, dict], judge_url: str | None
+) -> list[str]:
+    """One `mhsft eval` for both eval stages: systems `base` and `finetuned` write EXP/eval/base and
+    EXP/eval/finetuned, the folders the two stages own."""
+    assert base.out_dir.parent == ft.out_dir.parent and (base.out_dir.name, ft.out_dir.name) == (
+        "base",
+        "finetuned",
+    )
+    target = {
+        "model": exp.model,
+        "use_hf": exp.use_hf or None,
+        "adapters": [f"finetuned={done['sft']['checkpoint']}"],
+    }
+    argv = ["eval", *to_argv({**target, **_eval_flags(base, done)}), "--output_dir", str(base.out_dir.parent)]
+    return argv + (["--judge_api_url", judge_url] if judge_url else [])
+
+
 def command(st: Stage, exp: Experiment, done: dict[str, dict], judge_url: str | None = None) -> list[str]:
     """The argv of `mhsft STAGE` for every stage but data, from the outputs of the stages before it."""
     X = exp.exp_dir
@@ -321,10 +356,7 @@ def command(st: Stage, exp: Experiment, done: dict[str, dict], judge_url: str | 
         return ["export", *to_argv(st.flags), "--adapters", done["sft"]["checkpoint"],
                 "--output_dir", str(st.out_dir / "merged"), "--overwrite", "true"]  # fmt: skip
     if st.name.startswith("eval_"):
-        f = dict(st.flags)
-        f["eval_dataset"] = _as_list(f.get("eval_dataset"))
-        if st.options["held_out"] and done.get("data", {}).get("test"):
-            f["eval_dataset"].append(done["data"]["test"])
+        f = _eval_flags(st, done)
         if st.name == "eval_base":
             target = {"model": exp.model, "use_hf": exp.use_hf or None}
         elif st.options["finetuned"] == "merged":

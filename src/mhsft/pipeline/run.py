@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mhsft.client import ensure_loopback_no_proxy, free_port, stop_process, wait_for_server
@@ -39,7 +40,9 @@ from mhsft.pipeline.plan import (
     Experiment,
     Stage,
     command,
+    command_together,
     data_commands,
+    evaluated_together,
     load_experiment,
     outputs,
     plan,
@@ -277,47 +280,36 @@ def main(argv: list[str]) -> int:
     # SIGTERM (a scheduler's stop) unwinds like Ctrl-C, so that the judge server is stopped on the way out.
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
-    t_all, forced, st = time.time(), False, stages[0]
+    t_all, st = time.time(), stages[0]
+    first = names.index(start) if start else len(stages)  # stages from here on run whether done or not
     try:
-        for i, st in enumerate(stages, 1):
-            forced = forced or st.name == start
-            h = stage_hash(st, state)
-            rec = state.get(st.name)
-            head = f"== [{i}/{len(stages)}] {st.name}: {st.title}"
-            if not forced and rec.get("status") == "done" and rec.get("hash") == h and _outputs_exist(rec):
+        i = 0
+        while i < len(stages):
+            st, group = stages[i], [decide(stages[i], state, i >= first)]
+            head = f"== [{i + 1}/{len(stages)}] {st.name}: {st.title}"
+            i += 1
+            if not group[0].run:
+                rec = state.get(st.name)
                 print(
                     f"{head}: skipped (done {rec.get('finished')}; settings and inputs unchanged)", flush=True
                 )
                 done[st.name] = rec["outputs"]
                 continue
-            resume = not forced and rec.get("hash") == h
-            why = {
-                "running": " (continuing the interrupted run)",
-                "done": " (run again: its outputs are missing)",
-            }
-            print(head + (why.get(rec.get("status"), "") if resume else ""), flush=True)
+            print(head + group[0].why, flush=True)
+            nxt = stages[i] if i < len(stages) else None
+            if st.name == "eval_base" and nxt is not None and evaluated_together(st, nxt, exp):
+                d = decide(nxt, state, i >= first)
+                if d.run:  # the fine-tuned adapter beside the base, in one `mhsft eval` (one load)
+                    i += 1
+                    print(
+                        f"== [{i}/{len(stages)}] {nxt.name}: {nxt.title}{d.why}: with {st.name}, in one load",
+                        flush=True,
+                    )
+                    group.append(d)
             if dry:
-                _dry_run(st, exp, done, state, h)
+                _dry_run(group, exp, done, state)
                 continue
-            if not resume:
-                runner.discard(st)
-            t0 = time.time()
-            state.set(st.name, {"hash": h, "status": "running", "started": _now()})
-            if st.name == "data":
-                outs = runner.run_data(st)
-            else:
-                judge = st.options.get("judge_deploy")
-                url = runner.start_judge(judge) if judge else None
-                st.out_dir.mkdir(parents=True, exist_ok=True)
-                runner.mhsft(command(st, exp, done, url))
-                outs = outputs(st)
-            if not any(s.options.get("judge_deploy") for s in stages[i:]):
-                runner.stop_judge()  # the evaluations are over: give its memory back before the report
-            finished = _now()
-            state.set(st.name, {**state.get(st.name), "status": "done", "finished": finished,
-                                "seconds": round(time.time() - t0, 1), "token": settings_hash([h, finished]),
-                                "outputs": outs})  # fmt: skip
-            done[st.name] = outs
+            run_group(group, runner, exp, done, state, later=stages[i:])
     except StageFailed as e:
         log.error(
             f"error: stage {st.name} failed (exit {e.code}); fix the cause and run `mhsft run {exp.path}` again: "
@@ -336,7 +328,60 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _dry_run(st: Stage, exp: Experiment, done: dict, state: State, h: str) -> None:
+@dataclass
+class Decision:
+    """Whether a stage runs: `run` false when it is done under the same hash with its outputs in place (and not
+    forced by --from); `resume` when it continues work started under the same hash."""
+
+    stage: Stage
+    hash: str
+    run: bool
+    resume: bool
+    why: str = ""
+
+
+def decide(st: Stage, state: State, forced: bool) -> Decision:
+    h = stage_hash(st, state)
+    rec = state.get(st.name)
+    if not forced and rec.get("status") == "done" and rec.get("hash") == h and _outputs_exist(rec):
+        return Decision(st, h, run=False, resume=True)
+    resume = not forced and rec.get("hash") == h
+    why = {"running": " (continuing the interrupted run)", "done": " (run again: its outputs are missing)"}
+    return Decision(st, h, run=True, resume=resume, why=why.get(rec.get("status"), "") if resume else "")
+
+
+def run_group(group: list[Decision], runner: StageRunner, exp: Experiment, done: dict, state: State,
+              later: list[Stage]) -> None:  # fmt: skip
+    """Run a stage (or the two eval stages as one `mhsft eval`) and record it done with its outputs."""
+    t0 = time.time()
+    for d in group:
+        if not d.resume:
+            runner.discard(d.stage)
+        state.set(d.stage.name, {"hash": d.hash, "status": "running", "started": _now()})
+    st = group[0].stage
+    if st.name == "data":
+        outs = [runner.run_data(st)]
+    else:
+        judge = st.options.get("judge_deploy")
+        url = runner.start_judge(judge) if judge else None
+        for d in group:
+            d.stage.out_dir.mkdir(parents=True, exist_ok=True)
+        together = len(group) > 1
+        runner.mhsft(
+            command_together(st, group[1].stage, exp, done, url) if together else command(st, exp, done, url)
+        )
+        outs = [outputs(d.stage) for d in group]
+    if not any(s.options.get("judge_deploy") for s in later):
+        runner.stop_judge()  # the evaluations are over: give its memory back before the report
+    finished = _now()
+    for d, o in zip(group, outs):
+        state.set(d.stage.name, {**state.get(d.stage.name), "status": "done", "finished": finished,
+                                 "seconds": round(time.time() - t0, 1), "token": settings_hash([d.hash, finished]),
+                                 "outputs": o})  # fmt: skip
+        done[d.stage.name] = o
+
+
+def _dry_run(group: list[Decision], exp: Experiment, done: dict, state: State) -> None:
     X = "EXP"
     placeholder = {
         "data": {"train": f"{X}/data/train.jsonl", "test": f"{X}/data/test_dialogues.jsonl"},
@@ -344,14 +389,22 @@ def _dry_run(st: Stage, exp: Experiment, done: dict, state: State, h: str) -> No
         "export": {"model_dir": f"{X}/export/merged"},
         "report": {"report": f"{X}/report/report.html"},
     }
+    st = group[0].stage
     if st.name == "data":
         for argv in data_commands(st, exp):
             print("  would run: " + _show(argv))
     else:
         url = "http://127.0.0.1:PORT/v1" if st.options.get("judge_deploy") else None
-        print("  would run: " + _show(command(st, exp, done, url)))
-    done[st.name] = placeholder.get(st.name, {"eval_dir": str(st.out_dir)})
-    state.stages[st.name] = {**state.get(st.name), "token": "planned-" + h}  # later stages: changed upstream
+        argv = (
+            command_together(st, group[1].stage, exp, done, url)
+            if len(group) > 1
+            else command(st, exp, done, url)
+        )
+        print("  would run: " + _show(argv))
+    for d in group:
+        done[d.stage.name] = placeholder.get(d.stage.name, {"eval_dir": str(d.stage.out_dir)})
+        # later stages: changed upstream
+        state.stages[d.stage.name] = {**state.get(d.stage.name), "token": "planned-" + d.hash}
 
 
 def _raise_interrupt(signum, frame):

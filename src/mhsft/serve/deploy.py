@@ -75,9 +75,6 @@ class DeployArguments(EngineArguments, GenerationArguments, ModelArguments):
         default=1,
         metadata={"help": "Tokens per streamed chunk (SGLang's --stream-interval); 1 streams every token."},
     )
-    cuda_graphs: bool = field(
-        default=True, metadata={"help": "pt on CUDA: replay decode steps as CUDA graphs."}
-    )
     async_scheduling: bool = field(
         default=True,
         metadata={"help": "pt: queue the next decode step before reporting the last (false: one at a time)."},

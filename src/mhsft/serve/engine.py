@@ -24,6 +24,7 @@ step: that one token is computed and dropped. Lengths are known ahead, so a row 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import heapq
 import inspect
@@ -39,6 +40,8 @@ import torch
 
 from mhsft.lora_forward import fast_lora_inference
 from mhsft.model import BASE, load_for_inference
+from mhsft.packed_attention import register_packed_attention, select_attn_backend
+from mhsft.serve import scoring
 from mhsft.serve.decode_attention import register_decode_attention
 from mhsft.serve.kv_cache import SlotCache, kv_cache_bytes
 from mhsft.serve.sampling import Pending, RowState, SamplingParams, sample_async, stop_token_ids, to_device
@@ -176,6 +179,7 @@ class Engine:
         self.inflight: list[_Step] = []  # queued on the device, in order, not yet reported
         self.active_adapter: object = object()  # unknown until the first switch
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()  # (fn, future): work for the scheduler thread
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.free = list(range(self.max_batch_size))
@@ -238,6 +242,14 @@ class Engine:
         req.cancelled = True
         self.wake.set()
 
+    def score(self, pairs: list[scoring.Pair], adapter=BASE) -> list[float]:
+        """The log-likelihood of each (context ids, continuation ids) under `adapter` (BASE: the base model),
+        many per forward (mhsft.serve.scoring). Runs on the scheduler thread, between decode steps, so that one
+        thread owns the model; waits for the result."""
+        if adapter is not BASE and adapter not in self.adapters:
+            raise UserError(f"unknown adapter {adapter!r}")
+        return self._on_scheduler(lambda: self._score(pairs, adapter))
+
     def load(self) -> int:
         return self.pending
 
@@ -256,6 +268,9 @@ class Engine:
                     self.waiting.clear()
             for req in list(self.running.values()) + list(self.waiting) + self._drain_inbox():
                 self._finish(req, error="the server is shutting down")
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.calls.get_nowait()[1].set_exception(RuntimeError("the engine is shutting down"))
 
     def _drain_inbox(self) -> list[Request]:
         out = []
@@ -264,13 +279,46 @@ class Engine:
                 out.append(self.inbox.get_nowait())
         return out
 
+    def _on_scheduler(self, fn):
+        """fn() on the scheduler thread (where the model is used), its result or exception handed back."""
+        if self.thread is None:  # not started: this thread is the only user
+            with torch.inference_mode():
+                return fn()
+        if self.stopping:
+            raise RuntimeError("the engine is shutting down")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.calls.put((fn, done))
+        self.wake.set()
+        return done.result()
+
+    def _run_calls(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                fn, done = self.calls.get_nowait()
+                try:
+                    done.set_result(fn())
+                except BaseException as e:  # the caller gets it; the engine goes on
+                    done.set_exception(e)
+
+    def _score(self, pairs: list[scoring.Pair], adapter) -> list[float]:
+        self._use_adapter(adapter)
+        before = self.config._attn_implementation
+        self.inner.set_attn_implementation(register_packed_attention(select_attn_backend(self.device)[0]))
+        try:
+            return scoring.score(
+                self.decoder, self.lm_head, self.config, pairs, self.max_prefill_tokens, self.device
+            )
+        finally:
+            self.inner.set_attn_implementation(before)
+
     def _iteration(self) -> None:
+        self._run_calls()
         idle = not self.running and not self.waiting and not self.inflight
         if idle:
             self.wake.wait(timeout=0.5)
             self.wake.clear()
             if self.inbox.empty():
-                return
+                return  # a call that woke the engine runs at the top of the next iteration
             # Requests sent together arrive a few milliseconds apart: wait briefly to prefill them as one batch,
             # and while a burst keeps coming, up to burst_wait_s. A burst split in two costs its tail the first
             # prefill's time (an eager prefill of a few rows is launch-bound: ~0.2 s for a 7B on the H100).

@@ -48,14 +48,7 @@ class InferArguments(EngineArguments, GenerationArguments, ModelArguments):
     )
 
     def sampling(self, max_new_tokens: int | None = None) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-        )
+        return SamplingParams.of(self, max_new_tokens)
 
 
 @dataclass
@@ -340,7 +333,7 @@ def main(argv: list[str]) -> int:
     adapter = args.adapter_name or (next(iter(adapters)) if adapters else None)
     if adapter is not None and adapter not in adapters:
         raise UserError(f"--adapter_name {adapter}: not among --adapters ({', '.join(adapters) or 'none'})")
-    engine, _ = engine_from_args(base, args, cuda_graphs=True)
+    engine, _ = engine_from_args(base, args, cuda_graphs=args.cuda_graphs)
     try:
         if args.infer_data is None:
             return chat_loop(engine, args, adapter, sys.stdin, sys.stdout)

@@ -27,6 +27,12 @@ class SamplingParams:
     logprobs: int | None = None  # report each generated token's logprob and this many alternatives
     prompt_logprobs: int | None = None  # report the prompt tokens' logprobs (echo) and this many alternatives
 
+    @classmethod
+    def of(cls, gen, max_new_tokens: int | None = None) -> SamplingParams:
+        """The settings of a GenerationArguments (`mhsft infer`'s and `mhsft eval`'s flags)."""
+        return cls(max_new_tokens=max_new_tokens or gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                   top_k=gen.top_k, repetition_penalty=gen.repetition_penalty, seed=gen.seed)  # fmt: skip
+
     @property
     def greedy(self) -> bool:
         return not self.temperature or self.temperature <= 0

@@ -2,7 +2,6 @@
 
 sft.py              the verb: arguments, setup, the loop (step, log, validate, save)
 batches.py          each epoch's plan of micro-batches and the packed / padded collators
-packed_attention.py attention that keeps packed samples apart (flash-attn, torch varlen, flex, SDPA)
 loss.py             the chunked LM-head + cross-entropy (full logits never built)
 speedups.py         the measured speed paths switched on per run (LoRA update, Liger, compile, partial recompute)
 fused_lora.py       Triton kernels: LoRA dropout whose mask is regenerated, not stored

@@ -4,7 +4,7 @@ Layout of a packed batch. With packing, a batch of B bins is concatenated into O
 (T = the batch's real tokens, no padding at all), the "padding-free" layout flash-attn's varlen kernels
 were built for: no compute is spent on padding and the kernel sees one flat token stream plus
 `cu_seq_lens` boundaries. Position ids restart at 0 for every sample, so RoPE sees each sample exactly as
-it would alone, and the packed attention (mhsft.train.packed_attention) never lets a token see another
+it would alone, and the packed attention (mhsft.packed_attention) never lets a token see another
 sample's tokens.
 
 Labels follow the Hugging Face convention (unshifted: `labels[i]` is `input_ids[i]` where trained, -100

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mhsft.data.render import IGNORE_INDEX
-from mhsft.train.packed_attention import ATTN_NAME_PREFIX
+from mhsft.packed_attention import packed_mask_mapping
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ class ChunkedLMLoss(torch.nn.Module):
     ) -> torch.Tensor:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if attention_mask is None and "cu_seq_lens_q" in kw:
-            attention_mask = _packed_mask_mapping(lm.config)
+            attention_mask = packed_mask_mapping(lm.config)
         out = lm.get_decoder()(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -93,18 +93,3 @@ class ChunkedLMLoss(torch.nn.Module):
         return chunked_lm_loss(
             out.last_hidden_state, lm.get_output_embeddings(), labels, self.chunk_size, label_positions
         )
-
-
-def _packed_mask_mapping(config):
-    """For a packed row under mhsft's packed attention: the per-layer-type mask mapping transformers would build,
-    given ready-made, which is all None (the attention reads the cu_seq_lens kwargs). Building it costs a
-    synchronization: transformers (>= 4.53) detects packing from the position ids with a `.all()` read back from
-    the GPU. None (let transformers build it) for other attentions or older transformers."""
-    if not str(getattr(config, "_attn_implementation", "")).startswith(ATTN_NAME_PREFIX):
-        return None
-    try:
-        import transformers.masking_utils  # noqa: F401  (the dict-of-masks interface came with it)
-    except ImportError:
-        return None
-    types = set(getattr(config, "layer_types", None) or ()) | {"full_attention", "sliding_attention"}
-    return dict.fromkeys(types)

@@ -25,6 +25,7 @@ from mhsft.data.loader import load_datasets
 from mhsft.data.render import IGNORE_INDEX, render_dialogue
 from mhsft.files import write_json
 from mhsft.model import load_model, load_tokenizer, resolve_model_dir
+from mhsft.packed_attention import choose_attention
 from mhsft.train.batches import batch_to_device, collate, collate_padded, count_label_tokens, epoch_plan
 from mhsft.train.checkpointing import (
     find_resume_checkpoint,
@@ -35,7 +36,6 @@ from mhsft.train.checkpointing import (
 )
 from mhsft.train.distributed import deepspeed_plugin, zero3_enabled
 from mhsft.train.loss import ChunkedLMLoss
-from mhsft.train.packed_attention import choose_attention
 from mhsft.train.progress import format_line, log_metrics
 from mhsft.train.speedups import partial_checkpointing, speedups
 from mhsft.train.tracking import Tracker, TrackingArguments, check_tracking

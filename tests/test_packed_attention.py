@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mhsft import packed_attention
 from mhsft.data.render import IGNORE_INDEX
-from mhsft.train import packed_attention
+from mhsft.packed_attention import register_packed_attention, select_attn_backend
 from mhsft.train.batches import collate_packed, collate_padded, count_label_tokens
-from mhsft.train.packed_attention import register_packed_attention, select_attn_backend
 from tiny import random_samples as _samples
 from tiny import tiny_qwen2 as _tiny_qwen2
 

@@ -1,4 +1,6 @@
-"""Attention for packed rows: each token attends only to the earlier tokens of its own sample.
+"""Attention for packed rows: each token attends only to the earlier tokens of its own sample. The trainer packs
+its batches (mhsft.train.batches) and the serving engine packs the questions it scores (mhsft.serve.scoring), so
+both stages use it.
 
 `register_packed_attention(backend)` registers a function in transformers' `AttentionInterface`
 that reads the boundaries from the `cu_seq_lens_q`/`max_length_q` kwargs the collator emits (the names
@@ -348,3 +350,19 @@ def choose_attention(device, packing: bool, attn_impl: str | None) -> tuple[str,
             return "sdpa", "flash_attn is not installed; using PyTorch sdpa attention"
         return "flash_attention_2", None
     return (attn_impl or "sdpa"), None
+
+
+def packed_mask_mapping(config):
+    """For a packed row under mhsft's packed attention (the trainer's batches, the engine's scoring): the
+    per-layer-type mask mapping transformers would build, given ready-made, which is all None (the attention reads
+    the cu_seq_lens kwargs). Building it costs a
+    synchronization: transformers (>= 4.53) detects packing from the position ids with a `.all()` read back from
+    the GPU. None (let transformers build it) for other attentions or older transformers."""
+    if not str(getattr(config, "_attn_implementation", "")).startswith(ATTN_NAME_PREFIX):
+        return None
+    try:
+        import transformers.masking_utils  # noqa: F401  (the dict-of-masks interface came with it)
+    except ImportError:
+        return None
+    types = set(getattr(config, "layer_types", None) or ()) | {"full_attention", "sliding_attention"}
+    return dict.fromkeys(types)
