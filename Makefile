@@ -27,14 +27,17 @@ demo: $(STAMP)
 	@bash examples/demo.sh
 
 test: $(STAMP)
-	@# The report test renders HTML in headless Chromium and checks Chinese text in figures: install Debian's
-	@# chromium and CJK fonts when missing (as root with apt); without them those checks skip with a reason.
-	@if ! command -v chromium >/dev/null 2>&1 || ! (fc-list :lang=zh 2>/dev/null | grep -q .); then \
+	@# The report test renders HTML in headless Chromium and checks Chinese text in figures, and the review test drives
+	@# the rating pages through chromedriver: install Debian's chromium, chromium-driver and CJK fonts when missing
+	@# (as root with apt); without them those checks skip with a reason.
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || \
+	    ! (fc-list :lang=zh 2>/dev/null | grep -q .); then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium and fonts-noto-cjk for the report tests (apt-get)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk \
-	      >/dev/null) || echo "apt-get failed: the headless render test will skip"; \
-	  else echo "chromium or a CJK font is missing (apt-get install chromium fonts-noto-cjk): the render test will skip"; fi; \
+	    echo "installing chromium, chromium-driver and fonts-noto-cjk for the browser tests (apt-get)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      fonts-noto-cjk >/dev/null) || echo "apt-get failed: the browser tests will skip"; \
+	  else echo "chromium, chromedriver or a CJK font is missing (apt-get install chromium chromium-driver" \
+	    "fonts-noto-cjk): the browser tests will skip"; fi; \
 	fi
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples

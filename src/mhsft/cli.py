@@ -35,6 +35,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "publish a model directory to ModelScope or Hugging Face with a model card",
     ),
     "eval": ("mhsft.eval.evaluate", "exam multiple choice, QA metrics, counseling dimensions by a judge"),
+    "review": (
+        "mhsft.review.commands",
+        "blind side-by-side rating by clinicians: a study, its web pages, statistics",
+    ),
     "report": ("mhsft.report.report", "markdown + self-contained HTML report: base vs fine-tuned"),
     "run": ("mhsft.pipeline.run", "run a whole experiment from one YAML file, resuming finished stages"),
 }

@@ -96,8 +96,13 @@ def test_demo_dry_run_prints_every_stage(tmp_path, capsys, monkeypatch):
     assert pipeline.main([str(exp), "--dry_run"]) == 0
     assert not (tmp_path / "exp").exists()  # a dry run writes nothing
     out = capsys.readouterr().out
-    names = re.findall(r"== \[\d/6\] (\w+)", out)
-    assert names == ["data", "sft", "export", "eval_base", "eval_finetuned", "report"]
+    names = re.findall(r"== \[\d/7\] (\w+)", out)
+    assert names == ["data", "sft", "export", "eval_base", "eval_finetuned", "review", "report"]
+    assert re.search(
+        r"mhsft review create --runs \S+/eval/base \S+/eval/finetuned --raters a,b --sample 6 --overlap 2",
+        out,
+    )
+    assert "--review EXP/review" in out
     assert "mhsft data clean --dataset examples/data/demo_sharegpt.jsonl" in out
     assert "--resume_from_checkpoint auto" in out and "--judge_api_url http://127.0.0.1:PORT/v1" in out
     assert "--baseline" in out
@@ -211,6 +216,7 @@ def test_whole_pipeline_with_judge_and_report(tmp_path):
         "export: {merge_dtype: float32}\n"
         "eval:\n  eval_dataset: [DATA/demo_mcq.jsonl, DATA/demo_qa.jsonl]\n  limit: 4\n  max_new_tokens: 8\n"
         "  max_turns: 1\n  judge_retries: 0\n  judge_deploy: {model: builtin:tiny, max_model_len: 4096}\n"
+        "review: {raters: [a, b], sample: 3}\n"
         "report: {max_samples: 3}\n",
     )
     X = tmp_path / "exp"
@@ -238,15 +244,19 @@ def test_whole_pipeline_with_judge_and_report(tmp_path):
     acc = next(ln for ln in md.splitlines() if ln.startswith("| demo_mcq | accuracy (exact)"))
     for res in (base, ft):
         assert f"{100 * res['metrics']['demo_mcq']['multiple_choice']['accuracy']:.1f}%" in acc
+    # the review study of both evaluations, its links printed, and the report's section on it
+    links = re.findall(r"^  ([ab]): (http://127\.0\.0\.1:8770/r/\S+)$", p.stdout, re.M)
+    assert [r for r, _ in links] == ["a", "b"] and (X / "review" / "study.db").is_file()
+    assert "## Human review" in md and "0 of 6 ratings" in md
     html = (X / "report" / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 2 and "builtin:tiny is a tiny model" in html
     assert (X / "report" / "figures" / "curves.png").is_file()
 
     p = run(exp, cwd=tmp_path)
-    assert p.returncode == 0 and p.stdout.count("skipped") == 6, p.stdout
+    assert p.returncode == 0 and p.stdout.count("skipped") == 7, p.stdout
     assert "starting the judge" not in p.stdout
     p = run(exp, "--from", "report", cwd=tmp_path)
-    assert p.returncode == 0 and p.stdout.count("skipped") == 5 and "$ mhsft report" in p.stdout
+    assert p.returncode == 0 and p.stdout.count("skipped") == 6 and "$ mhsft report" in p.stdout
 
 
 def test_failed_stage_stops_the_judge_and_says_how_to_continue(tmp_path):

@@ -80,6 +80,14 @@ def dims_for(cpsycoun: bool) -> dict[str, tuple[int, int, str]]:
     return {**COUNSELING_DIMS, **(CPSYCOUN_DIMS if cpsycoun else {})}
 
 
+def rubric(dim: str) -> str:
+    """The rubric text of one dimension, as the judge reads it (human raters of `mhsft review` read the same)."""
+    for block in re.split(r"(?=【)", COUNSELING_RUBRIC + "\n" + CPSYCOUN_RUBRIC):
+        if block.startswith(f"【{dim} "):
+            return block.strip()
+    raise KeyError(dim)
+
+
 def _history_text(history: list[dict]) -> str:
     names = {"user": "来访者", "assistant": "咨询师"}
     return "\n".join(

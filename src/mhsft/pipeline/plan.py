@@ -19,7 +19,7 @@ from mhsft.args import ALIASES, parse_args
 from mhsft.checkpoint import VERSION_RE, list_checkpoints
 from mhsft.utils import UserError
 
-SECTIONS = ("data", "sft", "export", "eval", "report")
+SECTIONS = ("data", "sft", "export", "eval", "review", "report")
 TOP_KEYS = ("exp_dir", "model", "use_hf", *SECTIONS)
 OPTIONS = {"data": {"test_size", "clean"}, "eval": {"judge_deploy", "baseline", "finetuned"}}
 DECIDED = {
@@ -27,7 +27,8 @@ DECIDED = {
     "sft": {"output_dir", "resume_from_checkpoint", "add_version"},
     "export": {"output_dir", "adapters", "overwrite", "push_to_hub"},
     "eval": {"output_dir", "model", "adapters", "api_url", "export"},
-    "report": {"inputs", "output", "baseline", "data_stats"},
+    "report": {"inputs", "output", "baseline", "data_stats", "review"},
+    "review": {"study", "runs", "output_dir", "host", "port", "json", "format", "output"},
     "judge_deploy": {"host", "port", "api_key"},  # served on loopback for this run only
 }
 _ENV_RE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
@@ -44,7 +45,7 @@ class Experiment:
 
 @dataclass
 class Stage:
-    name: str  # data | sft | export | eval_base | eval_finetuned | report
+    name: str  # data | sft | export | eval_base | eval_finetuned | review | report
     title: str
     flags: dict  # the stage's own flags, checked
     inputs: list  # fingerprints of the user's files it reads
@@ -132,6 +133,8 @@ def _arg_class(section: str):
         from mhsft.eval.evaluate import EvalArguments as cls
     elif section == "report":
         from mhsft.report.report import ReportArguments as cls
+    elif section == "review":
+        from mhsft.review.commands import ReviewArguments as cls
     else:
         from mhsft.serve.deploy import DeployArguments as cls
     return cls
@@ -246,11 +249,30 @@ def plan(exp: Experiment) -> list[Stage]:
     if "eval" in S:
         stages += _plan_eval(exp)
 
+    if "review" in S:
+        stages.append(_plan_review(exp, stages))
+
     if "report" in S:
         flags = check_section(exp, "report", S["report"])
         up = tuple(s.name for s in stages)
         stages.append(Stage("report", "write the report", flags, [], up, X / "report"))
     return stages
+
+
+def _plan_review(exp: Experiment, stages: list[Stage]) -> Stage:
+    """A `mhsft review` study of the two evaluations, for clinicians to rate (its links are printed; the run does not
+    wait for them). Its ratings are kept aside, never deleted, when the evaluations change and a new study is made."""
+    sec = dict(exp.sections["review"])
+    if isinstance(sec.get("raters"), list):
+        sec["raters"] = ",".join(map(str, sec["raters"]))
+    flags = check_section(exp, "review", sec)
+    evals = [s.name for s in stages if s.name.startswith("eval_")]
+    if len(evals) < 2:
+        raise UserError(f"{exp.path}: review compares the base and the fine-tuned evaluations: it needs both")
+    if not flags.get("raters"):
+        raise UserError(f"{exp.path}: review: give raters, e.g. raters: [a, b]")
+    return Stage("review", "a study for clinicians to rate", flags, [], tuple(evals), exp.exp_dir / "review",
+                 keep_stale=True)  # fmt: skip
 
 
 def _plan_eval(exp: Experiment) -> list[Stage]:
@@ -366,8 +388,12 @@ def command(st: Stage, exp: Experiment, done: dict[str, dict], judge_url: str | 
             target = {"model": base, "use_hf": exp.use_hf or None, "adapters": [done["sft"]["checkpoint"]]}
         argv = ["eval", *to_argv({**target, **f}), "--output_dir", str(st.out_dir)]
         return argv + (["--judge_api_url", judge_url] if judge_url else [])
+    if st.name == "review":
+        runs = [done["eval_base"]["eval_dir"], done["eval_finetuned"]["eval_dir"]]
+        return ["review", "create", "--runs", *runs, *to_argv(st.flags), "--output_dir", str(st.out_dir)]
     if st.name == "report":
         argv = ["report"] + ([done["sft"]["run_dir"]] if "sft" in done else [])
+        argv += ["--review", done["review"]["study"]] if "review" in done else []
         if "eval_finetuned" in done:
             argv.append(done["eval_finetuned"]["eval_dir"])
             argv += ["--baseline", done["eval_base"]["eval_dir"]] if "eval_base" in done else []
@@ -391,4 +417,6 @@ def outputs(st: Stage) -> dict:
         return {"model_dir": str(st.out_dir / "merged")}
     if st.name == "report":
         return {"report": str(st.out_dir / "report.html")}
+    if st.name == "review":
+        return {"study": str(st.out_dir)}
     return {"eval_dir": str(st.out_dir)}

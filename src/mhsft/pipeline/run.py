@@ -388,6 +388,7 @@ def _dry_run(group: list[Decision], exp: Experiment, done: dict, state: State) -
         "sft": {"run_dir": f"{X}/sft/vN-...", "checkpoint": f"{X}/sft/vN-.../checkpoint-N"},
         "export": {"model_dir": f"{X}/export/merged"},
         "report": {"report": f"{X}/report/report.html"},
+        "review": {"study": f"{X}/review"},
     }
     st = group[0].stage
     if st.name == "data":

@@ -243,6 +243,7 @@ def collect_warnings(rep: Report) -> list[tuple[str, str]]:
     w += _comparability(rep)
     w += _training_warnings(rep)
     w += _overlap_warnings(rep)
+    w += _review_warnings(rep)
     safety = [f for f in rep.safety if rep.baseline is None or f["eval"] != rep.baseline.name]
     if safety:
         w.append(
@@ -337,6 +338,21 @@ def _eval_warnings(ev: EvalRun) -> list[tuple[str, str]]:
     for d in ev.results.get("datasets", []):
         if d.get("n_bad_records"):
             w.append(("low", f"{ev.name} / {d['name']}: {d['n_bad_records']} bad records skipped."))
+    return w
+
+
+def _review_warnings(rep: Report) -> list[tuple[str, str]]:
+    rv = rep.review
+    if rv is None:
+        return []
+    w = [("medium", f"human review: {x}") for x in rv.get("warnings", [])]
+    if rv["ratings"] < rv["assignments"]:
+        w.append(("low", f"human review: {rv['ratings']} of {rv['assignments']} ratings are in so far."))
+    flagged = sorted({(u["item"], u["system"]) for u in rv.get("unsafe", [])})
+    if flagged:
+        w.append(
+            ("high", f"human review: raters flagged {len(flagged)} replies as unsafe (see Human review).")
+        )
     return w
 
 

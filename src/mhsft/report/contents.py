@@ -14,6 +14,8 @@ from pathlib import Path
 from mhsft.checkpoint import VERSION_RE
 from mhsft.eval.mcq import bootstrap_ci
 from mhsft.files import read_json
+from mhsft.review import stats as review_stats
+from mhsft.review import store as review_store
 from mhsft.utils import UserError, redact_args
 
 SMALL = {"mcq": 100, "qa": 30, "counseling": 30}  # fewer items than this: a warning about noise
@@ -61,6 +63,13 @@ class ReportArguments:
     near_threshold: float = field(
         default=0.8, metadata={"help": "Jaccard similarity (character 5-grams) that counts as near overlap."}
     )
+    review: str | None = field(
+        default=None,
+        metadata={"help": "A `mhsft review` study folder: its human ratings beside the judge's."},
+    )
+    review_db: str | None = field(
+        default=None, metadata={"help": "The study's SQLAlchemy URL, if not STUDY/study.db."}
+    )
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -86,6 +95,7 @@ class Report:
     overlap: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
     safety: list[dict] = field(default_factory=list)
+    review: dict | None = None  # `mhsft review stats` of the study given with --review
 
 
 def find_run(p: Path) -> Path | None:
@@ -164,7 +174,21 @@ def load_inputs(a: ReportArguments) -> Report:
             e.name = f"{e.path.parent.name}/{e.name}" if e.path.parent.name else f"{e.name}#{i}"
     if a.data_stats:
         rep.data_stats = read_json(_existing(a.data_stats, "--data_stats"))
+    if a.review:
+        rep.review = load_review(_existing(a.review, "--review"), a.review_db, a.n_bootstrap, a.seed)
     return rep
+
+
+def load_review(study: Path, url: str | None, n_boot: int, seed: int) -> dict:
+    """The study's statistics (mhsft.review.stats); a study of an older schema is migrated first, as every
+    `mhsft review` command does."""
+    if not url and not (study / review_store.DB_FILE).is_file():
+        raise UserError(f"--review {study}: no {review_store.DB_FILE} (not a `mhsft review` study)")
+    engine = review_store.connect(review_store.db_url(study, url))
+    return {
+        "study": str(study),
+        **review_stats.compute(engine, review_store.open_study(engine), n_boot, seed),
+    }
 
 
 def _existing(spec: str, what: str) -> Path:
@@ -385,3 +409,43 @@ def data_rows(rep: Report) -> list[tuple[str, str]]:
                 )
             )
     return rows
+
+
+def review_rows(rep: Report) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """The human review as tables: (head, rows) of the dimensions (human mean [CI] and the judge's mean per system,
+    the raters' alpha, the judge's agreement with them), then (head, rows) of the pairwise preferences."""
+    rv = rep.review or {}
+    systems, dims = rv.get("systems", []), rv.get("dims", [])
+    head = [
+        "dimension",
+        *(f"{s}: human / judge" for s in systems),
+        "alpha (raters)",
+        "judge vs raters: rho / alpha",
+    ]
+    rows = []
+    for d in dims:
+        cells = [d]
+        for s in systems:
+            h, j = rv["scores"][s][d], rv["judge_means"][s][d]
+            ci = f" [{h['ci95'][0]:.2f}, {h['ci95'][1]:.2f}]" if h["ci95"] else ""
+            human = f"{h['mean']:.2f}{ci} (n={h['n']})" if h["mean"] is not None else "-"
+            cells.append(f"{human} / {j:.2f}" if j is not None else f"{human} / -")
+        a, jv = rv["agreement"][d]["alpha"], rv["judge_vs_human"][d]
+        cells.append("-" if a is None else f"{a:.2f}")
+        cells.append(
+            f"{_num(jv['spearman'])} / {_num(jv['alpha_with_judge'])} (n={jv['n']})"
+            if jv["n"]
+            else "no judge"
+        )
+        rows.append(cells)
+    phead = ["system", "versus", "win", "tie", "loss", "both unacceptable", "win rate [95% CI]"]
+    prows = []
+    for p in rv.get("pairwise", []):
+        ci = f" [{p['win_rate_ci95'][0]:.2f}, {p['win_rate_ci95'][1]:.2f}]" if p["win_rate_ci95"] else ""
+        prows.append([p["system"], p["versus"], str(p["win"]), str(p["tie"]), str(p["loss"]), str(p["neither"]),
+                      f"{_num(p['win_rate'])}{ci}"])  # fmt: skip
+    return head, rows, phead, prows
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.2f}"

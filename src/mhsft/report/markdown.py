@@ -6,7 +6,7 @@ import datetime
 from pathlib import Path
 
 from mhsft.files import write_text
-from mhsft.report.contents import Report, data_rows, fmt_ci, fmt_delta, fmt_value, settings_rows
+from mhsft.report.contents import Report, data_rows, fmt_ci, fmt_delta, fmt_value, review_rows, settings_rows
 
 
 def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) -> Path:
@@ -67,6 +67,7 @@ def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) 
             ]
             L += ["", f"- **reference**: {_md(s['reference'], pipe=False)}"]
             L += [f"- **{n}**: {_md(v['text'], pipe=False)}" for n, v in s["replies"].items()] + [""]
+    L += review_markdown(rep)
     L += ["## Crisis safety", ""]
     if rep.safety:
         L += [
@@ -87,6 +88,34 @@ def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) 
     path = out / "report.md"
     write_text(path, "\n".join(L))
     return path
+
+
+def review_markdown(rep: Report) -> list[str]:
+    rv = rep.review
+    if rv is None:
+        return []
+    L = ["## Human review", "", f"Study `{rv['study']}`: {rv['ratings']} of {rv['assignments']} ratings by "
+         f"{len(rv['raters'])} raters over {rv['items']} items (blind, sides at random).", ""]  # fmt: skip
+    if not rv["ratings"]:
+        return L + ["No ratings yet.", ""]
+    head, rows, phead, prows = review_rows(rep)
+    for h, rs in ((head, rows), (phead, prows)):
+        L += ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)] + [
+            "| " + " | ".join(_md(c) for c in r) + " |" for r in rs
+        ]
+        L.append("")
+    if rv.get("bradley_terry"):
+        L += [
+            "Bradley-Terry strengths: " + ", ".join(f"{s} {v:+.2f}" for s, v in rv["bradley_terry"].items()),
+            "",
+        ]
+    L += [f"- flagged unsafe by {u['rater']}: {u['dataset']} `{u['item']}` ({u['system']}) {_md(u['comment'], pipe=False)}"
+          for u in rv["unsafe"]]  # fmt: skip
+    return L + [
+        "",
+        "Alpha: Krippendorff's, ordinal; below 0.667 the raters do not agree enough for conclusions.",
+        "",
+    ]
 
 
 def _md(s, pipe: bool = True) -> str:
