@@ -1,7 +1,10 @@
-"""What several test modules share: the repository's root, running the CLI in-process, reading a SwanLab run."""
+"""What several test modules share: the repository's root, running the CLI in-process, reading a SwanLab run, and a
+scripted OpenAI-compatible server (a judge or an endpoint whose answers a test decides)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 from mhsft import cli
@@ -39,3 +42,54 @@ def swanlab_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     finally:
         reader.close()
     return out
+
+
+class StubServer:
+    """A scripted OpenAI-compatible chat server on loopback: `reply(body)` gives the text, or an int status for
+    an error."""
+
+    def __init__(self, reply, model="stub"):
+        import uvicorn
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse
+
+        app = FastAPI()
+        self.calls = 0
+
+        @app.get("/v1/models")
+        def models():
+            return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "test"}]}
+
+        @app.post("/v1/chat/completions")
+        def chat(body: dict):
+            self.calls += 1
+            text = reply(body)
+            if isinstance(text, int):
+                err = {"message": "scripted failure", "type": "invalid_request_error", "code": None}
+                return JSONResponse({"error": err}, status_code=text)
+            msg = {"role": "assistant", "content": text}
+            return {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+
+        from mhsft.client import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

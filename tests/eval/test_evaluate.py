@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, StubServer
 from mhsft.cli import main
 
 DEMO_MCQ = str(REPO / "examples" / "data" / "demo_mcq.jsonl")
@@ -180,57 +180,6 @@ def test_judge_against_deploy(tmp_path, deploy, shared_data):
     assert all(r["judge"]["attempts"] == 2 for r in _rows(out))
 
 
-class _StubServer:
-    """A scripted OpenAI-compatible chat server on loopback: `reply(body)` gives the text, or an int status for
-    an error."""
-
-    def __init__(self, reply, model="stub"):
-        import uvicorn
-        from fastapi import FastAPI
-        from fastapi.responses import JSONResponse
-
-        app = FastAPI()
-        self.calls = 0
-
-        @app.get("/v1/models")
-        def models():
-            return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "test"}]}
-
-        @app.post("/v1/chat/completions")
-        def chat(body: dict):
-            self.calls += 1
-            text = reply(body)
-            if isinstance(text, int):
-                err = {"message": "scripted failure", "type": "invalid_request_error", "code": None}
-                return JSONResponse({"error": err}, status_code=text)
-            msg = {"role": "assistant", "content": text}
-            return {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            }
-
-        from mhsft.client import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 def _judge_reply(body: dict) -> str:
     """Prose first; JSON once re-asked."""
     if len(body["messages"]) > 2:
@@ -239,7 +188,7 @@ def _judge_reply(body: dict) -> str:
 
 
 def test_judge_reask_through_http_stub(tmp_path, tiny_model_dir, shared_data):
-    stub = _StubServer(_judge_reply, "stub-judge")
+    stub = StubServer(_judge_reply, "stub-judge")
     try:
         out = tmp_path / "s"
         rc = _run(
@@ -263,7 +212,7 @@ def test_failed_requests_are_retried_by_the_next_run(tmp_path):
     def reply(body):
         return 400 if broken["on"] and "共情" in body["messages"][-1]["content"] else "先评估风险。"
 
-    stub = _StubServer(reply)
+    stub = StubServer(reply)
     try:
         argv = [
             "--api_url",

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from scipy.stats import spearmanr
 
 from helpers import run_cli
+from mhsft.eval.agreement import alpha
 from mhsft.review import stats, store
 from mhsft.review.study import create_study
 from review.conftest import write_run
@@ -25,7 +26,7 @@ RELIABILITY = [[1, 2, 3, 3, 2, 1, 4, 1, 2, NAN, NAN, NAN], [1, 2, 3, 3, 2, 2, 4,
 
 
 def test_alpha_equals_krippendorffs_worked_example_and_the_library():
-    assert stats._alpha(RELIABILITY) == pytest.approx(0.815, abs=5e-4)  # ordinal, as published
+    assert alpha(RELIABILITY) == pytest.approx(0.815, abs=5e-4)  # ordinal, as published
     for level, want in (("nominal", 0.743), ("interval", 0.849), ("ratio", 0.797)):
         assert krippendorff.alpha(reliability_data=RELIABILITY, level_of_measurement=level) == pytest.approx(
             want, abs=5e-4
@@ -33,10 +34,10 @@ def test_alpha_equals_krippendorffs_worked_example_and_the_library():
     rng = np.random.default_rng(0)
     data = rng.integers(1, 6, size=(3, 40)).astype(float)
     data[rng.random(data.shape) < 0.2] = np.nan
-    assert stats._alpha(data.tolist()) == pytest.approx(
+    assert alpha(data.tolist()) == pytest.approx(
         krippendorff.alpha(reliability_data=data, level_of_measurement="ordinal"), abs=1e-4
     )
-    assert stats._alpha([[1, 1, 1], [1, 1, 1]]) is None  # one value only: alpha is undefined
+    assert alpha([[1, 1, 1], [1, 1, 1]]) is None  # one value only: alpha is undefined
 
 
 def _rate_all(engine, choose):

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mhsft.args import EngineArguments, GenerationArguments, ModelArguments, command_line, parse_args
-from mhsft.eval import judge, lm_eval_tasks, mcq, qa
+from mhsft.eval import judge, lm_eval_tasks, mcq, pairwise, qa
 from mhsft.eval.datasets import load_eval_set
 from mhsft.eval.predictions import PredictionLog
 from mhsft.eval.runner import Evaluator, summarize_counseling
 from mhsft.eval.targets import EndpointTarget, EngineTarget, load_engine_for
-from mhsft.files import write_json
+from mhsft.files import read_json, write_json
 from mhsft.model import BASE, base_model_for, parse_adapters, resolve_model_dir
 from mhsft.serve.engine import encode_chat
 from mhsft.utils import MASK, UserError, get_logger, register_secret, settings_hash
@@ -89,6 +89,26 @@ class EvalArguments(EngineArguments, GenerationArguments, ModelArguments):
         metadata={"help": "Also score CPsyCoun's four dimensions (comprehensiveness, professionalism, ...)."},
     )
     judge_retries: int = field(default=2, metadata={"help": "Re-asks of the judge after malformed output."})
+    judge_mode: str = field(
+        default="pointwise",
+        metadata={"help": "pointwise | pairwise: also compare each adapter with the base model side by side, each "
+                          "item in both orders (with named --adapters)."},
+    )  # fmt: skip
+    judge_rubric: str = field(
+        default="counseling",
+        metadata={"help": "counseling (EmoE, CogE, Con, Sta, Saf; 1-5) | psycrisis (five 0/1 crisis-safety criteria "
+                          "on every turn)."},
+    )  # fmt: skip
+    judge_crisis: bool = field(
+        default=True,
+        metadata={"help": "Also judge the turns the crisis check flags on the psycrisis rubric."},
+    )
+    judge_repeats: int = field(
+        default=0,
+        metadata={"help": "Judge a seeded sample of turns this many more times, the rubric reordered: the judge's "
+                          "agreement with itself per dimension."},
+    )  # fmt: skip
+    judge_repeat_sample: int = field(default=30, metadata={"help": "Turns re-judged with --judge_repeats."})
     keypoint_matcher: str = field(
         default="lexical", metadata={"help": "lexical | judge (needs --judge_api_url)."}
     )
@@ -133,13 +153,19 @@ def check_args(a: EvalArguments) -> None:
         raise UserError(f"--keypoint_matcher {a.keypoint_matcher!r}: choose lexical or judge")
     if a.keypoint_matcher == "judge" and not a.judge_api_url:
         raise UserError("--keypoint_matcher judge needs --judge_api_url")
+    if a.judge_mode not in ("pointwise", "pairwise"):
+        raise UserError(f"--judge_mode {a.judge_mode!r}: choose pointwise or pairwise")
+    if a.judge_rubric not in ("counseling", "psycrisis"):
+        raise UserError(f"--judge_rubric {a.judge_rubric!r}: choose counseling or psycrisis")
+    if a.judge_mode == "pairwise" and not a.judge_api_url:
+        raise UserError("--judge_mode pairwise needs --judge_api_url")
     if a.export not in (None, "lm_eval", "evalscope"):
         raise UserError(f"--export {a.export!r}: choose lm_eval or evalscope")
     if not a.export and not a.api_url and not a.model and not a.adapters:
         raise UserError("nothing to evaluate: give --model (and --adapters), or --api_url")
     if a.api_url and (a.model or a.adapters) and not a.export:
         raise UserError("give either --model/--adapters (in-process) or --api_url (an endpoint), not both")
-    for name in ("num_fewshot", "judge_retries", "max_retries", "n_bootstrap"):
+    for name in ("num_fewshot", "judge_retries", "max_retries", "n_bootstrap", "judge_repeats"):
         if getattr(a, name) < 0:
             raise UserError(f"--{name} must be >= 0")
     for name in (
@@ -169,13 +195,7 @@ def task_settings(a: EvalArguments, identity: dict) -> dict[str, dict]:
         k: getattr(a, k)
         for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "system")
     }
-    judge_s = {
-        "url": a.judge_api_url,
-        "model": a.judge_model,
-        "version": judge.JUDGE_VERSION,
-        "cpsycoun": a.judge_cpsycoun,
-        "retries": a.judge_retries,
-    }
+    judge_s = judge_identity(a) | {"url": a.judge_api_url, "retries": a.judge_retries}
     return {
         "mcq": {
             "target": identity,
@@ -198,9 +218,20 @@ def task_settings(a: EvalArguments, identity: dict) -> dict[str, dict]:
             "target": identity,
             **gen,
             "max_turns": a.max_turns,
-            "judge": judge_s if a.judge_api_url else None,
+            "judge": ({**judge_s, "crisis": a.judge_crisis} if a.judge_api_url else None),
         },
+        "judge_repeat": {"target": identity, **gen, "max_turns": a.max_turns, "judge": judge_s},
     }
+
+
+def judge_identity(a: EvalArguments) -> dict:
+    """What the judge's verdicts depend on: its model, the rubric (and the prompts' hash), the mode; results.json
+    records it, and `mhsft report` warns when compared runs differ in it."""
+    rubric = (
+        "psycrisis" if a.judge_rubric == "psycrisis" else ("cpsycoun" if a.judge_cpsycoun else "counseling")
+    )
+    return {"model": a.judge_model, "version": judge.JUDGE_VERSION, "rubric": rubric, "cpsycoun": a.judge_cpsycoun,
+            "prompt_hash": judge.prompt_hash(rubric), "crisis_prompt_hash": judge.prompt_hash("psycrisis")}  # fmt: skip
 
 
 def load_sets(a: EvalArguments):
@@ -311,6 +342,8 @@ def evaluate(a: EvalArguments, sets) -> int:
             if len(systems) > 1:
                 log.info(f"== {sy.name}: {sy.adapter or 'the base model'}")
             failed += evaluate_system(a, sets, sy, judge_target, ll_ok, out)
+        if a.judge_mode == "pairwise":
+            failed += compare_pairwise(a, systems, root, judge_target)
     finally:
         if engine is not None:
             engine.stop()
@@ -426,12 +459,62 @@ def evaluate_system(a: EvalArguments, sets, sy: System, judge_target, ll_ok: boo
             for k, v in runner.timing.items()
         },  # fmt: skip
         "settings": {**_settings(a), "task_hashes": hashes},
+        "judge": judge_identity(a) if a.judge_api_url else None,
         "formulas": {"elastic_accuracy": mcq.ELASTIC_FORMULA},
     }
     write_json(out / "results.json", results)
     print_table(results)
     print(f"results: {out / 'results.json'}\npredictions: {predictions.path}")
     return runner.failed_requests
+
+
+def compare_pairwise(a: EvalArguments, systems: list[System], root: Path, judge_target) -> int:
+    """--judge_mode pairwise: each adapter's counseling replies against the base model's, side by side in both
+    orders (mhsft.eval.pairwise), into the adapter's results.json under `pairwise`. Returns the failed requests."""
+    if len(systems) < 2 or systems[0].name != "base":
+        raise UserError(
+            "--judge_mode pairwise compares systems: give named --adapters (ft=CKPT) beside --model"
+        )
+    dims = judge.dims_for(a.judge_cpsycoun)
+    text = judge.COUNSELING_RUBRIC + ("\n" + judge.CPSYCOUN_RUBRIC if a.judge_cpsycoun else "")
+    base_rows = _rows(root / "base", task_settings(a, systems[0].identity)["counseling"])
+    failed = 0
+    for sy in systems[1:]:
+        out = root / sy.name
+        mine = _rows(out, task_settings(a, sy.identity)["counseling"])
+        h = settings_hash({"pairwise": judge_identity(a), "x": sy.identity, "y": systems[0].identity,
+                           "retries": a.judge_retries, "url": a.judge_api_url})  # fmt: skip
+        log = PredictionLog(out / "predictions.jsonl")
+        runner = Evaluator(a, None, judge_target, log, {}, False, max(2, a.concurrency))
+        try:
+            records = pairwise.run(runner, judge_target, mine, base_rows, log, h, dims, text)
+        finally:
+            log.close()
+        results = read_json(out / "results.json")
+        results["pairwise"] = pairwise.summarize(records, dims, sy.name, "base", a.n_bootstrap, a.eval_seed)
+        write_json(out / "results.json", results)
+        p = results["pairwise"]
+        print(
+            f"pairwise {sy.name} vs base: {p['n_judged']} of {p['n_items']} turns judged in both orders"
+            + (
+                f"; position-bias rate {p['position_bias_rate']:.2f} (a flip counts as a tie)"
+                if p["n_judged"]
+                else ""
+            )
+        )
+        for d, v in p["dims"].items():
+            ci = f" [{v['win_rate_ci95'][0]:.2f}, {v['win_rate_ci95'][1]:.2f}]" if v["win_rate_ci95"] else ""
+            print(f"  {d}: win/tie/loss {v['win']}/{v['tie']}/{v['loss']}, win rate {v['win_rate']:.2f}{ci}")
+        failed += runner.failed_requests
+    return failed
+
+
+def _rows(out: Path, settings: dict) -> list[dict]:
+    """A system's counseling prediction rows under these settings."""
+    h = settings_hash(settings)
+    log = PredictionLog(out / "predictions.jsonl")
+    log.close()
+    return [r for r in log.done.values() if r.get("task") == "counseling" and r.get("settings_hash") == h]
 
 
 def evaluate_set(a: EvalArguments, runner: Evaluator, es, pool) -> dict:
@@ -442,7 +525,8 @@ def evaluate_set(a: EvalArguments, runner: Evaluator, es, pool) -> dict:
         m["open_qa"] = qa.summarize(runner.run_qa(es), a.n_bootstrap, a.eval_seed)
     if es.dialogues:
         rows = runner.run_dialogues(es)
-        m["counseling"] = summarize_counseling(rows, a.judge_cpsycoun, a.n_bootstrap, a.eval_seed)
+        repeats = runner.repeats.get(es.name)
+        m["counseling"] = summarize_counseling(rows, a.judge_cpsycoun, a.n_bootstrap, a.eval_seed, repeats)
     return m
 
 
@@ -510,17 +594,34 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                 )
         if c := m.get("counseling"):
             if j := c.get("judge"):
+                n_ok = str(j["n_judged"] - j["n_failed"])
                 for k, v in j.items():
-                    if isinstance(v, dict):
+                    if isinstance(v, dict) and "title" in v:
+                        rows.append(
+                            (ds, f"{k} {v['title']} ({v['scale']})", n_ok, *_fmt(v["mean"], v["ci95"]))
+                        )
+                rows.append((ds, "judgments failed", str(j["n_judged"]), str(j["n_failed"]), ""))
+                if noise := j.get("noise"):
+                    for k, v in noise["alpha"].items():
+                        mark = " (unreliable)" if k in noise["unreliable"] else ""
+                        rows.append(
+                            (ds, f"judge self-agreement alpha: {k}{mark}", str(noise["n_turns"]), *_fmt(v))
+                        )
+            if cr := c.get("crisis_rubric"):
+                n_ok = str(cr["n_judged"] - cr["n_failed"])
+                for k, v in cr.items():
+                    if isinstance(v, dict) and "title" in v:
                         rows.append(
                             (
                                 ds,
-                                f"{k} {v['title']} ({v['scale']})",
-                                str(j["n_judged"] - j["n_failed"]),
-                                *_fmt(v["mean"], v["ci95"]),
+                                f"crisis rubric: {k} {v['title']} (pass rate)",
+                                n_ok,
+                                *_fmt(v["pass_rate"], v["ci95"]),
                             )
                         )
-                rows.append((ds, "judgments failed", str(j["n_judged"]), str(j["n_failed"]), ""))
+                rows.append(
+                    (ds, "crisis rubric total (0-5)", n_ok, *_fmt(cr["total"]["mean"], cr["total"]["ci95"]))
+                )
             s = c["safety"]
             rows.append(
                 (

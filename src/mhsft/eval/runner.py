@@ -6,10 +6,13 @@ resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import math
+import random
 import time
 
 from mhsft.eval import judge as judge_mod
 from mhsft.eval import mcq, qa, safety
+from mhsft.eval.agreement import ALPHA_OK, alpha
 from mhsft.eval.datasets import EvalSet, MCQItem
 from mhsft.eval.predictions import PredictionLog
 from mhsft.eval.targets import RequestError
@@ -39,6 +42,7 @@ class Evaluator:
         self.ll_ok = ll_ok
         self.failed_requests = 0
         self.timing: dict[str, list[float]] = {}  # seconds waiting for the target (and the judge), per chunk
+        self.repeats: dict[str, list[dict]] = {}  # dataset -> the judge's repeated verdicts (--judge_repeats)
         self.chunk = max(
             1, chunk
         )  # items sent at once: enough to keep the engine's batch (or the endpoint) full
@@ -84,12 +88,6 @@ class Evaluator:
             return None
         return judge_mod.judge_keypoints(
             self.judge, it.question, answer, it.key_points, self.args.judge_retries
-        )
-
-    def _judge_reply(self, y: tuple) -> judge_mod.Judgment:
-        (_, history, _), reply = y
-        return judge_mod.judge_reply(
-            self.judge, history, reply, self.args.judge_cpsycoun, self.args.judge_retries
         )
 
     # --- multiple choice -------------------------------------------------------------------------------
@@ -244,6 +242,8 @@ class Evaluator:
         return out
 
     def run_dialogues(self, es: EvalSet) -> list[dict]:
+        """Every counselor turn generated from the real history, then judged: the pointwise rubric (--judge_rubric),
+        and the crisis-safety rubric on turns the lexical check flags (every turn with --judge_rubric psycrisis)."""
         a = self.args
         turns = self.dialogue_turns(es)
         todo = [x for x in turns if self._key("counseling", es, x[0]) not in self.predictions.done]
@@ -252,57 +252,142 @@ class Evaluator:
             for chunk in _chunks(todo, self.chunk):
                 outs = self._chat(es, [x[0] for x in chunk], [x[1] for x in chunk], a.max_new_tokens)
                 ok = [(x, o) for x, o in zip(chunk, outs) if o is not None]
+                flags = [safety.crisis_check(x[1][-1]["content"], o) for x, o in ok]
                 with self._timed("judge"):
-                    verdicts = self.judge.map(self._judge_reply, ok) if self.judge else [None] * len(ok)
-                for ((tid, msgs, ref), out), v in zip(ok, verdicts):
-                    if isinstance(v, RequestError):
-                        self._failed(f"{es.name} {tid} (judge)", v)
+                    verdicts, crisis = self._judge_turns(ok, flags)
+                for ((tid, msgs, ref), out), flag, v, c in zip(ok, flags, verdicts, crisis):
+                    if isinstance(v, RequestError) or isinstance(c, RequestError):
+                        self._failed(f"{es.name} {tid} (judge)", v if isinstance(v, RequestError) else c)
                         continue
-                    jrec = (
-                        None
-                        if v is None
-                        else {"scores": v.scores, "raw": v.raw, "attempts": v.attempts, "error": v.error}
-                    )
-                    self.predictions.put(
-                        self._record(
-                            "counseling",
-                            es,
-                            tid,
-                            prompt=msgs,
-                            output=out,
-                            reference=ref,
-                            safety=safety.crisis_check(msgs[-1]["content"], out),
-                            judge=jrec,
-                            **qa.score_answer(out, ref),
-                        )
-                    )
+                    self.predictions.put(self._record(
+                        "counseling", es, tid, prompt=msgs, output=out, reference=ref, safety=flag,
+                        judge=_judgment(v), crisis_judge=_judgment(c), **qa.score_answer(out, ref)))  # fmt: skip
                 bar.update(len(chunk))
             bar.close()
-        return [
+        rows = [
             r for tid, _, _ in turns if (r := self.predictions.done.get(self._key("counseling", es, tid)))
         ]
+        if self.judge is not None and a.judge_repeats > 0 and a.judge_rubric != "psycrisis":
+            self._judge_again(es, rows)
+        return rows
+
+    def _judge_turns(self, ok: list, flags: list) -> tuple[list, list]:
+        """(pointwise verdicts, crisis-rubric verdicts or None), one of each per turn, the judge's calls concurrent."""
+        if self.judge is None:
+            return [None] * len(ok), [None] * len(ok)
+        crisis_all = self.args.judge_rubric == "psycrisis"
+        jobs = [("crisis" if crisis_all else "point", x) for x in ok]
+        jobs += [("crisis", x) for x, f in zip(ok, flags) if f and not crisis_all and self.args.judge_crisis]
+        answers = self.judge.map(self._ask_judge, jobs)
+        point = [None] * len(ok) if crisis_all else answers[: len(ok)]
+        crisis = answers[: len(ok)] if crisis_all else [None] * len(ok)
+        extra = iter(answers[len(ok) :])
+        for k, f in enumerate(flags):
+            if f and not crisis_all and self.args.judge_crisis:
+                crisis[k] = next(extra)
+        return point, crisis
+
+    def _ask_judge(self, job) -> judge_mod.Judgment:
+        kind, ((_, history, _), reply) = job
+        if kind == "crisis":
+            return judge_mod.judge_crisis(self.judge, history, reply, self.args.judge_retries)
+        return judge_mod.judge_reply(
+            self.judge, history, reply, self.args.judge_cpsycoun, self.args.judge_retries
+        )
+
+    def _judge_again(self, es: EvalSet, rows: list[dict]) -> None:
+        """--judge_repeats K: a seeded sample of the judged turns judged K more times, the rubric's dimensions in
+        another order each time (kept in the log as `judge_repeat` rows); summarized as the judge's alpha with
+        itself."""
+        a = self.args
+        judged = [r for r in rows if (r.get("judge") or {}).get("scores")]
+        sample = random.Random(a.eval_seed).sample(judged, min(a.judge_repeat_sample, len(judged)))
+        jobs = [(r, k) for r in sample for k in range(1, a.judge_repeats + 1)
+                if self._key("judge_repeat", es, f"{r['id']}#{k}") not in self.predictions.done]  # fmt: skip
+
+        def ask(job):
+            r, k = job
+            order = random.Random(f"{a.eval_seed}:{r['id']}:{k}")
+            return judge_mod.judge_reply(
+                self.judge, r["prompt"], r["output"], a.judge_cpsycoun, a.judge_retries, order
+            )
+
+        with self._timed("judge"):
+            answers = self.judge.map(ask, jobs)
+        for (r, k), v in zip(jobs, answers):
+            if isinstance(v, RequestError):
+                self._failed(f"{es.name} {r['id']} (judge repeat)", v)
+                continue
+            self.predictions.put(self._record("judge_repeat", es, f"{r['id']}#{k}", turn=r["id"], repeat=k,
+                                              judge=_judgment(v)))  # fmt: skip
+        self.repeats[es.name] = [x for x in self.predictions.done.values()
+                                 if x.get("task") == "judge_repeat" and x.get("dataset") == es.name
+                                 and x.get("settings_hash") == self.hashes["judge_repeat"]]  # fmt: skip
 
 
-def summarize_counseling(rows: list[dict], cpsycoun: bool, n_boot: int, seed: int) -> dict:
+def _judgment(v) -> dict | None:
+    return None if v is None else {"scores": v.scores, "raw": v.raw, "attempts": v.attempts, "error": v.error}
+
+
+def summarize_counseling(
+    rows: list[dict], cpsycoun: bool, n_boot: int, seed: int, repeats: list[dict] | None = None
+) -> dict:
     if not rows:
         return {}
     out: dict = {"n_turns": len(rows)}
     judged = [r for r in rows if r.get("judge")]
     if judged:
-        ok = [r for r in judged if r["judge"]["scores"]]
-        block: dict = {"n_judged": len(judged), "n_failed": len(judged) - len(ok)}
-        for k, (lo, hi, title) in judge_mod.dims_for(cpsycoun).items():
-            vals = [float(r["judge"]["scores"][k]) for r in ok if k in r["judge"]["scores"]]
-            block[k] = {
-                "title": title,
-                "scale": f"{lo}-{hi}",
-                "mean": round(sum(vals) / len(vals), 4) if vals else None,
-                "ci95": mcq.bootstrap_ci(vals, n_boot, seed),
-            }
-        out["judge"] = block
+        out["judge"] = _dimension_means(judged, "judge", judge_mod.dims_for(cpsycoun), n_boot, seed)
+        if repeats:
+            out["judge"]["noise"] = judge_noise(judged, repeats, judge_mod.dims_for(cpsycoun))
+    crisis = [r for r in rows if r.get("crisis_judge")]
+    if crisis:
+        block = _dimension_means(crisis, "crisis_judge", judge_mod.CRISIS_DIMS, n_boot, seed, rate=True)
+        totals = [
+            float(sum(r["crisis_judge"]["scores"].values())) for r in crisis if r["crisis_judge"]["scores"]
+        ]
+        block["total"] = {"scale": "0-5", "mean": round(sum(totals) / len(totals), 4) if totals else None,
+                          "ci95": mcq.bootstrap_ci(totals, n_boot, seed)}  # fmt: skip
+        out["crisis_rubric"] = block
     out["safety"] = safety.summarize(rows)
     ref = qa.summarize(
         [{**r, "key_points": []} for r in rows], n_boot, seed
     )  # ROUGE / BLEU of each reply against the real counselor's
     out["vs_reference"] = {k: v for k, v in ref.items() if k != "n"}
+    return out
+
+
+def _dimension_means(
+    rows: list[dict], field: str, dims: dict, n_boot: int, seed: int, rate: bool = False
+) -> dict:
+    """Per dimension the mean (a pass rate for 0/1 criteria) with its CI, over the verdicts that parsed."""
+    ok = [r for r in rows if r[field]["scores"]]
+    block: dict = {"n_judged": len(rows), "n_failed": len(rows) - len(ok)}
+    for k, (lo, hi, title) in dims.items():
+        vals = [float(r[field]["scores"][k]) for r in ok if k in r[field]["scores"]]
+        block[k] = {
+            "title": title,
+            "scale": f"{lo}-{hi}",
+            ("pass_rate" if rate else "mean"): round(sum(vals) / len(vals), 4) if vals else None,
+            "ci95": mcq.bootstrap_ci(vals, n_boot, seed),
+        }
+    return block
+
+
+def judge_noise(judged: list[dict], repeats: list[dict], dims: dict) -> dict:
+    """The judge's agreement with itself: each sampled turn's first verdict and its repeats as coders of one unit,
+    Krippendorff's ordinal alpha per dimension; a dimension under 0.667 is marked unreliable."""
+    first = {r["id"]: r["judge"]["scores"] for r in judged if r["judge"]["scores"]}
+    again: dict[str, dict[int, dict]] = {}
+    for x in repeats:
+        if (x.get("judge") or {}).get("scores") and x["turn"] in first:
+            again.setdefault(x["turn"], {})[x["repeat"]] = x["judge"]["scores"]
+    units = sorted(again)
+    k = max((max(v) for v in again.values()), default=0)
+    out: dict = {"repeats": k, "n_turns": len(units), "alpha": {}}
+    for d in dims:
+        matrix = [[float(first[u].get(d, math.nan)) for u in units]]
+        matrix += [[float(again[u].get(j, {}).get(d, math.nan)) for u in units] for j in range(1, k + 1)]
+        out["alpha"][d] = alpha(matrix)
+    out["unreliable"] = [d for d, v in out["alpha"].items() if v is not None and v < ALPHA_OK]
     return out

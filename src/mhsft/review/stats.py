@@ -23,10 +23,9 @@ from collections import defaultdict
 
 import sqlalchemy as sa
 
+from mhsft.eval.agreement import ALPHA_OK, alpha
 from mhsft.eval.mcq import bootstrap_ci
 from mhsft.review import store
-
-ALPHA_OK = 0.667
 
 
 def rating_rows(engine) -> list[dict]:
@@ -159,22 +158,10 @@ def _reliability(rows, dim, extra: dict | None = None):
     return m, units
 
 
-def _alpha(matrix) -> float | None:
-    import krippendorff
-    import numpy as np
-
-    data = np.asarray(matrix, dtype=float)
-    pairable = (np.sum(~np.isnan(data), axis=0) >= 2).sum()
-    values = np.unique(data[~np.isnan(data)])
-    if pairable < 2 or len(values) < 2:
-        return None  # alpha is undefined without two units rated twice and two distinct values
-    return round(float(krippendorff.alpha(reliability_data=data, level_of_measurement="ordinal")), 4)
-
-
 def _agreement(rows, dim) -> dict:
     matrix, units = _reliability(rows, dim)
     twice = sum(sum(not math.isnan(m[j]) for m in matrix) >= 2 for j in range(len(units)))
-    return {"alpha": _alpha(matrix), "units_rated_twice": twice}
+    return {"alpha": alpha(matrix), "units_rated_twice": twice}
 
 
 def _judge_vs_human(rows, dim) -> dict:
@@ -192,7 +179,7 @@ def _judge_vs_human(rows, dim) -> dict:
     rho = spearmanr(j, h).statistic if len(set(j)) > 1 and len(set(h)) > 1 else None  # constant: undefined
     matrix, _ = _reliability(rows, dim, extra=judge)
     rho = None if rho is None else round(float(rho), 4)
-    return {"n": len(units), "spearman": rho, "alpha_with_judge": _alpha(matrix)}
+    return {"n": len(units), "spearman": rho, "alpha_with_judge": alpha(matrix)}
 
 
 EXPORT_FIELDS = ("item", "dataset", "crisis", "rater", "system", "versus", "side", "preference", "unsafe", "comment",
