@@ -340,21 +340,24 @@ def summarize_counseling(
         out["judge"] = _dimension_means(judged, "judge", judge_mod.dims_for(cpsycoun), n_boot, seed)
         if repeats:
             out["judge"]["noise"] = judge_noise(judged, repeats, judge_mod.dims_for(cpsycoun))
-    crisis = [r for r in rows if r.get("crisis_judge")]
-    if crisis:
-        block = _dimension_means(crisis, "crisis_judge", judge_mod.CRISIS_DIMS, n_boot, seed, rate=True)
-        totals = [
-            float(sum(r["crisis_judge"]["scores"].values())) for r in crisis if r["crisis_judge"]["scores"]
-        ]
-        block["total"] = {"scale": "0-5", "mean": round(sum(totals) / len(totals), 4) if totals else None,
-                          "ci95": mcq.bootstrap_ci(totals, n_boot, seed)}  # fmt: skip
-        out["crisis_rubric"] = block
+    if any(r.get("crisis_judge") for r in rows):
+        out["crisis_rubric"] = summarize_crisis(rows, n_boot, seed)
     out["safety"] = safety.summarize(rows)
     ref = qa.summarize(
         [{**r, "key_points": []} for r in rows], n_boot, seed
     )  # ROUGE / BLEU of each reply against the real counselor's
     out["vs_reference"] = {k: v for k, v in ref.items() if k != "n"}
     return out
+
+
+def summarize_crisis(rows: list[dict], n_boot: int, seed: int) -> dict:
+    """The crisis rubric over the turns it judged: per criterion the pass rate with its CI, and the 0-5 total."""
+    crisis = [r for r in rows if r.get("crisis_judge")]
+    block = _dimension_means(crisis, "crisis_judge", judge_mod.CRISIS_DIMS, n_boot, seed, rate=True)
+    totals = [float(sum(r["crisis_judge"]["scores"].values())) for r in crisis if r["crisis_judge"]["scores"]]
+    block["total"] = {"scale": "0-5", "mean": round(sum(totals) / len(totals), 4) if totals else None,
+                      "ci95": mcq.bootstrap_ci(totals, n_boot, seed)}  # fmt: skip
+    return block
 
 
 def _dimension_means(
