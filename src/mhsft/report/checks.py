@@ -244,6 +244,7 @@ def collect_warnings(rep: Report) -> list[tuple[str, str]]:
     w += _training_warnings(rep)
     w += _overlap_warnings(rep)
     w += _review_warnings(rep)
+    w += _judge_warnings(rep)
     safety = [f for f in rep.safety if rep.baseline is None or f["eval"] != rep.baseline.name]
     if safety:
         w.append(
@@ -341,6 +342,22 @@ def _eval_warnings(ev: EvalRun) -> list[tuple[str, str]]:
     return w
 
 
+def _judge_warnings(rep: Report) -> list[tuple[str, str]]:
+    """A judge that disagrees with itself, or that a pairwise comparison caught favouring a position."""
+    w = []
+    for ev in rep.evals:
+        for ds, m in ev.results.get("metrics", {}).items():
+            noise = ((m.get("counseling") or {}).get("judge") or {}).get("noise") or {}
+            if noise.get("unreliable"):
+                w.append(("medium", f"{ev.name} / {ds}: the judge disagrees with itself on {', '.join(noise['unreliable'])} "
+                          "(Krippendorff's alpha < 0.667 over repeated verdicts): those dimensions are not evidence."))  # fmt: skip
+        p = ev.results.get("pairwise") or {}
+        if (p.get("position_bias_rate") or 0) > 0.3:
+            w.append(("medium", f"{ev.name} vs {p['versus']}: {p['position_bias_rate']:.0%} of the pairwise verdicts "
+                      "changed with the order of the two replies (counted as ties): the judge favours a position."))  # fmt: skip
+    return w
+
+
 def _review_warnings(rep: Report) -> list[tuple[str, str]]:
     rv = rep.review
     if rv is None:
@@ -391,6 +408,12 @@ def _comparability(rep: Report) -> list[tuple[str, str]]:
             continue
         s = ev.results.get("settings") or {}
         diff = [k for k in COMPARABLE if s.get(k) != bs.get(k)]
+        bj, ej = b.get("judge") or {}, ev.results.get("judge") or {}
+        judged_apart = [k for k in ("model", "rubric", "prompt_hash") if bj and ej and bj.get(k) != ej.get(k)]
+        if judged_apart:
+            w.append(("high", f"{ev.name} and the baseline were judged differently ({', '.join(judged_apart)}: "
+                      f"{', '.join(f'{bj.get(k)} vs {ej.get(k)}' for k in judged_apart)}): their judge scores are not "
+                      "comparable, only their exam and lexical numbers are."))  # fmt: skip
         if diff:
             w.append(
                 (

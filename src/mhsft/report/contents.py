@@ -235,12 +235,39 @@ def metric_list(res: dict) -> list[dict]:
         c = m.get("counseling") or {}
         if j := c.get("judge"):
             n_ok = j["n_judged"] - j["n_failed"]
+            unreliable = set((j.get("noise") or {}).get("unreliable", []))
             for k, v in j.items():
                 if isinstance(v, dict) and "mean" in v:
-                    label = f"{k} {v['title']} ({v['scale']})"
+                    label = f"{k} {v['title']} ({v['scale']})" + (
+                        " [unreliable: the judge disagrees with itself]" if k in unreliable else ""
+                    )
                     a(ds, "counseling", f"judge:{k}", label, v["mean"], v.get("ci95"), n_ok, fmt="num")
             failed = j["n_failed"] / max(j["n_judged"], 1)
             a(ds, "counseling", "judge_failed", "judgments failed", failed, None, j["n_judged"], False)
+        if cr := c.get("crisis_rubric"):
+            n_ok = cr["n_judged"] - cr["n_failed"]
+            for k, v in cr.items():
+                if isinstance(v, dict) and "pass_rate" in v:
+                    a(
+                        ds,
+                        "counseling",
+                        f"crisis:{k}",
+                        f"crisis rubric: {k} {v['title']}",
+                        v["pass_rate"],
+                        v.get("ci95"),
+                        n_ok,
+                    )
+            t = cr["total"]
+            a(
+                ds,
+                "counseling",
+                "crisis:total",
+                "crisis rubric total (0-5)",
+                t["mean"],
+                t.get("ci95"),
+                n_ok,
+                fmt="num",
+            )
         if (s := c.get("safety") or {}).get("n_crisis_turns"):
             label = "crisis turns pointing to help"
             a(ds, "counseling", "safety", label, s["pass_rate"], None, s["n_crisis_turns"])
@@ -269,6 +296,8 @@ def item_values(ev: EvalRun, task: str, dataset: str, key: str) -> dict[str, flo
             v = sum(map(bool, r.get("keypoint_hits") or [])) / len(r["key_points"])
         elif key.startswith("judge:"):
             v = ((r.get("judge") or {}).get("scores") or {}).get(key[6:])
+        elif key.startswith("crisis:") and (cs := (r.get("crisis_judge") or {}).get("scores")):
+            v = float(sum(cs.values())) if key == "crisis:total" else cs.get(key[7:])
         elif key == "judge_failed" and r.get("judge"):
             v = float(not r["judge"].get("scores"))
         elif key == "safety" and r.get("safety"):
@@ -445,6 +474,27 @@ def review_rows(rep: Report) -> tuple[list[str], list[list[str]], list[str], lis
         prows.append([p["system"], p["versus"], str(p["win"]), str(p["tie"]), str(p["loss"]), str(p["neither"]),
                       f"{_num(p['win_rate'])}{ci}"])  # fmt: skip
     return head, rows, phead, prows
+
+
+def judge_rows(rep: Report) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per evaluation compared pairwise with another: (title, head, rows) of the pairwise verdicts per dimension."""
+    out = []
+    for ev in rep.evals:
+        p = ev.results.get("pairwise")
+        if not p or not p.get("n_judged"):
+            continue
+        title = (f"{p['system']} vs {p['versus']}: {p['n_judged']} of {p['n_items']} turns judged in both orders; "
+                 f"position-bias rate {_num(p['position_bias_rate'])} (a verdict that changes with the order is a tie), "
+                 f"first reply chosen in {_num(p.get('first_position_share'))} of one-order verdicts")  # fmt: skip
+        head = ["dimension", "win / tie / loss", "win rate [95% CI]", "flips", "winner is longer",
+                "win rate, length-matched (n)"]  # fmt: skip
+        rows = []
+        for d, v in p["dims"].items():
+            ci = f" [{v['win_rate_ci95'][0]:.2f}, {v['win_rate_ci95'][1]:.2f}]" if v["win_rate_ci95"] else ""
+            rows.append([d, f"{v['win']} / {v['tie']} / {v['loss']}", f"{_num(v['win_rate'])}{ci}", _num(v["flip_rate"]),
+                         _num(v["winner_is_longer"]), f"{_num(v['length_matched_win_rate'])} ({v['length_matched']})"])  # fmt: skip
+        out.append((title, head, rows))
+    return out
 
 
 def _num(v) -> str:

@@ -6,7 +6,16 @@ import datetime
 from pathlib import Path
 
 from mhsft.files import write_text
-from mhsft.report.contents import Report, data_rows, fmt_ci, fmt_delta, fmt_value, review_rows, settings_rows
+from mhsft.report.contents import (
+    Report,
+    data_rows,
+    fmt_ci,
+    fmt_delta,
+    fmt_value,
+    judge_rows,
+    review_rows,
+    settings_rows,
+)
 
 
 def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) -> Path:
@@ -67,6 +76,7 @@ def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) 
             ]
             L += ["", f"- **reference**: {_md(s['reference'], pipe=False)}"]
             L += [f"- **{n}**: {_md(v['text'], pipe=False)}" for n, v in s["replies"].items()] + [""]
+    L += pairwise_markdown(rep)
     L += review_markdown(rep)
     L += ["## Crisis safety", ""]
     if rep.safety:
@@ -90,6 +100,17 @@ def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) 
     return path
 
 
+def pairwise_markdown(rep: Report) -> list[str]:
+    tables = judge_rows(rep)
+    if not tables:
+        return []
+    L = ["## Pairwise judge", ""]
+    for title, head, rows in tables:
+        L += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        L += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows] + [""]
+    return L
+
+
 def review_markdown(rep: Report) -> list[str]:
     rv = rep.review
     if rv is None:
@@ -109,6 +130,7 @@ def review_markdown(rep: Report) -> list[str]:
             "Bradley-Terry strengths: " + ", ".join(f"{s} {v:+.2f}" for s, v in rv["bradley_terry"].items()),
             "",
         ]
+    L += [f"- judge on {d}: {t}" for d, t in rv.get("judge_trust", {}).items()] + [""]
     L += [f"- flagged unsafe by {u['rater']}: {u['dataset']} `{u['item']}` ({u['system']}) {_md(u['comment'], pipe=False)}"
           for u in rv["unsafe"]]  # fmt: skip
     return L + [

@@ -85,6 +85,9 @@ def compute(engine, settings: dict, n_boot: int = 1000, seed: int = 0) -> dict:
         out["bradley_terry"] = _bradley_terry(rows, systems)
     out["agreement"] = {d: _agreement(rows, d) for d in dims}
     out["judge_vs_human"] = {d: _judge_vs_human(rows, d) for d in dims}
+    out["judge_trust"] = {
+        d: trust(out["agreement"][d]["alpha"], out["judge_vs_human"][d]["alpha_with_judge"]) for d in dims
+    }
     out["unsafe"] = [
         {k: r[k] for k in ("item", "dataset", "system", "rater", "comment")} for r in rows if r["unsafe"]
     ]
@@ -141,6 +144,18 @@ def _bradley_terry(rows, systems) -> dict[str, float]:
         data += {"win": [(a, b)], "loss": [(b, a)], "tie": [(a, b), (b, a)]}[r["preference"]]
     params = choix.ilsr_pairwise(len(systems), data, alpha=0.01)
     return {s: round(float(params[idx[s]]), 4) for s in systems}
+
+
+def trust(human: float | None, with_judge: float | None) -> str:
+    """In words, whether the judge can stand in for the raters on a dimension: its agreement with them (alpha with
+    the judge as one more rater) must reach Krippendorff's threshold and come within 0.1 of the raters' own."""
+    if human is None or with_judge is None:
+        return "unknown: too few replies both judged and rated twice"
+    if human < ALPHA_OK:
+        return f"unknown: the raters themselves disagree (alpha {human:.2f})"
+    if with_judge >= ALPHA_OK and with_judge >= human - 0.1:
+        return f"trusted: the judge agrees with the raters about as well as they agree with each other ({with_judge:.2f} vs {human:.2f})"
+    return f"not trusted: the judge agrees with the raters less than they agree with each other ({with_judge:.2f} vs {human:.2f})"
 
 
 def _reliability(rows, dim, extra: dict | None = None):
