@@ -215,7 +215,8 @@ def test_whole_pipeline_with_judge_and_report(tmp_path):
         "      per_device_train_batch_size: 2, gradient_accumulation_steps: 1, report_to: [none]}\n"
         "export: {merge_dtype: float32}\n"
         "eval:\n  eval_dataset: [DATA/demo_mcq.jsonl, DATA/demo_qa.jsonl]\n  limit: 4\n  max_new_tokens: 8\n"
-        "  max_turns: 1\n  judge_retries: 0\n  judge_deploy: {model: builtin:tiny, max_model_len: 4096}\n"
+        "  max_turns: 1\n  judge_retries: 0\n  judge_mode: pairwise\n"
+        "  judge_deploy: {model: builtin:tiny, max_model_len: 4096}\n"
         "review: {raters: [a, b], sample: 3}\n"
         "report: {max_samples: 3}\n",
     )
@@ -237,6 +238,7 @@ def test_whole_pipeline_with_judge_and_report(tmp_path):
         judge = res["metrics"]["test_dialogues"]["counseling"]["judge"]
         assert judge["n_judged"] == 2  # every held-out reply went to the judge
         assert res["settings"]["judge_api_url"] == url.group(1)
+    assert ft["pairwise"]["versus"] == "base" and ft["pairwise"]["n_items"] == 2 and "pairwise" not in base
     # the report puts both side by side with this run's own numbers
     md = (X / "report" / "report.md").read_text(encoding="utf-8")
     head = next(ln for ln in md.splitlines() if ln.startswith("| dataset | metric"))
@@ -257,6 +259,16 @@ def test_whole_pipeline_with_judge_and_report(tmp_path):
     assert "starting the judge" not in p.stdout
     p = run(exp, "--from", "report", cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.count("skipped") == 6 and "$ mhsft report" in p.stdout
+
+    # a release gate in the report section: the report is rewritten, the gate's shortfall fails the run
+    (tmp_path / "gate.yaml").write_text("crisis_lexical_pass_rate: 1.0\n", encoding="utf-8")
+    exp.write_text(
+        exp.read_text().replace("report: {max_samples: 3}", "report: {max_samples: 3, gate: gate.yaml}")
+    )
+    p = run(exp, cwd=tmp_path)
+    assert p.returncode == 1 and "stage report failed (exit 1)" in p.stderr
+    assert "gate FAILED: finetuned: crisis_lexical_pass_rate: not measured" in p.stdout + p.stderr
+    assert json.loads((X / "report" / "gate.json").read_text())["passed"] is False
 
 
 def test_failed_stage_stops_the_judge_and_says_how_to_continue(tmp_path):

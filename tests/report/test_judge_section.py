@@ -67,3 +67,19 @@ def test_pairwise_section_and_judged_differently_warning(tmp_path, capsys):
     assert "<h2 id='pairwise'>Pairwise judge</h2>" in (tmp_path / "r" / "report.html").read_text(
         encoding="utf-8"
     )
+
+
+def test_failed_pairwise_comparisons_are_a_warning_not_a_silent_gap(tmp_path, capsys):
+    base, ft = write_run(tmp_path / "base", "base"), write_run(tmp_path / "finetuned", "ft")
+    results = json.loads((ft / "results.json").read_text())
+    results["pairwise"] = {"system": "finetuned", "versus": "base", "n_items": 4, "n_judged": 0, "n_failed": 4,
+                           "dims": {}}  # fmt: skip
+    (ft / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    rc, _, err = run_cli(
+        ["report", str(ft), "--baseline", str(base), "--output", str(tmp_path / "r")], capsys
+    )
+    assert rc == 0
+    assert "finetuned vs base: 4 of 4 pairwise comparisons failed" in err  # high: printed as well as written
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert "**high**: finetuned vs base: 4 of 4 pairwise comparisons failed" in md
+    assert "## Pairwise judge" not in md  # no table of nothing

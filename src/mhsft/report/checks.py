@@ -352,6 +352,10 @@ def _judge_warnings(rep: Report) -> list[tuple[str, str]]:
                 w.append(("medium", f"{ev.name} / {ds}: the judge disagrees with itself on {', '.join(noise['unreliable'])} "
                           "(Krippendorff's alpha < 0.667 over repeated verdicts): those dimensions are not evidence."))  # fmt: skip
         p = ev.results.get("pairwise") or {}
+        if p.get("n_failed"):
+            sev = "high" if not p.get("n_judged") else "medium"
+            w.append((sev, f"{ev.name} vs {p['versus']}: {p['n_failed']} of {p['n_items']} pairwise comparisons "
+                      "failed (a verdict unreadable in either order); they are left out of the win rates."))  # fmt: skip
         if (p.get("position_bias_rate") or 0) > 0.3:
             w.append(("medium", f"{ev.name} vs {p['versus']}: {p['position_bias_rate']:.0%} of the pairwise verdicts "
                       "changed with the order of the two replies (counted as ties): the judge favours a position."))  # fmt: skip

@@ -70,6 +70,13 @@ class ReportArguments:
     review_db: str | None = field(
         default=None, metadata={"help": "The study's SQLAlchemy URL, if not STUDY/study.db."}
     )
+    gate: str | None = field(
+        default=None,
+        metadata={
+            "help": "A release gate (YAML: crisis_rubric_pass_rate, crisis_lexical_pass_rate, exam_not_worse, "
+            "judge_not_worse). The report is written either way; the command exits 1 when a check fails."
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- inputs

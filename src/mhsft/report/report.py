@@ -7,12 +7,15 @@ Reads top to bottom: the inputs and their comparison (mhsft.report.contents) -> 
 
 from __future__ import annotations
 
+import sys
 import typing
 from pathlib import Path
 
 from mhsft.args import parse_args
+from mhsft.files import write_json
 from mhsft.report.checks import check_overlap, collect_warnings, pick_samples, safety_failures
 from mhsft.report.contents import Report, ReportArguments, compare, load_inputs
+from mhsft.report.gate import evaluate_gate, load_gate
 from mhsft.report.html import render
 from mhsft.report.markdown import write_markdown
 from mhsft.utils import UserError, get_logger
@@ -65,6 +68,7 @@ def main(argv: list[str]) -> int:
     a = parse_args(ReportArguments, _split_positional(list(argv)), "mhsft report")
     if a.max_samples < 0 or a.max_chars < 20 or not 0 < a.near_threshold <= 1:
         raise UserError("--max_samples >= 0, --max_chars >= 20 and 0 < --near_threshold <= 1")
+    gate = load_gate(Path(a.gate)) if a.gate else None  # a bad gate file fails before any work
     rep = build(a)
     out = Path(a.output)
     if out.exists() and not out.is_dir():
@@ -79,4 +83,11 @@ def main(argv: list[str]) -> int:
         if sev == "high":
             log.warning(text)
     print(f"report: {html_path}\n        {md_path}")
-    return 0
+    if gate is None:
+        return 0
+    failed = evaluate_gate(rep, gate)
+    write_json(out / "gate.json", {"gate": a.gate, "checks": gate, "passed": not failed, "failed": failed})
+    for line in failed:
+        print(f"gate FAILED: {line}", file=sys.stderr)
+    print(f"gate: {'FAILED' if failed else 'passed'} ({len(gate)} check(s), {a.gate})")
+    return 1 if failed else 0
