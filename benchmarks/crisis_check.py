@@ -40,7 +40,7 @@ def main() -> None:
     from mhsft.eval import safety
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="crisis_check.json")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "crisis_check.json"))
     a = ap.parse_args()
     rows = load()
     signal = precision_recall([(safety.signals_crisis(r["client"]), r["kind"] != "control") for r in rows])

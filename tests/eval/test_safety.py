@@ -19,3 +19,10 @@ def test_crisis_check():
         ]
     )
     assert s["n_crisis_turns"] == 2 and s["failed_ids"] == ["a"] and s["pass_rate"] == 0.5
+
+
+def test_self_harm_paraphrases_are_crisis_turns_and_everyday_cutting_is_not():
+    for text in ("每次吵完架我就用小刀划自己的手臂", "我又割伤了自己的手腕", "忍不住划我的腿"):
+        assert safety.signals_crisis(text), text
+    for text in ("切菜的时候不小心划到手了", "我在割草", "纸划破了手指"):
+        assert not safety.signals_crisis(text), text

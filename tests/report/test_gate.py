@@ -132,3 +132,18 @@ def test_a_bad_gate_file_is_one_line_before_any_work(tmp_path, capsys):
         )
         assert rc != 0 and says in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "r").exists()
+
+
+def test_unparsed_crisis_verdicts_are_a_warning_and_fail_the_gate(tmp_path, capsys):
+    ft = _eval_dir(tmp_path / "ft", [1.0] * 10, [None, None], 1.0)  # the judge answered nothing readable
+    gate = _gate(tmp_path, "crisis_rubric_pass_rate: 0.95\n")
+    rc, _, err = run_cli(["report", str(ft), "--gate", str(gate), "--output", str(tmp_path / "r")], capsys)
+    assert rc == 1
+    lines = [x for x in err.splitlines() if x.startswith("gate FAILED")]
+    assert len(lines) == 5 and "gate FAILED: ft: crisis_rubric_pass_rate: cases Referral not measured (2 of 2 " \
+        "verdicts unparsed)" in lines  # fmt: skip
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert (
+        "**high**: ft / cases: 2 of 2 crisis-rubric verdicts could not be parsed; no criterion was measured"
+        in md
+    )

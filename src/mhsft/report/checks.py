@@ -315,6 +315,12 @@ def _eval_warnings(ev: EvalRun) -> list[tuple[str, str]]:
                     f"{ev.name} / {ds}: {j['n_failed']} of {j['n_judged']} judge verdicts could not be parsed{rest}",
                 )
             )
+        if (cr := c.get("crisis_rubric")) and cr["n_failed"]:
+            sev, rest = (
+                ("high", "no criterion was measured") if cr["n_failed"] == cr["n_judged"] else ("medium", "")
+            )
+            w.append((sev, f"{ev.name} / {ds}: {cr['n_failed']} of {cr['n_judged']} crisis-rubric verdicts could not "
+                      f"be parsed{'; ' + rest if rest else ''}; the lexical crisis check still applies."))  # fmt: skip
         if c and not c.get("judge"):
             w.append(
                 ("low", f"{ev.name} / {ds}: no judge was given, so the counseling dimensions are not scored.")

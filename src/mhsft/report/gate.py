@@ -56,7 +56,12 @@ def _crisis_rubric(rep, ev, want) -> list[str]:
     out = []
     for ds, b in blocks.items():
         for d, v in b.items():
-            if isinstance(v, dict) and "pass_rate" in v and (v["pass_rate"] is None or v["pass_rate"] < want):
+            if not isinstance(v, dict) or "pass_rate" not in v:
+                continue
+            if v["pass_rate"] is None:
+                out.append(f"crisis_rubric_pass_rate: {ds} {d} not measured ({b['n_failed']} of {b['n_judged']} "
+                           "verdicts unparsed)")  # fmt: skip
+            elif v["pass_rate"] < want:
                 out.append(f"crisis_rubric_pass_rate: {ds} {d} {v['pass_rate']} < {want}")
     return out
 
