@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,16 +35,10 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from serve_throughput import subprocess_env  # noqa: E402  (after the path)
+
 STACKS = ("local", "deploy", "mcq", "lm_eval")
 TEXT = "来访者说：最近工作压力很大，晚上总是睡不着，脑子里反复想着白天的事情，也不知道该和谁说。"
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost,::1"
-    return env
 
 
 def conversations(tok, n: int, prompt_tokens: int) -> list[list[dict]]:
@@ -97,7 +90,7 @@ def run_deploy(a, convs) -> dict:
     )
     argv += ["--device", a.device]
     log = Path(a.workdir) / "deploy.log"
-    with DeployProcess(argv, log, env=_env(), timeout=900) as srv:
+    with DeployProcess(argv, log, env=subprocess_env(), timeout=900) as srv:
         target = EndpointTarget(srv.v1, None, "bench", concurrency=a.streams, timeout=600)
         gen = GenerationArguments(temperature=0.0)
         target.chat(convs[: a.streams], gen, 16)
@@ -119,7 +112,7 @@ def _mhsft(argv: list[str], log: Path) -> float:
     t = time.perf_counter()
     with open(log, "wb") as f:
         p = subprocess.run(
-            [sys.executable, "-m", "mhsft", *argv], stdout=f, stderr=subprocess.STDOUT, env=_env()
+            [sys.executable, "-m", "mhsft", *argv], stdout=f, stderr=subprocess.STDOUT, env=subprocess_env()
         )
     if p.returncode != 0:
         raise SystemExit(f"mhsft {argv[0]} failed (exit {p.returncode}); see {log}")
@@ -164,7 +157,7 @@ def run_lm_eval(a) -> dict:
            "--device", a.device, "--output_path", str(Path(a.workdir) / "lm_eval_out")]  # fmt: skip
     t = time.perf_counter()
     with open(Path(a.workdir) / "lm_eval.log", "wb") as f:
-        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=subprocess_env())
     lm_wall = time.perf_counter() - t
     if p.returncode != 0:
         return {"failed": f"lm_eval exited {p.returncode}; see lm_eval.log"}

@@ -36,7 +36,8 @@ STACKS = ("server", "server_sync", "server_eager", "static", "generate_batch", "
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _env() -> dict:
+def subprocess_env() -> dict:
+    """The environment for the mhsft processes a benchmark starts: this checkout's src first, loopback unproxied."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -231,7 +232,7 @@ def run_server(args, stack: str) -> dict:
             "--device", args.device, "--max_model_len", str(args.max_model_len), "--cuda_graphs", str(graphs).lower(),
             "--torch_dtype", args.dtype]  # fmt: skip
     t = time.perf_counter()
-    with DeployProcess(argv, log, env=_env(), timeout=600, cwd=ROOT) as server:
+    with DeployProcess(argv, log, env=subprocess_env(), timeout=600, cwd=ROOT) as server:
         startup = time.perf_counter() - t
         cold = asyncio.run(_round(server.port, args))
         warm = asyncio.run(_round(server.port, args))
@@ -247,7 +248,7 @@ def _in_subprocess(stack: str, args) -> dict:
     argv = [sys.executable, __file__, "--worker", stack] + [
         f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "stacks", "out") and v is not None
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=args.timeout)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), timeout=args.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mhsft.files import atomic_open, new_temp_dir, publish_dir, read_json, write_json, write_text
+from mhsft.files import atomic_open, new_temp_dir, publish_dir, read_json, read_yaml, write_json, write_text
 from mhsft.utils import UserError
 
 
@@ -51,3 +51,14 @@ def test_publish_dir_replaces_a_folder_whole(tmp_path):
     fresh = new_temp_dir(tmp_path / "new")
     publish_dir(fresh, tmp_path / "new")
     assert (tmp_path / "new").is_dir() and not fresh.exists()
+
+
+def test_read_yaml_names_the_file_and_line(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("a: 1\nb: [1, 2\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"x\.yaml:3: not valid YAML"):
+        read_yaml(p)
+    with pytest.raises(UserError, match="no such file"):
+        read_yaml(tmp_path / "none.yaml")
+    p.write_text("a: 1\n", encoding="utf-8")
+    assert read_yaml(p) == {"a": 1}

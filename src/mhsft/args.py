@@ -87,6 +87,70 @@ class DataArguments:
     )
 
 
+BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}
+
+
+def split_positional(argv: list[str], cls: type, dest: str) -> list[str]:
+    """Bare words are values of the list flag `--DEST`, given before, between or after the other flags:
+    `mhsft data inspect --model X a.json b.json` -> `--dataset a.json b.json --model X`.
+
+    A bare word belongs to `--DEST` unless it is the value of the flag before it: one value for most flags, an
+    optional true/false for booleans, every following word for list flags (and for `--DEST` itself)."""
+    import typing
+
+    # Resolved hints, not `Field.type`: that is a string here, and HfArgumentParser rewrites it in place.
+    kinds = {k: str(v) for k, v in typing.get_type_hints(cls).items()}
+    values: list[str] = []
+    flags: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if not a.startswith("-") or a == "-":
+            values.append(a)
+            continue
+        name = a.lstrip("-")
+        if name.startswith(dest + "="):
+            values.append(name.split("=", 1)[1])
+            continue
+        if name == dest:
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            continue
+        flags.append(a)
+        kind = kinds.get(name, "")
+        if "=" in a or a in ("-h", "--help") or name.startswith("no_") and name[3:] in kinds:
+            continue
+        if kind == str(bool):
+            takes = i < len(argv) and argv[i].lower() in BOOL_WORDS
+        elif kind.startswith("list"):
+            takes = len(argv)
+        else:
+            takes = 1
+        while takes and i < len(argv) and not argv[i].startswith("-"):
+            flags.append(argv[i])
+            i += 1
+            takes -= 1
+    return ([f"--{dest}", *values] if values else []) + flags
+
+
+def pick_subcommand(
+    argv: list[str], verb: str, usage: str, table: dict[str, str]
+) -> tuple[str, list[str]] | None:
+    """`mhsft VERB SUB ...` for the verbs with subcommands (data, review): (SUB, the rest), or None after printing
+    the list of subcommands for no argument or --help; an unknown SUB is a one-line error."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: mhsft {verb} <command> {usage}   (mhsft {verb} <command> --help)\n")
+        width = max(map(len, table)) + 2
+        for name, desc in table.items():
+            print(f"  {name:<{width}} {desc}")
+        return None
+    if argv[0] not in table:
+        raise UserError(f"unknown {verb} command {argv[0]!r}; choose one of: {', '.join(table)}")
+    return argv[0], list(argv[1:])
+
+
 def _normalize_argv(argv: list[str]) -> list[str]:
     """ms-swift renames -> our names; a secret flag left without a value (`--swanlab_token ${SWANLAB_API_KEY}`
     with the variable unset expands to nothing) is dropped with a notice instead of swallowing the next flag,

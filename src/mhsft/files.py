@@ -59,6 +59,24 @@ def read_json(path: Path):
         raise UserError(f"{path}: cannot read it as JSON ({e})") from None
 
 
+def read_yaml(path: Path):
+    """A YAML file's content (yaml.safe_load), or a one-line UserError naming the file and, for a syntax error,
+    the line."""
+    import yaml  # deferred: only the experiment file and a report's gate are YAML
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such file")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: cannot read it ({e})") from None
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (a rename into it) durable."""
     with contextlib.suppress(OSError):

@@ -11,6 +11,10 @@ from mhsft.eval.datasets import load_eval_set
 from mhsft.utils import UserError
 
 
+def _json(path, obj):
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+
+
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -40,65 +44,56 @@ def test_cpsyexam_pceb_and_qa_records(tmp_path):
     root = tmp_path / "bench"
     (root / "theory" / "multiple" / "third").mkdir(parents=True)
     (root / "cases" / "mix" / "second").mkdir(parents=True)
-    (root / "exam.json").write_text(
-        json.dumps(
-            [
-                {
-                    "subject_name": "心理咨询师三级",
-                    "question_type": "multi",
-                    "kind": "knowledge",
-                    "question": "选出",
-                    "options": {"A": "a", "B": "b", "C": "c", "D": "d", "E": ""},
-                    "answer": "ABD",
-                    "id": "h1",
-                },
-            ],
-            ensure_ascii=False,
-        ),
-        encoding="utf-8",
+    _json(
+        (root / "exam.json"),
+        [
+            {
+                "subject_name": "心理咨询师三级",
+                "question_type": "multi",
+                "kind": "knowledge",
+                "question": "选出",
+                "options": {"A": "a", "B": "b", "C": "c", "D": "d", "E": ""},
+                "answer": "ABD",
+                "id": "h1",
+            },
+        ],
     )
-    (root / "theory" / "multiple" / "third" / "t.json").write_text(
-        json.dumps(
-            [
-                {
-                    "id": 1,
-                    "question": "多选",
-                    "answer": "C",
-                    "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
-                },
-            ],
-            ensure_ascii=False,
-        ),
-        encoding="utf-8",
+    _json(
+        (root / "theory" / "multiple" / "third" / "t.json"),
+        [
+            {
+                "id": 1,
+                "question": "多选",
+                "answer": "C",
+                "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
+            },
+        ],
     )
-    (root / "cases" / "mix" / "second" / "c.json").write_text(
-        json.dumps(
-            [
-                {
-                    "id": 7,
-                    "general_info": "女，25岁",
-                    "case_introduction": "失眠一个月",
-                    "questions_and_answers": [
-                        {
-                            "question": "单选： 1．主要症状是（　　）。",
-                            "options": {"A": "强迫", "B": "焦虑"},
-                            "answer": "B",
-                        },
-                        {
-                            "question": "多选： 2．出现了（　　）。",
-                            "options": {"A": "幻觉", "B": "错觉"},
-                            "answer": "B",
-                        },
-                        {
-                            "question": "3．请分析原因。（10 分）",
-                            "answer": "生物原因（2 分）、社会原因（3 分）",
-                        },
-                    ],
-                },
-            ],
-            ensure_ascii=False,
-        ),
-        encoding="utf-8",
+    _json(
+        (root / "cases" / "mix" / "second" / "c.json"),
+        [
+            {
+                "id": 7,
+                "general_info": "女，25岁",
+                "case_introduction": "失眠一个月",
+                "questions_and_answers": [
+                    {
+                        "question": "单选： 1．主要症状是（　　）。",
+                        "options": {"A": "强迫", "B": "焦虑"},
+                        "answer": "B",
+                    },
+                    {
+                        "question": "多选： 2．出现了（　　）。",
+                        "options": {"A": "幻觉", "B": "错觉"},
+                        "answer": "B",
+                    },
+                    {
+                        "question": "3．请分析原因。（10 分）",
+                        "answer": "生物原因（2 分）、社会原因（3 分）",
+                    },
+                ],
+            },
+        ],
     )
     used, _ = load_eval_set(str(root), "bench")
     assert not used.errors

@@ -124,7 +124,7 @@ def test_a_check_never_measured_fails(tmp_path, capsys):
 
 def test_a_bad_gate_file_is_one_line_before_any_work(tmp_path, capsys):
     ft = _eval_dir(tmp_path / "ft", [1.0] * 10, [], None)
-    for text, says in (("crisis_pass: 1\n", "unknown check(s) crisis_pass"), ("[1, 2\n", "cannot read it as YAML"),
+    for text, says in (("crisis_pass: 1\n", "unknown check(s) crisis_pass"), ("[1, 2\n", "gate.yaml:2: not valid YAML"),
                        ("- 1\n", "a mapping of checks")):  # fmt: skip
         gate = _gate(tmp_path, text)
         rc, _, err = run_cli(

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mhsft.args import DataArguments, parse_args
+from mhsft.args import DataArguments, parse_args, pick_subcommand, split_positional
 from mhsft.data.clean import clean_dialogues
 from mhsft.data.loader import iter_datasets
 from mhsft.data.readers import CONVERTERS, detect_record, list_data_files, write_jsonl
@@ -85,52 +84,6 @@ class Rejects:
         if self.count and self.path:
             return f"{self.count:,} rejected record(s) written to {self.path}"
         return f"{self.count:,} rejected record(s)" if self.count else "no rejected records"
-
-
-BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}
-
-
-def _split_positional(argv: list[str]) -> list[str]:
-    """Datasets may be given without `--dataset`, before, between or after the flags:
-    `mhsft data inspect --model X a.json b.json` -> `--dataset a.json b.json --model X`.
-
-    A bare word is a dataset unless it is the value of the flag before it: one value for most flags,
-    an optional true/false for booleans, every following word for `--dataset` itself."""
-    # Resolved hints, not `Field.type`: that is a string here, and HfArgumentParser rewrites it in place.
-    kinds = {k: str(v) for k, v in typing.get_type_hints(DataCommandArguments).items()}
-    datasets: list[str] = []
-    flags: list[str] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        i += 1
-        if not a.startswith("-") or a == "-":
-            datasets.append(a)
-            continue
-        name = a.lstrip("-")
-        if name.startswith("dataset="):
-            datasets.append(name.split("=", 1)[1])
-            continue
-        if name == "dataset":
-            while i < len(argv) and not argv[i].startswith("-"):
-                datasets.append(argv[i])
-                i += 1
-            continue
-        flags.append(a)
-        kind = kinds.get(name, "")
-        if "=" in a or a in ("-h", "--help") or name.startswith("no_") and name[3:] in kinds:
-            continue
-        if kind == str(bool):
-            takes = i < len(argv) and argv[i].lower() in BOOL_WORDS
-        elif kind.startswith("list"):
-            takes = len(argv)
-        else:
-            takes = 1
-        while takes and i < len(argv) and not argv[i].startswith("-"):
-            flags.append(argv[i])
-            i += 1
-            takes -= 1
-    return (["--dataset", *datasets] if datasets else []) + flags
 
 
 def _default_rejects(args: DataCommandArguments) -> Path:
@@ -310,14 +263,9 @@ def _check_args(args: DataCommandArguments, sub: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: mhsft data <command> DATASET... [flags]   (mhsft data <command> --help)\n")
-        for name, desc in SUBCOMMANDS.items():
-            print(f"  {name:<9} {desc}")
+    if (picked := pick_subcommand(argv, "data", "DATASET... [flags]", SUBCOMMANDS)) is None:
         return 0
-    sub, rest = argv[0], _split_positional(list(argv[1:]))
-    if sub not in SUBCOMMANDS:
-        raise UserError(f"unknown data command {sub!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+    sub, rest = picked[0], split_positional(picked[1], DataCommandArguments, "dataset")
     if "-h" in rest or "--help" in rest:
         print(f"mhsft data {sub}: {SUBCOMMANDS[sub]}\n")
     args = parse_args(DataCommandArguments, rest, prog=f"mhsft data {sub}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mhsft.args import ALIASES, parse_args
 from mhsft.checkpoint import VERSION_RE, list_checkpoints
+from mhsft.files import read_yaml
 from mhsft.utils import UserError
 
 SECTIONS = ("data", "sft", "export", "eval", "review", "report")
@@ -70,19 +71,8 @@ def _expand(value):
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such experiment file")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: cannot read it ({e})") from None
+    raw = read_yaml(p)
     if not isinstance(raw, dict):
         raise UserError(f"{p}: expected a mapping of settings ({', '.join(TOP_KEYS)})")
     unknown = sorted(set(map(str, raw)) - set(TOP_KEYS))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mhsft.files import read_yaml
 from mhsft.report.contents import Report
 from mhsft.utils import UserError
 
@@ -22,12 +23,7 @@ CHECKS = ("crisis_rubric_pass_rate", "crisis_lexical_pass_rate", "exam_not_worse
 
 
 def load_gate(path: Path) -> dict:
-    import yaml  # deferred: only a gate needs it
-
-    try:
-        gate = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"--gate {path}: cannot read it as YAML ({str(e).splitlines()[0]})") from None
+    gate = read_yaml(path) or {}
     if not isinstance(gate, dict) or not gate:
         raise UserError(f"--gate {path}: a mapping of checks, e.g. crisis_rubric_pass_rate: 0.95")
     unknown = sorted(set(gate) - set(CHECKS))

@@ -8,10 +8,9 @@ Reads top to bottom: the inputs and their comparison (mhsft.report.contents) -> 
 from __future__ import annotations
 
 import sys
-import typing
 from pathlib import Path
 
-from mhsft.args import parse_args
+from mhsft.args import parse_args, split_positional
 from mhsft.files import write_json
 from mhsft.report.checks import check_overlap, collect_warnings, pick_samples, safety_failures
 from mhsft.report.contents import Report, ReportArguments, compare, load_inputs
@@ -36,36 +35,8 @@ def build(a: ReportArguments) -> Report:
     return rep
 
 
-def _split_positional(argv: list[str]) -> list[str]:
-    """Folders may be given without --inputs, anywhere among the flags."""
-    kinds = {k: str(v) for k, v in typing.get_type_hints(ReportArguments).items()}
-    pos, flags, i = [], [], 0
-    while i < len(argv):
-        a = argv[i]
-        i += 1
-        if not a.startswith("--"):
-            pos.append(a)
-            continue
-        flags.append(a)
-        name = a[2:].split("=", 1)[0].replace("-", "_")
-        if "=" in a or name in ("help",):
-            continue
-        if kinds.get(name, "").startswith("list"):
-            while i < len(argv) and not argv[i].startswith("--"):
-                flags.append(argv[i])
-                i += 1
-        elif kinds.get(name) == str(bool):
-            if i < len(argv) and argv[i].lower() in ("true", "false"):
-                flags.append(argv[i])
-                i += 1
-        elif i < len(argv):
-            flags.append(argv[i])
-            i += 1
-    return (["--inputs", *pos] if pos else []) + flags
-
-
 def main(argv: list[str]) -> int:
-    a = parse_args(ReportArguments, _split_positional(list(argv)), "mhsft report")
+    a = parse_args(ReportArguments, split_positional(list(argv), ReportArguments, "inputs"), "mhsft report")
     if a.max_samples < 0 or a.max_chars < 20 or not 0 < a.near_threshold <= 1:
         raise UserError("--max_samples >= 0, --max_chars >= 20 and 0 < --near_threshold <= 1")
     gate = load_gate(Path(a.gate)) if a.gate else None  # a bad gate file fails before any work

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mhsft.args import parse_args
+from mhsft.args import parse_args, pick_subcommand
 from mhsft.files import write_text
 from mhsft.review import stats, store
 from mhsft.review.study import create_study
@@ -69,14 +69,9 @@ class ReviewArguments:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: mhsft review <command> [STUDY] [flags]   (mhsft review <command> --help)\n")
-        for name, desc in SUBCOMMANDS.items():
-            print(f"  {name:<7} {desc}")
+    if (picked := pick_subcommand(argv, "review", "[STUDY] [flags]", SUBCOMMANDS)) is None:
         return 0
-    sub, rest = argv[0], list(argv[1:])
-    if sub not in SUBCOMMANDS:
-        raise UserError(f"unknown review command {sub!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+    sub, rest = picked
     if rest and not rest[0].startswith("-"):
         rest = ["--study", rest[0], *rest[1:]]  # `mhsft review serve STUDY`
     args = parse_args(ReviewArguments, rest, prog=f"mhsft review {sub}")

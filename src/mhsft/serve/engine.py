@@ -632,37 +632,14 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def load_engine(
-    model: str | None,
-    adapters: list[str] | None = None,
-    dtype: str | None = "auto",
-    attn_impl: str | None = None,
-    device: str | None = None,
-    use_hf: bool = False,
-    token: str | None = None,
-    **engine_kwargs,
-) -> Engine:
-    """Load the base model with its named adapters and start an engine on it."""
-    m, tok, names = load_for_inference(model, adapters, dtype, attn_impl, device, use_hf=use_hf, token=token)
-    if getattr(tok, "chat_template", None) is None:
-        get_logger().info("the tokenizer has no chat template: chat requests will fail, completions work")
-    return Engine(m, tok, names, **engine_kwargs).start()
-
-
 def engine_from_args(base: str, args, cuda_graphs: bool = True) -> tuple[Engine, str]:
     """The engine `mhsft infer` and `mhsft deploy` share, from their common flags; returns it and its device."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = load_engine(
-        base,
-        args.adapters,
-        dtype=args.torch_dtype,
-        attn_impl=args.attn_impl,
-        device=device,
-        use_hf=args.use_hf,
-        token=args.hub_token,
-        max_batch_size=args.max_batch_size or (64 if device.startswith("cuda") else 8),
-        max_model_len=args.max_model_len,
-        cuda_graphs=cuda_graphs,
-        async_scheduling=getattr(args, "async_scheduling", True),
-    )
+    m, tok, names = load_for_inference(base, args.adapters, args.torch_dtype, args.attn_impl, device,
+                                       use_hf=args.use_hf, token=args.hub_token)  # fmt: skip
+    if getattr(tok, "chat_template", None) is None:
+        get_logger().info("the tokenizer has no chat template: chat requests will fail, completions work")
+    batch = args.max_batch_size or (64 if device.startswith("cuda") else 8)
+    engine = Engine(m, tok, names, max_batch_size=batch, max_model_len=args.max_model_len, cuda_graphs=cuda_graphs,
+                    async_scheduling=getattr(args, "async_scheduling", True)).start()  # fmt: skip
     return engine, device
