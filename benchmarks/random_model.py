@@ -1,7 +1,10 @@
 """Build a random-weight model directory with a real architecture (Qwen2.5-7B / 32B) for speed work on a GPU.
 
 The weights are random (no hub is reachable from the GPU machine), the tokenizer is mhsft's tiny one: speed and
-memory depend on the shapes only. Usage: python benchmarks/random_model.py qwen2.5-7b /tmp/qwen7b
+memory depend on the shapes only. Usage: python benchmarks/random_model.py qwen2.5-7b /tmp/qwen7b [--random_init]
+
+--random_init writes the config and tokenizer only, with mhsft's RANDOM_INIT marker: `mhsft` draws the weights
+(seeded) on the GPU when it loads the folder, so a 32B model needs no 65 GB on disk and loads in seconds.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ def qwen_config(name: str):
     })  # fmt: skip
 
 
-def build(name: str, out: str | Path, device: str = "cuda") -> Path:
+def build(name: str, out: str | Path, device: str = "cuda", random_init: bool = False) -> Path:
+    import json
+
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from mhsft.builtin import resolve_model
+    from mhsft.model import RANDOM_INIT
 
     out = Path(out)
     if (out / "config.json").is_file():
@@ -47,6 +53,13 @@ def build(name: str, out: str | Path, device: str = "cuda") -> Path:
     tok = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny"))
     cfg = qwen_config(name)
     assert (cfg.eos_token_id, cfg.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    if random_init:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / RANDOM_INIT).write_text(json.dumps({"seed": 0, "architecture": name}), encoding="utf-8")
+        print(f"wrote {name} (config and tokenizer; weights drawn at load) in {out}")
+        return out
     t = time.perf_counter()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 32B model in fp32 would not fit
@@ -61,4 +74,6 @@ def build(name: str, out: str | Path, device: str = "cuda") -> Path:
 
 
 if __name__ == "__main__":
-    build(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "cuda")
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    pos = [a for a in sys.argv[1:] if not a.startswith("--")]
+    build(pos[0], pos[1], pos[2] if len(pos) > 2 else "cuda", random_init="--random_init" in flags)

@@ -3,6 +3,7 @@ scripted OpenAI-compatible server (a judge or an endpoint whose answers a test d
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from mhsft import cli
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "examples" / "data" / "demo_sharegpt.jsonl")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -93,3 +95,22 @@ class StubServer:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def run_sft(tmp_path: Path, *extra: str, dataset: str = DEMO, monkeypatch=None) -> Path:
+    """Run `mhsft sft` in-process on the tiny model; returns the run directory."""
+    out = tmp_path / "out"
+    argv = [
+        "sft", "--model", "builtin:tiny", "--train_type", "lora", "--dataset", dataset,
+        "--output_dir", str(out), "--report_to", "none", "--max_length", "256", "--logging_steps", "1",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
+        "--gradient_checkpointing", "false", *extra,
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    runs = sorted(p for p in out.iterdir() if p.name.startswith("v"))
+    return runs[-1]
+
+
+def read_log(run: Path) -> list[dict]:
+    lines = (run / "logging.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(x) for x in lines if "loss" in json.loads(x)]

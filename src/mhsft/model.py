@@ -22,6 +22,10 @@ DTYPES = {
     "float32": "float32",
 }
 BASE = None  # the adapter name that means "the base model, adapters off"
+# A folder with a config, a tokenizer and this file but no weights: the weights are drawn at load time, seeded, on
+# the target device (benchmarks/random_model.py writes such folders for speed work: a 32B model's 65 GB of random
+# weights need neither a disk nor a copy through host memory).
+RANDOM_INIT = "mhsft_random_init.json"
 # ms-swift's --attn_impl names -> transformers' attn_implementation.
 ATTN_IMPLS = {
     "flash_attn": "flash_attention_2",
@@ -156,7 +160,10 @@ def load_model(
         # straight onto the GPU: a 7B model would otherwise pass through 15 GB of host memory first
         kwargs["device_map"] = {"": device}
     try:
-        m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if (Path(path) / RANDOM_INIT).is_file():
+            m = _random_init(path, kwargs, device)
+        else:
+            m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # OSError (no weights), ValueError (unknown architecture), ImportError (kernels)
         raise UserError(f"cannot load a causal LM from {path}: {_first_line(e)}") from e
     if device:
@@ -165,6 +172,27 @@ def load_model(
         except (RuntimeError, AssertionError) as e:
             raise UserError(f"cannot move the model to {device}: {_first_line(e)}") from e
     return m
+
+
+def _random_init(path: str, kwargs: dict, device: str | None):
+    """The model of a RANDOM_INIT folder with weights drawn from its seed on `device`, leaving the caller's RNG
+    as it was (a trainer seeds its dropout before loading)."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    seed = json.loads((Path(path) / RANDOM_INIT).read_text(encoding="utf-8")).get("seed", 0)
+    config = AutoConfig.from_pretrained(path)
+    kwargs = {k: v for k, v in kwargs.items() if k != "device_map"}
+    if kwargs.get("dtype", kwargs.get("torch_dtype")) == "auto":
+        kwargs["dtype" if "dtype" in kwargs else "torch_dtype"] = (
+            getattr(config, "torch_dtype", None) or "float32"
+        )
+    devices = [torch.device(device)] if device and str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices), torch.device(device or "cpu"):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def parse_adapters(adapters: list[str] | None) -> dict[str, str]:

@@ -12,31 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, swanlab_scalars
+from helpers import DEMO, REPO, read_log, run_sft, swanlab_scalars
 from mhsft.cli import main
 from mhsft.train import sft
 
-DEMO = str(REPO / "examples" / "data" / "demo_sharegpt.jsonl")
 SECRET = "sk-test-NOT-A-REAL-KEY-7f3a9c1e5b"
-
-
-def run_sft(tmp_path: Path, *extra: str, dataset: str = DEMO, monkeypatch=None) -> Path:
-    """Run `mhsft sft` in-process on the tiny model; returns the run directory."""
-    out = tmp_path / "out"
-    argv = [
-        "sft", "--model", "builtin:tiny", "--train_type", "lora", "--dataset", dataset,
-        "--output_dir", str(out), "--report_to", "none", "--max_length", "256", "--logging_steps", "1",
-        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
-        "--gradient_checkpointing", "false", *extra,
-    ]  # fmt: skip
-    assert main(argv) == 0
-    runs = sorted(p for p in out.iterdir() if p.name.startswith("v"))
-    return runs[-1]
-
-
-def read_log(run: Path) -> list[dict]:
-    lines = (run / "logging.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(x) for x in lines if "loss" in json.loads(x)]
 
 
 def test_users_local_file_command_on_cpu(tmp_path, shared_data):

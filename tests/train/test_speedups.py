@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from mhsft.lora_forward import fast_lora_forward
-from mhsft.train.speedups import compile_layers, partial_checkpointing
+from mhsft.train.speedups import compile_layers
 from tiny import loss_and_grads as _loss_and_grads
 from tiny import tiny_lora as _model
 
@@ -29,22 +27,3 @@ def test_compiled_layers_match_eager_without_graph_breaks():
     torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6)
-
-
-def test_partial_checkpointing_recomputes_an_even_share_and_keeps_the_gradients():
-    """--gradient_checkpointing_ratio 0.5 on 2 layers: one layer recomputes, the other stores; the gradients are
-    those of a run without recomputation (recomputing is exact)."""
-    plain = _model(0.0)
-    part = copy.deepcopy(plain)
-    part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    part.enable_input_require_grads()
-    partial_checkpointing(part.get_base_model(), 0.5)
-    assert [layer.gradient_checkpointing for layer in part.get_base_model().model.layers] == [True, False]
-    ids = torch.randint(0, 300, (2, 17))
-    la, ga = _loss_and_grads(plain, ids)
-    lb, gb = _loss_and_grads(part, ids)
-    torch.testing.assert_close(la, lb, rtol=0, atol=1e-6)
-    for n in ga:
-        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
-    partial_checkpointing(part.get_base_model(), 0.0)
-    assert not any(layer.gradient_checkpointing for layer in part.get_base_model().model.layers)

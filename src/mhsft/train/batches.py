@@ -48,13 +48,18 @@ def _ids_and_labels(sample: Mapping[str, Sequence[int]]) -> tuple[Sequence[int],
     return ids, labels
 
 
-def collate_packed(batch: Sequence[Any]) -> dict[str, Any]:
+def collate_packed(
+    batch: Sequence[Any], pad_id: int = 0, pad_to_multiple_of: int | None = None
+) -> dict[str, Any]:
     """Concatenate samples (or bins of samples) into one padding-free row.
 
     Returns `input_ids`, `labels`, `position_ids` (each [1, T]), `cu_seq_lens_q`/`cu_seq_lens_k` (int32
     [n_samples + 1] offsets into the row) and `max_length_q`/`max_length_k` (ints). No `attention_mask`:
     its absence is what tells transformers (and the attention below) that the row is packed. Pass the
-    whole dict to the model: `model(**batch)`."""
+    whole dict to the model: `model(**batch)`.
+
+    `pad_to_multiple_of` (FP8 matmuls want the token count a multiple of 16) appends a segment of `pad_id` tokens
+    of its own (attending only to itself, no labels) and records its length as `padding_tokens`."""
     samples = _flatten_samples(batch)
     if not samples:
         raise ValueError("collate_packed got an empty batch")
@@ -69,9 +74,14 @@ def collate_packed(batch: Sequence[Any]) -> dict[str, Any]:
         labels.extend(lab[1:])
         position_ids.extend(range(len(ids)))
         lengths.append(len(ids))
-    cu = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
     longest = max(lengths)
-    return {
+    pad = -len(input_ids) % pad_to_multiple_of if pad_to_multiple_of else 0
+    if pad:
+        input_ids.extend([pad_id] * pad)
+        labels.extend([IGNORE_INDEX] * pad)
+        position_ids.extend(range(pad))
+    cu = torch.tensor([0, *accumulate(lengths + ([pad] if pad else []))], dtype=torch.int32)
+    out = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([position_ids], dtype=torch.long),
@@ -80,6 +90,9 @@ def collate_packed(batch: Sequence[Any]) -> dict[str, Any]:
         "max_length_q": longest,
         "max_length_k": longest,
     }
+    if pad_to_multiple_of:
+        out["padding_tokens"] = pad
+    return out
 
 
 def collate_padded(
@@ -127,9 +140,17 @@ def epoch_plan(samples: list[dict], epoch: int, args) -> list[list[list[int]]]:
 
 
 def collate(samples: list[dict], rows: list[list[int]], args, pad_id: int) -> dict:
+    align = 16 if getattr(args, "fp8", False) else None  # FP8 matmuls want the token count a multiple of 16
     if args.packing:
-        return collate_packed([[samples[i] for i in row] for row in rows])
-    return collate_padded([samples[row[0]] for row in rows], pad_id)
+        return collate_packed([[samples[i] for i in row] for row in rows], pad_id, align)
+    return collate_padded([samples[row[0]] for row in rows], pad_id, align)
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens that are not padding: what tokens/s counts."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel() - batch.get("padding_tokens", 0)
 
 
 def batch_to_device(batch: dict, device) -> dict:

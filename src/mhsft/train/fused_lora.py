@@ -199,26 +199,39 @@ def _dropout_matmul_backward(x, dh, a, dx, p, seed, tile):
     return part[0, :r].to(a.dtype) if splits == 1 else part[:, :r].sum(0).to(a.dtype)
 
 
+def _base_linear(x2: torch.Tensor, weight, bias) -> torch.Tensor:
+    """The frozen base's product: a weight tensor, or a quantized weight (mhsft.train.fp8.Float8Weight, ...) that
+    computes its own `linear(x2, bias)` and `input_grad(g)`."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x2, weight, bias)
+    return weight.linear(x2, bias)
+
+
+def _base_input_grad(g: torch.Tensor, weight) -> torch.Tensor:
+    return g @ weight if isinstance(weight, torch.Tensor) else weight.input_grad(g)
+
+
 class _LoRALinear(torch.autograd.Function):
-    """F.linear(x, weight, bias) + (dropout(x) @ a.T) @ bt for a frozen base; gradients for x, a and bt."""
+    """base(x) + (dropout(x) @ a.T) @ bt for a frozen base (`_base_linear`); gradients for x, a and bt."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, bt, p, seed):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out = F.linear(x2, weight, bias)
+        out = _base_linear(x2, weight, bias)
         h = dropout_matmul(x2, a, p, seed) if p > 0 else x2 @ a.t()
         out.addmm_(h, bt)
-        ctx.save_for_backward(x2, weight, a, bt, h)
+        ctx.save_for_backward(x2, a, bt, h)
+        ctx.weight = weight  # frozen: kept by reference, not as a saved tensor (it may be a quantized weight)
         ctx.p, ctx.seed, ctx.x_shape = p, seed, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight, a, bt, h = ctx.saved_tensors
+        x2, a, bt, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         dbt = h.t() @ g if ctx.needs_input_grad[4] else None
         dh = g @ bt.t()
-        dx = g @ weight if ctx.needs_input_grad[0] else None
+        dx = _base_input_grad(g, ctx.weight) if ctx.needs_input_grad[0] else None
         if ctx.p > 0:
             da = dropout_matmul_backward(x2, dh, a, dx, ctx.p, ctx.seed)
         else:
@@ -258,4 +271,4 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     a = module.lora_A[name].weight.to(x.dtype)
     bt = (module.lora_B[name].weight * module.scaling[name]).to(x.dtype).t()
     base = module.base_layer
-    return lora_linear(x, base.weight, base.bias, a, bt, p)
+    return lora_linear(x, getattr(base, "_mhsft_fp8", None) or base.weight, base.bias, a, bt, p)

@@ -81,6 +81,7 @@ class ChunkedLMLoss(torch.nn.Module):
         self, input_ids, labels, position_ids=None, attention_mask=None, label_positions=None, **kw
     ) -> torch.Tensor:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        kw.pop("padding_tokens", None)  # a count for tokens/s, not a model input
         if attention_mask is None and "cu_seq_lens_q" in kw:
             attention_mask = packed_mask_mapping(lm.config)
         out = lm.get_decoder()(

@@ -26,7 +26,15 @@ from mhsft.data.render import IGNORE_INDEX, render_dialogue
 from mhsft.files import write_json
 from mhsft.model import load_model, load_tokenizer, resolve_model_dir
 from mhsft.packed_attention import choose_attention
-from mhsft.train.batches import batch_to_device, collate, collate_padded, count_label_tokens, epoch_plan
+from mhsft.train import plan
+from mhsft.train.batches import (
+    batch_to_device,
+    collate,
+    collate_padded,
+    count_label_tokens,
+    epoch_plan,
+    real_tokens,
+)
 from mhsft.train.checkpointing import (
     find_resume_checkpoint,
     load_training_state,
@@ -36,8 +44,9 @@ from mhsft.train.checkpointing import (
 )
 from mhsft.train.distributed import deepspeed_plugin, zero3_enabled
 from mhsft.train.loss import ChunkedLMLoss
+from mhsft.train.plan import decoder_layers, set_recompute
 from mhsft.train.progress import format_line, log_metrics
-from mhsft.train.speedups import partial_checkpointing, speedups
+from mhsft.train.speedups import speedups
 from mhsft.train.tracking import Tracker, TrackingArguments, check_tracking
 from mhsft.utils import UserError, get_logger
 
@@ -119,9 +128,34 @@ class SftArguments(ModelArguments, DataArguments, TrackingArguments):
             "less memory, more launches)."
         },
     )
-    use_liger_kernel: bool = field(
+    use_liger_kernel: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Liger's fused RMSNorm / SwiGLU / RoPE kernels (default: on where CUDA, Triton and "
+            "liger-kernel are there; false turns them off)."
+        },
+    )
+    fp8: bool = field(
         default=False,
-        metadata={"help": "Liger's fused RMSNorm / SwiGLU / RoPE kernels (needs liger-kernel)."},
+        metadata={
+            "help": "FP8 (e4m3, one scale per row) matmuls for the frozen base weights of LoRA, on Hopper GPUs: "
+            "faster, slightly less exact (the measured cost is in the README); LoRA stays bf16."
+        },
+    )
+    auto_plan: bool = field(
+        default=True,
+        metadata={
+            "help": "Choose how to run this configuration fastest on this card: the same rows per optimizer "
+            "step, loss and schedule, split into micro-batches and recomputing layers as measured memory "
+            "allows (false: run exactly as given)."
+        },
+    )
+    plan_memory_gib: float | None = field(
+        default=None,
+        metadata={
+            "help": "GPU memory the plan may use, enforced (default: what is free, less a margin); e.g. 78 "
+            "picks and runs the plan of an 80 GB card."
+        },
     )
     torch_compile: bool = field(
         default=False,
@@ -154,6 +188,12 @@ class SftArguments(ModelArguments, DataArguments, TrackingArguments):
         for name in ("per_device_train_batch_size", "logging_steps", "save_steps", "max_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1")
+        if self.fp8 and self.train_type != "lora":
+            raise UserError("--fp8 quantizes frozen base weights: it needs --train_type lora")
+        if self.fp8 and self.torch_compile:
+            raise UserError(
+                "--fp8 runs in mhsft's fused LoRA layers, which --torch_compile replaces: drop one"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -204,12 +244,8 @@ def prepare_model(model, args: SftArguments, notices: list[str]):
     """Checkpointing and the LoRA (or full) trainable setup on a loaded model (the benchmark calls this too)."""
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        # transformers 5.2x renamed the API; 5.17 (the GPU image) only has the old name
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        partial_checkpointing(model, args.gradient_checkpointing_ratio)
+        layers = len(decoder_layers(model))
+        set_recompute(model, round(max(0.0, min(1.0, args.gradient_checkpointing_ratio)) * layers))
     if args.train_type == "full":
         return speedups(model, args, notices)
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -257,9 +293,10 @@ def lr_lambda(args: SftArguments, total_steps: int):
 
 
 OOM_ADVICE = (
-    "CUDA out of memory. Try, in this order: a smaller --per_device_train_batch_size with a larger "
-    "--gradient_accumulation_steps (same tokens per step); --gradient_checkpointing true; --deepspeed zero3 "
-    "on several GPUs; a lower --max_length."
+    "CUDA out of memory. Unless --auto_plan false, the execution plan already tried this configuration with fewer "
+    "rows per micro-batch and with every layer recomputing; what is left: a lower --max_length, --deepspeed "
+    "zero3 on several GPUs, or another process's memory freed (nvidia-smi). With --auto_plan false: a smaller "
+    "--per_device_train_batch_size with a larger --gradient_accumulation_steps, --gradient_checkpointing true."
 )
 
 
@@ -286,10 +323,11 @@ def train(args: SftArguments) -> Path:
     model = build_model(args, model_path, dtype, attn_impl, notices, accelerator.device)
     if not zero3_enabled():
         model.to(accelerator.device)
+    first_epoch = epoch_plan(train_samples, 0, args)
+    chosen, plan_line = decide_plan(args, model, train_samples, first_epoch, pad_id_of(tokenizer), accelerator,
+                                    notices)  # fmt: skip
     world = accelerator.num_processes
-    per_epoch = math.ceil(
-        len(epoch_plan(train_samples, 0, args)) / (args.gradient_accumulation_steps * world)
-    )
+    per_epoch = math.ceil(len(first_epoch) / (args.gradient_accumulation_steps * world))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
     wrapped, optimizer, scheduler, scaler = make_optimization(args, model, accelerator, dtype, total_steps)
     step = 0
@@ -299,12 +337,14 @@ def train(args: SftArguments) -> Path:
         step = load_training_state(resume_ckpt, model, optimizer, scheduler, scaler, args.train_type)
         notices.append(f"resumed from {resume_ckpt} at step {step}")
     config = describe_run(args, model, model_path, run_dir, dtype, attn_impl, world, total_steps, data_counts)
+    config["plan"] = chosen.as_dict() | {"line": plan_line}
     tracker = start_logging(args, accelerator, run_dir, config, step, notices)
     try:
         return run_loop(
             args, accelerator, step, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
             scaler=scaler, tokenizer=tokenizer, train_samples=train_samples, val_samples=val_samples,
             run_dir=run_dir, tracker=tracker, total_steps=total_steps, per_epoch=per_epoch, config=config,
+            micro_batch=chosen.micro_batch,
         )  # fmt: skip
     except torch.OutOfMemoryError:
         raise UserError(OOM_ADVICE) from None
@@ -402,6 +442,49 @@ def load_samples(args: SftArguments, tokenizer, run_dir: Path, accelerator, noti
     return train_samples, val_samples, counts
 
 
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def decide_plan(
+    args: SftArguments, model, samples: list, epoch: list, pad_id: int, accelerator, notices: list[str]
+):
+    """The execution plan (mhsft.train.plan): probed on the fullest rows of the first epoch (no later micro-batch
+    holds more tokens), agreed by every rank, applied to the model (its recomputing layers); returns (plan, the
+    line that says it)."""
+    device, world = accelerator.device, accelerator.num_processes
+    rows = sorted((row for mb in epoch for row in mb),
+                  key=lambda row: -sum(len(samples[i]["input_ids"]) for i in row))  # fmt: skip
+
+    def fullest(b: int) -> dict:
+        return batch_to_device(collate(samples, rows[:b], args, pad_id), device)
+
+    def agree(peak: int | None) -> int | None:
+        if world == 1:
+            return peak
+        import torch.distributed as dist
+
+        t = torch.tensor([-1.0 if peak is None else float(peak)], dtype=torch.float64, device=device)
+        worst = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(worst, op=dist.ReduceOp.MIN)  # -1 anywhere: a rank ran out of memory
+        return None if worst.item() < 0 else int(t.item())
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # AdamW's two states per trainable parameter, and DDP's gradient buckets, exist only from the first real step
+    extra = sum(p.numel() * p.element_size() for p in trainable) * (2 + (world > 1))
+    model.train()
+    chosen, why = plan.choose(
+        args, model, fullest, ChunkedLMLoss(model, args.loss_chunk_size), device, agree, extra
+    )
+    kernels = " + ".join(getattr(model, "mhsft_kernels", [])) or "no fused kernels"
+    asked = plan.as_written(args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                            args.gradient_checkpointing, args.gradient_checkpointing_ratio, chosen.layers)  # fmt: skip
+    line = plan.describe(chosen, asked, world, args.max_length, kernels) + f"; {why}"
+    notices.append(line)
+    return chosen, line
+
+
 def make_optimization(args: SftArguments, model, accelerator, dtype, total_steps: int):
     """(model inside its loss module, optimizer, LR scheduler, fp16 loss scaler or None), prepared by accelerate."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -470,13 +553,14 @@ def start_logging(
 def run_loop(
     args: SftArguments, accelerator, step: int, *, model, wrapped, optimizer, scheduler, scaler, tokenizer,
     train_samples: list, val_samples: list, run_dir: Path, tracker, total_steps: int, per_epoch: int, config: dict,
+    micro_batch: int,
 ) -> Path:  # fmt: skip
     """Optimizer steps from `step` to `total_steps`: a logging line every --logging_steps, validation every
     --eval_steps, a checkpoint every --save_steps and at the end. Returns the last checkpoint."""
     from tqdm import tqdm
 
     is_main = accelerator.is_main_process
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     # the step lines carry the progress in logs; the bar is for a terminal
     quiet = not is_main or not sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=quiet)
@@ -490,7 +574,7 @@ def run_loop(
         epoch, in_epoch = divmod(step, per_epoch)
         if epoch not in plans:
             plans = {epoch: epoch_plan(train_samples, epoch, args)}
-        batches = step_batches(plans[epoch], in_epoch, train_samples, args, accelerator, pad_id)
+        batches = step_batches(plans[epoch], in_epoch, train_samples, args, accelerator, pad_id, micro_batch)
         step_loss, n_label, n_tokens = backward_step(batches, accelerator, wrapped, scaler)
         grad_norm = optimizer_step(
             model, optimizer, scheduler, scaler, accelerator, args.max_grad_norm, grad_norm
@@ -533,14 +617,21 @@ def _new_window() -> dict:
     return {"loss": 0.0, "tokens": 0, "label_tokens": 0, "t0": time.perf_counter(), "steps": 0}
 
 
-def step_batches(plan: list, in_epoch: int, samples: list, args, accelerator, pad_id: int) -> list[dict]:
-    """This rank's collated micro-batches of the optimizer step `in_epoch` of the epoch `plan`."""
+def step_batches(
+    plan: list, in_epoch: int, samples: list, args, accelerator, pad_id: int, micro_batch: int
+) -> list[dict]:
+    """This rank's collated micro-batches of the optimizer step `in_epoch` of the epoch `plan`, `micro_batch` rows
+    each: the execution plan may split a step's rows more finely than the user's micro-batch, never differently
+    (the same rows, in the same order, on the same rank)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = args.gradient_accumulation_steps * world
     group = plan[in_epoch * per_step : (in_epoch + 1) * per_step]
     if len(group) < per_step and world > 1:  # every rank needs the same number of micro-batches
         group = group + plan[: per_step - len(group)]
-    return [collate(samples, mb, args, pad_id) for mb in group[rank::world]]
+    rows = [row for mb in group[rank::world] for row in mb]
+    return [
+        collate(samples, rows[i : i + micro_batch], args, pad_id) for i in range(0, len(rows), micro_batch)
+    ]
 
 
 def backward_step(batches: list[dict], accelerator, wrapped, scaler) -> tuple:
@@ -551,9 +642,7 @@ def backward_step(batches: list[dict], accelerator, wrapped, scaler) -> tuple:
     use_ds = accelerator.state.deepspeed_plugin is not None
     n_label = sum(count_label_tokens(b["labels"]) for b in batches)
     # real tokens only: padding (unpacked batches) does not count towards tokens/s
-    n_tokens = sum(
-        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
-    )
+    n_tokens = sum(real_tokens(b) for b in batches)
     n_label_all = n_label
     if world > 1:
         t = torch.tensor([n_label], device=accelerator.device)

@@ -4,9 +4,10 @@ benchmarks/train_throughput.py (notes and numbers in benchmarks/NOTES.md).
 - the LoRA layers' bf16 update (mhsft.lora_forward), with dropout in fused Triton kernels (mhsft.train.fused_lora)
   on a GPU;
 - `apply_liger`: Liger's fused RMSNorm / SwiGLU / RoPE kernels on the model instance, when the package is there
-  (`--use_liger_kernel`, ms-swift's flag). The loss stays ours (chunked, labelled tokens only);
+  (`--use_liger_kernel`, ms-swift's flag; on by default where it works). The loss stays ours (chunked,
+  labelled tokens only);
+- `fp8_base`: the frozen base weights' matmuls in FP8 (`--fp8`, mhsft.train.fp8);
 - `compile_layers`: regional torch.compile of each decoder layer (`--torch_compile`);
-- `partial_checkpointing`: recompute only a share of the layers (`--gradient_checkpointing_ratio`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from mhsft.lora_forward import fast_lora_forward
-from mhsft.train import fused_lora
+from mhsft.train import fp8, fused_lora
+from mhsft.utils import UserError
 
 
 def apply_liger(model: torch.nn.Module) -> str | None:
@@ -47,31 +49,53 @@ def compile_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fp8_base(model: torch.nn.Module, fused_on: bool) -> str:
+    """The frozen base weights as FP8 (mhsft.train.fp8), or a one-line refusal where the card cannot."""
+    device = next(model.parameters()).device
+    if why := fp8.supported(device):
+        raise UserError(why)
+    if not fused_on or any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise UserError("--fp8 runs in mhsft's fused LoRA layers: not under DeepSpeed ZeRO-3")
+    n = fp8.convert(model)
+    return f"FP8 base matmuls ({n} layers)"
+
+
 def speedups(model: torch.nn.Module, args, notices: list[str]) -> torch.nn.Module:
-    """The trainer's measured speed paths (benchmarks/NOTES.md), as its arguments ask."""
+    """The trainer's measured speed paths (benchmarks/NOTES.md), as its arguments ask. Liger's kernels are on by
+    default where they work (CUDA with Triton and liger-kernel; `--use_liger_kernel false` turns them off). What
+    runs is recorded as `model.mhsft_kernels` (the plan's line and args.json name it)."""
+    on_gpu = next(model.parameters()).is_cuda
+    kernels = []
     if args.train_type == "lora":
         # torch.compile cannot trace the fused layer's seed draw (a host int); compiled layers keep the other path
         fused = None if args.torch_compile else fused_lora
         fast_lora_forward(model, fused=fused)
-        on_gpu = next(model.parameters()).is_cuda
-        if fused is not None and args.lora_dropout > 0 and on_gpu and fused_lora.triton is not None:
-            notices.append(
-                "LoRA dropout runs in fused Triton kernels: its mask is regenerated in the backward, not stored"
-            )
-    if args.use_liger_kernel and (msg := apply_liger(model)):
-        notices.append(msg)
+        if fused is not None and on_gpu and fused_lora.triton is not None:
+            kernels.append("fused LoRA")
+            if args.lora_dropout > 0:
+                notices.append(
+                    "LoRA dropout runs in fused Triton kernels: its mask is regenerated in the backward, not stored"
+                )
+    if getattr(args, "fp8", False):
+        kernels.append(fp8_base(model, fused_on="fused LoRA" in kernels))
+    liger = args.use_liger_kernel
+    if liger is None:
+        liger = on_gpu and fused_lora.triton is not None and liger_available()
+    if liger:
+        if msg := apply_liger(model):
+            notices.append(msg)
+        else:
+            kernels.append("Liger")
     if args.torch_compile:
         compile_layers(model)
+        kernels.append("torch.compile")
+    model.mhsft_kernels = kernels
     return model
-
-
-def partial_checkpointing(model: torch.nn.Module, ratio: float) -> None:
-    """Recompute only `ratio` of the decoder layers, evenly spread; the others store their activations.
-    Recomputation is a third of a checkpointed LoRA step's arithmetic, so memory left over buys speed."""
-    if ratio >= 1.0:
-        return
-    layers = [m for m in model.get_decoder().layers if hasattr(m, "gradient_checkpointing")]
-    n, k = len(layers), round(max(0.0, ratio) * len(layers))
-    keep = {i * n // k for i in range(k)} if k else set()
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i in keep

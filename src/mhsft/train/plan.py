@@ -1,0 +1,279 @@
+"""The execution plan: `mhsft sft` runs the configuration the user asked for at the card's best speed.
+
+The problem. Users type the command from their notes: Qwen2.5-7B, 8 rows x 3072 per micro-batch, 4 accumulation
+steps, `--gradient_checkpointing true`. On one H200 that command ran at 10,034 tokens/s with 26 GiB of the
+card's 141 in use, while the same 32 rows per optimizer step, split as 4 rows x 8 accumulation steps without
+recomputation, ran at 16,165 tokens/s (benchmarks/NOTES.md). Recomputing activations is a third of a
+checkpointed LoRA step's arithmetic (forward + recomputed forward + input gradients = 6 N T instead of 4 N T):
+memory the card has spare buys it back. ms-swift, LLaMA-Factory and TRL run what was typed; the speed table in
+a README is not where users look, so the tool chooses.
+
+What may change, and what may not. The optimization stays the user's: the rows per optimizer step (micro-batch x
+accumulation x ranks), the rows themselves and their order (the epoch plan is made with the user's micro-batch and
+only re-split), the token-mean loss over the whole step, the learning-rate schedule. What the plan changes is
+how a step's rows are split into micro-batches (never more rows per micro-batch than asked) and how many decoder
+layers recompute; the fused kernels are chosen elsewhere (`speedups`). Losses equal the as-written run's up to
+summation order (tests/train/test_plan.py, float32, 1e-5).
+
+Memory is measured, not guessed: each candidate is tried on real rows (the fullest rows of the epoch, so no later
+micro-batch is larger) and its peak read back; a candidate that runs out of memory is freed and the next one is
+tried. The recompute share comes from two such probes: with every layer recomputing and with a few layers
+storing their activations, which gives the memory one stored layer costs; the plan then stores as many layers as
+the budget holds and checks that by a third probe. Speed is predicted from the measured costs above
+(`predicted_cost`): recomputation first, then the per-micro-batch host overhead that made 2-row micro-batches 8%
+slower per token than 4-row ones on the H200.
+
+On the CPU, under DeepSpeed or torch.compile, with --auto_plan false, and for models under 1B parameters (host
+bound: nothing to gain) the plan is what was typed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Per-micro-batch host overhead in units of a 7B step's per-token cost without recompute, at 3072-token rows: a
+# 2-row micro-batch cost 67.1 us a token and a 4-row one 61.9 on the H200 (NOTES), i.e. 1 + o/2 = 1.08 (1 + o/4).
+# The overhead scales with the layers launched per micro-batch and shrinks with the work per layer.
+HOST_OVERHEAD_7B = 0.15
+MIN_PARAMETERS = 1_000_000_000
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Plan:
+    micro_batch: int  # rows per micro-batch on each rank
+    accumulation: int  # micro-batches per optimizer step on each rank
+    recompute_layers: int  # decoder layers that recompute their activations in the backward
+    layers: int  # decoder layers in the model
+
+    @property
+    def rows_per_rank_step(self) -> int:
+        return self.micro_batch * self.accumulation
+
+    def recompute_text(self) -> str:
+        if self.recompute_layers == 0:
+            return "no recompute"
+        if self.recompute_layers >= self.layers:
+            return "recompute"
+        return f"recompute {self.recompute_layers} of {self.layers} layers"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def predicted_cost(plan: Plan, overhead: float) -> float:
+    """Time per token, relative to a step without recompute and without host overhead: a LoRA step is forward +
+    input gradients (4 N T) plus the recomputed forward of the share of layers that recompute (2 N T)."""
+    share = plan.recompute_layers / max(plan.layers, 1)
+    return (4 + 2 * share) / 4 + overhead / plan.micro_batch
+
+
+def host_overhead(parameters: int, layers: int, seq_len: int) -> float:
+    """HOST_OVERHEAD_7B scaled to another model: launches grow with the layers, GPU work per token with the
+    parameters and the row length."""
+    return HOST_OVERHEAD_7B * (layers / 28) * (7.6e9 / max(parameters, 1)) * (3072 / max(seq_len, 1))
+
+
+def as_written(micro_batch: int, accumulation: int, recompute: bool, ratio: float, layers: int) -> Plan:
+    k = round(max(0.0, min(1.0, ratio)) * layers) if recompute else 0
+    return Plan(micro_batch, accumulation, k, layers)
+
+
+def micro_batch_options(micro_batch: int) -> list[int]:
+    """Rows per micro-batch the plan may use: the divisors of the asked micro-batch, largest first (a step's rows
+    regroup exactly; more rows than asked gained nothing measurable: 4 and 6 rows ran at the same speed)."""
+    return [b for b in range(micro_batch, 0, -1) if micro_batch % b == 0]
+
+
+@dataclass
+class Search:
+    """The search's inputs: the asked plan, the memory budget in bytes, memory needed beyond the probe's peak
+    (optimizer states) and the host-overhead coefficient. `probe(plan)` returns the peak bytes of one forward and
+    backward on the fullest rows under `plan`, or None when it ran out of memory."""
+
+    asked: Plan
+    budget: int
+    extra: int
+    overhead: float
+    probe: Callable[[Plan], int | None]
+    tried: list = dataclasses.field(default_factory=list)
+
+    def fits(self, plan: Plan) -> tuple[bool, int | None]:
+        peak = self.probe(plan)
+        ok = peak is not None and peak + self.extra <= self.budget
+        self.tried.append((plan, peak, ok))
+        return ok, peak
+
+
+def search(s: Search) -> Plan | None:
+    """The fastest plan (by `predicted_cost`) that fits the budget, or None when not even the asked one does."""
+    best: Plan | None = None
+    for b in micro_batch_options(s.asked.micro_batch):
+        acc = s.asked.rows_per_rank_step // b
+        fastest = Plan(b, acc, 0, s.asked.layers)
+        if best is not None and predicted_cost(fastest, s.overhead) >= predicted_cost(best, s.overhead):
+            break  # fewer rows only add overhead: nothing below can win
+        found = _best_recompute(s, b, acc)
+        if found is not None and (best is None or _cost(found, s) < _cost(best, s)):
+            best = found
+    return best
+
+
+def _cost(plan: Plan, s: Search) -> float:
+    return predicted_cost(plan, s.overhead)
+
+
+def _best_recompute(s: Search, b: int, acc: int) -> Plan | None:
+    """At b rows per micro-batch: no recompute if it fits, else as few recomputing layers as fit (from the memory
+    of a stored layer, measured between two probes), else None."""
+    n = s.asked.layers
+    plan = Plan(b, acc, 0, n)
+    if s.fits(plan)[0]:
+        return plan
+    full_ok, full_peak = s.fits(Plan(b, acc, n, n))
+    if not full_ok:
+        return None
+    stored = max(1, n // 8)
+    ok, peak = s.fits(Plan(b, acc, n - stored, n))
+    if not ok:
+        return Plan(b, acc, n, n)
+    per_layer = max((peak - full_peak) / stored, 1.0)
+    k = min(n - 1, math.floor((s.budget - s.extra - full_peak) / per_layer))
+    while k > stored:
+        candidate = Plan(b, acc, n - k, n)
+        if s.fits(candidate)[0]:
+            return candidate
+        k -= max(1, k // 8)
+    return Plan(b, acc, n - stored, n)
+
+
+# ------------------------------------------------------------------------------------------- on the model
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.get_decoder().layers)
+
+
+def set_recompute(model: torch.nn.Module, k: int) -> None:
+    """Make k of the decoder layers, evenly spread, recompute their activations in the backward; the others keep
+    them. Turns transformers' (non-reentrant) checkpointing on when k > 0 and it was off."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
+    if k > 0 and not all(hasattr(m, "_gradient_checkpointing_func") for m in layers):
+        # transformers 5.2x renamed the API; 5.17 (the GPU image) only has the old name
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n = len(layers)
+    keep = {i * n // k for i in range(k)} if k else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in keep
+
+
+def probe_peak(run_step: Callable[[], None], model: torch.nn.Module, device) -> int | None:
+    """Peak bytes allocated by one forward and backward (`run_step`), or None when it ran out of memory. What the
+    try held is freed either way, the gradients are dropped and the RNG is left as it was, so the run that
+    follows is the one it would have been without the probe."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    oom = False
+    try:
+        run_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except torch.OutOfMemoryError:
+        oom = True  # leave the except block first: its traceback holds the failed step's tensors
+    peak = None if oom or device.type != "cuda" else torch.cuda.max_memory_allocated(device)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.set_rng_state_all(cuda_rng)
+    torch.set_rng_state(cpu_rng)
+    return peak
+
+
+def memory_budget(device, plan_memory_gib: float | None) -> int:
+    """Bytes the plan may use: --plan_memory_gib when given (enforced: the allocator refuses more, so a smaller
+    card is emulated faithfully), else what this process holds plus what is free, less a margin for the
+    allocator's caching (4%, at least 2 GiB)."""
+    free, total = torch.cuda.mem_get_info(device)
+    if plan_memory_gib:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan_memory_gib * GIB / total), device)
+        return int(plan_memory_gib * GIB)
+    usable = free + torch.cuda.memory_reserved(device)
+    return int(usable - max(2 * GIB, 0.04 * total))
+
+
+def describe(chosen: Plan, asked: Plan, world: int, seq_len: int, kernels: str) -> str:
+    """The one line that says what runs and why."""
+    rows = asked.rows_per_rank_step * world
+    line = (
+        f"plan: {chosen.micro_batch} x {seq_len} x {chosen.accumulation} accumulation"
+        f"{f' x {world} GPUs' if world > 1 else ''}, {chosen.recompute_text()}, {kernels}"
+    )
+    if chosen == asked:
+        return line + f" (as written: {rows} rows per optimizer step)"
+    return (
+        line + f" (same {rows} rows per optimizer step as {asked.micro_batch} x {seq_len} x "
+        f"{asked.accumulation}, {asked.recompute_text()}; --auto_plan false runs as given)"
+    )
+
+
+# ------------------------------------------------------------------------------------------- the decision
+def keep_as_written(args, device, parameters: int) -> str | None:
+    """Why the plan is what was typed, or None when the search runs."""
+    if not args.auto_plan:
+        return "--auto_plan false"
+    if device.type != "cuda":
+        return f"on {device.type}: nothing to gain"
+    if args.deepspeed:
+        return "under DeepSpeed the micro-batches are DeepSpeed's"
+    if args.torch_compile:
+        return "--torch_compile: compiled layers keep their recompute setting"
+    if parameters < MIN_PARAMETERS:
+        return f"{parameters / 1e9:.2f}B parameters: the step is host-bound, nothing to gain"
+    return None
+
+
+def choose(
+    args, model, fullest: Callable[[int], dict], wrapped, device, agree, extra: int
+) -> tuple[Plan, str]:
+    """(the plan, why) for this model and data. `fullest(b)` is a device batch of the b fullest rows of the epoch,
+    `wrapped` the model with its loss, `agree(peak)` makes every rank see the same probe result (the largest peak,
+    None when any rank ran out of memory), `extra` the bytes needed beyond a step's peak (optimizer states)."""
+    layers = len(decoder_layers(model))
+    asked = as_written(args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                       args.gradient_checkpointing, args.gradient_checkpointing_ratio, layers)  # fmt: skip
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    if reason := keep_as_written(args, device, parameters):
+        return asked, reason
+
+    def probe(plan: Plan) -> int | None:
+        set_recompute(model, plan.recompute_layers)
+        batch = fullest(plan.micro_batch)
+
+        def step():
+            wrapped(**batch).backward()
+
+        return agree(probe_peak(step, model, device))
+
+    budget = memory_budget(device, args.plan_memory_gib)
+    s = Search(asked, budget, extra, host_overhead(parameters, layers, args.max_length), probe)
+    chosen = search(s)
+    if chosen is None:
+        set_recompute(model, asked.recompute_layers)
+        return asked, f"nothing fits {budget / GIB:.1f} GiB, not even as written"
+    set_recompute(model, chosen.recompute_layers)
+    peak = next(p for plan, p, ok in s.tried if plan == chosen and ok)
+    return chosen, f"measured peak {(peak + extra) / GIB:.1f} of {budget / GIB:.1f} GiB, {len(s.tried)} tries"
