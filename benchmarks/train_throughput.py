@@ -120,7 +120,7 @@ def worker(args) -> dict:
         mhsft_args = SftArguments(model="bench", dataset=["bench"], lora_dropout=args.lora_dropout,
                                   gradient_checkpointing=not args.no_gc, max_length=args.seq,
                                   use_liger_kernel="liger" in opts, torch_compile="compile" in opts,
-                                  gradient_checkpointing_ratio=args.gc_ratio,
+                                  gradient_checkpointing_ratio=args.gc_ratio, fp8="fp8" in opts,
                                   loss_chunk_size=args.loss_chunk)  # fmt: skip
         if (
             "peft" in opts
@@ -175,7 +175,7 @@ def worker(args) -> dict:
         step's label count from the host batch); the phases are named for the profiler."""
         with record_function("mhsft::collate_h2d"):
             if stack == "mhsft":
-                host = collate_packed(rows)
+                host = collate_packed(rows, 0, 16 if mhsft_args.fp8 else None)
                 n_label = int((host["labels"][..., 1:] != -100).sum())
                 b = batch_to_device(host, dev)
             else:

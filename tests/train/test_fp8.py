@@ -107,10 +107,12 @@ def test_lora_linear_with_an_fp8_base_trains_like_bf16():
 
 
 def test_fp8_on_a_cpu_is_a_one_line_refusal(tmp_path, capsys):
-    rc, _, err = run_cli(["sft", "--model", "builtin:tiny", "--dataset", DEMO, "--output_dir", str(tmp_path),
-                          "--report_to", "none", "--max_steps", "1", "--fp8", "true"], capsys)  # fmt: skip
+    rc, out, err = run_cli(["sft", "--model", "builtin:tiny", "--dataset", DEMO, "--output_dir", str(tmp_path),
+                            "--report_to", "none", "--max_steps", "1", "--fp8", "true"], capsys)  # fmt: skip
     if DEVICE == "cpu":
         assert rc == 2 and "--fp8 needs an NVIDIA Hopper GPU" in err
+    else:  # on a Hopper GPU: a whole step through the CLI with FP8 base weights
+        assert rc == 0 and "FP8 base matmuls" in out + err, err[-2000:]
     rc, _, err = run_cli(["sft", "--model", "builtin:tiny", "--dataset", DEMO, "--output_dir", str(tmp_path),
                           "--train_type", "full", "--fp8", "true"], capsys)  # fmt: skip
     assert rc == 2 and "needs --train_type lora" in err

@@ -212,3 +212,13 @@ def test_a_step_is_re_split_into_the_same_rows_in_the_same_order(packing):
             assert len(split) == sum(len(mb) for mb in mine)
             ids = lambda bs: torch.cat([b["input_ids"][b["input_ids"] != 0] for b in bs]).tolist()  # noqa: E731
             assert ids(split) == ids(asked)
+
+
+def test_when_an_eighth_of_the_layers_do_not_fit_fewer_are_measured():
+    """16 layers: the second probe stores 2 layers; when they do not fit it stores 1 (the 32B on an 80 GB card:
+    every layer recomputing fits with little to spare)."""
+    probe, _ = fake_card(10 * K, 1 * K, 2 * K, 1e9)
+    s = Search(Plan(2, 4, 16, 16), 14 * K, 0, 0.0, probe)
+    chosen = search(s)
+    assert chosen == Plan(1, 8, 15, 16)  # 10 + 1 x (1 + 1 x 2) = 13 <= 14; 2 stored layers would be 15
+    assert (Plan(1, 8, 14, 16), 15 * K, False) in s.tried and (Plan(1, 8, 15, 16), 13 * K, True) in s.tried

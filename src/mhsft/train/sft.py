@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -302,6 +303,9 @@ OOM_ADVICE = (
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str]) -> int:
+    # expandable segments keep reserved memory close to allocated memory when micro-batches vary in length, which
+    # is what lets the execution plan trust its measured peaks; set before CUDA starts, unless the user chose
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(SftArguments, argv, prog="mhsft sft")
     train(args)
     return 0

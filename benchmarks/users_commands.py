@@ -1,0 +1,204 @@
+"""The users' own training commands through the CLI, beside HF + PEFT on the same batches (issue: the users'
+command at the card's best speed).
+
+The users' notes number two commands: 5.1 = Qwen2.5-7B, 8 rows x 3072 per micro-batch, 4 accumulation steps,
+`--gradient_checkpointing true`, packing; 5.2 = Qwen2.5-32B, 2 x 4096, 8 accumulation steps. Each runs here as
+`python -m mhsft sft <the command>` with only what cannot run on the lent machine substituted: the model is the
+real architecture with random weights (a config-only folder, weights drawn on the GPU at load: random_model.py
+--random_init), the dataset a local copy of EmoLLM's dialogues instead of the hub id, `--report_to none` instead
+of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer steps are timed. Stacks:
+
+  hf_peft            transformers + PEFT (sdpa, checkpointing, LoRA r8/alpha 32/dropout 0.05, all linear layers)
+                     on the first micro-batches of the CLI's own epoch plan, padded rows (train_throughput.py's
+                     worker; transformers masks attention per sample from the restarting position ids)
+  mhsft_cli          the command unchanged (the execution plan on by default)
+  mhsft_cli_written  the same with --auto_plan false (runs as written, Liger on by default)
+  mhsft_cli_fp8      the same with --fp8 true
+  mhsft_cli_80gb     the same with --plan_memory_gib 78 (the plan, and an allocator limit, of an 80 GB card)
+
+tokens/s is the CLI's own per-step figure (real tokens, padding excluded), averaged over the steps after the first
+(the first holds the plan's probes and the kernels' compilation); peak GiB is the CLI's logged peak of allocated
+memory. Prints a table; writes JSON as
+`{"card", "7b": {"hf_peft": {"tokens_per_s", "peak_gib"}, "mhsft_cli": {...}, ...}, "32b": {...}}`.
+
+    python benchmarks/users_commands.py --data emollm_data.json --models 7b,32b --out users_commands_h200.json
+    python benchmarks/users_commands.py --device cpu --models tiny --steps 2 ...   (the CPU smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# name -> (random_model config, the command's shape flags)
+COMMANDS = {
+    "7b": ("qwen2.5-7b", ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "4",
+                          "--max_length", "3072"]),
+    "32b": ("qwen2.5-32b", ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8",
+                            "--max_length", "4096"]),
+    "tiny": ("tiny", ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                      "--max_length", "256"]),
+}  # fmt: skip
+STACK_FLAGS = {
+    "mhsft_cli": [],
+    "mhsft_cli_written": ["--auto_plan", "false"],
+    "mhsft_cli_fp8": ["--fp8", "true"],
+    "mhsft_cli_80gb": ["--plan_memory_gib", "78"],
+}
+
+
+def users_command(
+    model_dir: str, data: list[str], shape: list[str], out: str, steps: int, cuda: bool
+) -> list[str]:
+    """The README's first `mhsft sft` command (the users' 5.1), with the substitutions the docstring names."""
+    return [
+        "--model", model_dir, "--train_type", "lora", "--dataset", *data, "--num_train_epochs", "1", *shape,
+        "--learning_rate", "2e-4", "--packing", "true", "--attn_impl", "flash_attn",
+        *(["--bf16", "true"] if cuda else []), "--gradient_checkpointing", "true", "--save_steps", "200",
+        "--save_total_limit", "3", "--output_dir", out, "--report_to", "none",
+        "--max_steps", str(steps), "--logging_steps", "1",
+    ]  # fmt: skip
+
+
+def run_cli(argv: list[str], log: Path) -> dict:
+    t = time.perf_counter()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}",
+    }
+    with open(log, "w", encoding="utf-8") as f:
+        p = subprocess.run(
+            [sys.executable, "-m", "mhsft", "sft", *argv], stdout=f, stderr=subprocess.STDOUT, env=env
+        )
+    wall = round(time.perf_counter() - t, 1)
+    text = log.read_text(encoding="utf-8", errors="replace")
+    if p.returncode != 0:
+        return {"error": text[-1500:], "wall_s": wall}
+    out = Path(argv[argv.index("--output_dir") + 1])
+    (run,) = [d for d in out.iterdir() if d.name.startswith("v")]
+    rows = [json.loads(x) for x in (run / "logging.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [r for r in rows if "tokens_per_s" in r]
+    timed = rows[1:] or rows
+    args = json.loads((run / "args.json").read_text(encoding="utf-8"))
+    return {
+        "tokens_per_s": round(sum(r["tokens_per_s"] for r in timed) / len(timed), 1),
+        "peak_gib": max(r["memory_gib"] for r in rows),
+        "steps_tokens_per_s": [r["tokens_per_s"] for r in rows],
+        "losses": [r["loss"] for r in rows],
+        "plan": args.get("plan", {}).get("line"),
+        "wall_s": wall,
+    }
+
+
+def cli_batches(model_dir: str, argv: list[str], steps: int, path: Path) -> tuple[str, int, int]:
+    """The micro-batches the CLI trains on in its first `steps` optimizer steps (the same argv through the same
+    reader, template, packing and seed), in train_throughput.py's batch-file format. Returns (path, rows, seq)."""
+    import torch
+
+    from mhsft.args import parse_args
+    from mhsft.data.loader import load_datasets
+    from mhsft.model import load_tokenizer
+    from mhsft.train.batches import epoch_plan
+    from mhsft.train.sft import SftArguments, render_samples
+
+    args = parse_args(SftArguments, argv, prog="users_commands")
+    data = load_datasets(args.dataset, seed=args.seed)
+    samples, _ = render_samples(data.train, load_tokenizer(model_dir), args.max_length, args.system)
+    # HF + PEFT times micro-batches, not optimizer steps: 2 warm-up and up to 8 timed are enough
+    plan = epoch_plan(samples, 0, args)[: min(steps * args.gradient_accumulation_steps, 10)]
+    micro = [[[samples[i] for i in row] for row in mb] for mb in plan]
+    torch.save({"micro": micro, "lengths": [len(s["input_ids"]) for s in samples]}, path)
+    return str(path), args.per_device_train_batch_size, args.max_length
+
+
+def run_hf(config: str, batches: str, rows: int, seq: int, device: str, log: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--worker", "hf", "--batches", batches,
+           "--config", config, "--micro_batch", str(rows), "--seq", str(seq), "--warmup", "2", "--device", device]  # fmt: skip
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.write_text(p.stdout + p.stderr, encoding="utf-8")
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        oom = "OutOfMemoryError" in p.stderr or "out of memory" in p.stderr
+        return {
+            "error": "out of memory" if oom else p.stderr[-1500:],
+            "wall_s": round(time.perf_counter() - t, 1),
+        }
+    r = json.loads(line[7:])
+    return {"tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"], "losses": r["losses"],
+            "wall_s": round(time.perf_counter() - t, 1)}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", nargs="+", default=[str(ROOT.parent / "shared/data/train/emollm_data.json")])
+    ap.add_argument("--models", default="7b,32b")
+    ap.add_argument("--stacks", default="hf_peft,mhsft_cli,mhsft_cli_written,mhsft_cli_fp8")
+    ap.add_argument("--stacks_32b", default="hf_peft,mhsft_cli,mhsft_cli_80gb")
+    ap.add_argument(
+        "--steps", type=int, default=6, help="optimizer steps per CLI run (the first is not timed)"
+    )
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workdir", default="/tmp/users_commands")
+    ap.add_argument("--out", default="users_commands.json")
+    args = ap.parse_args()
+    import random_model
+    import torch
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cuda = args.device == "cuda"
+    result: dict = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    for name in args.models.split(","):
+        config, shape = COMMANDS[name]
+        model_dir = str(random_model.build(config, work / f"model-{name}", args.device, random_init=True))
+        stacks = (args.stacks_32b if name == "32b" else args.stacks).split(",")
+        result[name] = {"command": users_command(model_dir, args.data, shape, "OUT", args.steps, cuda)}
+        for stack in stacks:
+            out = work / f"{name}-{stack}"
+            argv = users_command(model_dir, args.data, shape, str(out), args.steps, cuda)
+            if stack == "hf_peft":
+                batches, rows, seq = cli_batches(model_dir, argv, args.steps, work / f"batches-{name}.pt")
+                r = run_hf(config, batches, rows, seq, args.device, work / f"{name}-{stack}.log")
+            else:
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                r = run_cli(argv + STACK_FLAGS[stack], work / f"{name}-{stack}.log")
+            result[name][stack] = r
+            print(json.dumps({"model": name, "stack": stack, **{k: v for k, v in r.items() if k != "error"}},
+                             ensure_ascii=False), flush=True)  # fmt: skip
+            if "error" in r:
+                print(f"{name} {stack}: {r['error'][-600:]}", flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    print_table(result)
+
+
+def print_table(result: dict) -> None:
+    print(f"\ncard: {result['card']}")
+    print(f"{'model':<6}{'stack':<20}{'tokens/s':>10}{'peak GiB':>10}{'vs hf':>8}  plan")
+    for name, stacks in result.items():
+        if not isinstance(stacks, dict) or "command" not in stacks:
+            continue
+        hf = stacks.get("hf_peft", {}).get("tokens_per_s")
+        for stack, r in stacks.items():
+            if stack == "command":
+                continue
+            if "tokens_per_s" not in r:
+                print(f"{name:<6}{stack:<20}{r.get('error', '')[-60:].strip()}")
+                continue
+            rel = f"{r['tokens_per_s'] / hf:.2f}x" if hf else "-"
+            print(f"{name:<6}{stack:<20}{r['tokens_per_s']:>10,.0f}{r['peak_gib'] or 0:>10.1f}{rel:>8}  "
+                  f"{(r.get('plan') or '')[:100]}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
