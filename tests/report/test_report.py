@@ -129,7 +129,8 @@ def report_dir(tmp_path_factory) -> Path:
     args = {"model": "Qwen/Qwen2.5-7B-Instruct", "dataset": [str(train)], "train_type": "lora", "lora_rank": 8,
             "learning_rate": 2e-4, "max_length": 3072, "swanlab_token": SECRET, "seed": 42,
             "truncation": {"dialogues": 3, "dropped_turn_pairs": 1, "cut": 1, "no_labels": 0},
-            "train_samples": 3, "val_samples": 1}  # fmt: skip
+            "train_samples": 3, "val_samples": 1,
+            "plan": {"micro_batch": 4, "line": "plan: 4 x 3072 x 8 accumulation, no recompute, fused LoRA + Liger"}}  # fmt: skip
     (run / "args.json").write_text(json.dumps(args), encoding="utf-8")
     log = [
         {"step": s, "loss": 2.0 - 0.1 * s, "lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 900.0}
@@ -154,6 +155,7 @@ def test_report_files_and_numbers(report_dir):
         assert (report_dir / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     assert html.count('src="data:image/png;base64,') == 4 and "http://" not in html and "https://" not in html
     assert SECRET not in md + html and "***" in html  # a careless args.json / settings key is masked
+    assert "| execution plan | 4 x 3072 x 8 accumulation, no recompute, fused LoRA + Liger |" in md
     # base 8/20, fine-tuned 16/20 (a superset): +40 points, paired CI above zero, coloured as better
     acc = next(ln for ln in md.splitlines() if ln.startswith("| exam | accuracy (exact)"))
     assert "40.0%" in acc and "80.0%" in acc and "+40.0 pt [+" in acc

@@ -24,7 +24,7 @@ TRAIN_KEYS = (
     "num_train_epochs", "max_steps", "total_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "world_size", "learning_rate", "lr_scheduler_type", "warmup_ratio",
     "weight_decay", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "dtype", "attention",
-    "gradient_checkpointing", "seed", "trainable_parameters", "total_parameters", "train_samples",
+    "gradient_checkpointing", "fp8", "seed", "trainable_parameters", "total_parameters", "train_samples",
     "val_samples",
 )  # fmt: skip
 EVAL_KEYS = (
@@ -385,6 +385,8 @@ def significant(d: dict) -> bool | None:
 def settings_rows(rep: Report) -> list[tuple[str, str]]:
     ra = rep.run_args
     rows = [(k, _short(ra[k])) for k in TRAIN_KEYS if k in ra and ra[k] not in (None, [], "")]
+    if isinstance(ra.get("plan"), dict) and ra["plan"].get("line"):  # how `mhsft sft` ran what was asked
+        rows.append(("execution plan", ra["plan"]["line"].removeprefix("plan: ")))
     for ev in rep.evals:
         s = redact_args(ev.results.get("settings") or {})
         vals = ", ".join(f"{k}={_short(s[k])}" for k in EVAL_KEYS if s.get(k) not in (None, [], ""))
