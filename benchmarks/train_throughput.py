@@ -86,6 +86,24 @@ def padded_rows(rows, seq: int, pad_id: int):
     return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos)
 
 
+def load_bnb4(model_dir: str, dev, checkpointing: bool):
+    """The QLoRA anchor's stack: NF4 with double quantization, bf16 compute, then PEFT's k-bit preparation (which
+    upcasts the unquantized parameters to float32 and turns checkpointing on)."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": str(dev)}, attn_implementation="sdpa")  # fmt: skip
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
 def worker(args) -> dict:
     import torch
     from random_model import qwen_config
@@ -135,11 +153,14 @@ def worker(args) -> dict:
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    # build in bf16: a 32B model in fp32 would not fit (the CPU smoke test runs in fp32: bf16 is slow there)
-    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
-    with torch.device(dev):
-        model = Qwen2ForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
+    if variant == "bnb4":  # HF + PEFT + bitsandbytes QLoRA: saved weights, quantized as they load
+        model = load_bnb4(args.model_dir, dev, not args.no_gc)
+    else:
+        # build in bf16: a 32B model in fp32 would not fit (the CPU smoke test runs in fp32: bf16 is slow there)
+        torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
+        with torch.device(dev):
+            model = Qwen2ForCausalLM(cfg)
+        torch.set_default_dtype(torch.float32)
     init_s = time.perf_counter() - t0
     if stack == "mhsft":
         from mhsft.train.loss import ChunkedLMLoss
@@ -154,7 +175,7 @@ def worker(args) -> dict:
         from peft import LoraConfig, get_peft_model
 
         model.config.use_cache = False
-        if not args.no_gc:
+        if not args.no_gc and variant != "bnb4":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules="all-linear",
@@ -258,6 +279,7 @@ def main() -> None:
     ap.add_argument("--profile_top", type=int, default=30, help="kernels in the profile's table")
     ap.add_argument("--trace_dir", help="with --profile: write a gzipped chrome trace per stack here")
     ap.add_argument("--out", default="train_throughput.json")
+    ap.add_argument("--model_dir", help="hf:bnb4: a saved model folder to load in 4 bits")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -15,6 +15,10 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
   mhsft_cli_written  the same with --auto_plan false (runs as written, Liger on by default)
   mhsft_cli_fp8      the same with --fp8 true
   mhsft_cli_80gb     the same with --plan_memory_gib 78 (the plan, and an allocator limit, of an 80 GB card)
+  mhsft_cli_qlora    the same with --quant_method bnb --quant_bits 4 (QLoRA; _16gb / _24gb: with --plan_memory_gib)
+  hf_peft_bnb        HF + PEFT + bitsandbytes NF4 (double quantization, bf16 compute, PEFT's k-bit preparation);
+                     --micro_batch N for the largest micro-batch it fits (the same rows, regrouped)
+  The QLoRA stacks need saved weights: the script also writes the random weights (--weights_dir; 15 GB at 7B).
 
 tokens/s is the CLI's own per-step figure (real tokens, padding excluded), averaged over the steps after the first
 (the first holds the plan's probes and the kernels' compilation); peak GiB is the CLI's logged peak of allocated
@@ -53,7 +57,13 @@ STACK_FLAGS = {
     "mhsft_cli_written": ["--auto_plan", "false"],
     "mhsft_cli_fp8": ["--fp8", "true"],
     "mhsft_cli_80gb": ["--plan_memory_gib", "78"],
+    # QLoRA: the same command on a 4-bit base; `_16gb` plans for (and caps the allocator at) a 16 GB card
+    "mhsft_cli_qlora": ["--quant_method", "bnb", "--quant_bits", "4"],
+    "mhsft_cli_qlora_16gb": ["--quant_method", "bnb", "--quant_bits", "4", "--plan_memory_gib", "16"],
+    "mhsft_cli_qlora_24gb": ["--quant_method", "bnb", "--quant_bits", "4", "--plan_memory_gib", "24"],
 }
+# stacks that need saved weights (bitsandbytes quantizes them as they load; a random-init folder has none)
+SAVED_WEIGHTS = ("hf_peft_bnb", "mhsft_cli_qlora", "mhsft_cli_qlora_16gb", "mhsft_cli_qlora_24gb")
 
 
 def users_command(
@@ -100,7 +110,9 @@ def run_cli(argv: list[str], log: Path) -> dict:
     }
 
 
-def cli_batches(model_dir: str, argv: list[str], steps: int, path: Path) -> tuple[str, int, int]:
+def cli_batches(
+    model_dir: str, argv: list[str], steps: int, path: Path, rows: int | None = None
+) -> tuple[str, int, int]:
     """The micro-batches the CLI trains on in its first `steps` optimizer steps (the same argv through the same
     reader, template, packing and seed), in train_throughput.py's batch-file format. Returns (path, rows, seq)."""
     import torch
@@ -117,13 +129,23 @@ def cli_batches(model_dir: str, argv: list[str], steps: int, path: Path) -> tupl
     # HF + PEFT times micro-batches, not optimizer steps: 2 warm-up and up to 8 timed are enough
     plan = epoch_plan(samples, 0, args)[: min(steps * args.gradient_accumulation_steps, 10)]
     micro = [[[samples[i] for i in row] for row in mb] for mb in plan]
+    if (
+        rows
+    ):  # the same rows in the same order, `rows` per micro-batch (a stack that fits fewer than the command's)
+        flat = [row for mb in micro for row in mb]
+        micro = [flat[i : i + rows] for i in range(0, len(flat), rows)][:10]
     torch.save({"micro": micro, "lengths": [len(s["input_ids"]) for s in samples]}, path)
-    return str(path), args.per_device_train_batch_size, args.max_length
+    return str(path), rows or args.per_device_train_batch_size, args.max_length
 
 
-def run_hf(config: str, batches: str, rows: int, seq: int, device: str, log: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--worker", "hf", "--batches", batches,
-           "--config", config, "--micro_batch", str(rows), "--seq", str(seq), "--warmup", "2", "--device", device]  # fmt: skip
+def run_hf(
+    config: str, batches: str, rows: int, seq: int, device: str, log: Path, model_dir: str | None = None
+) -> dict:
+    """HF + PEFT (with `model_dir`: HF + PEFT + bitsandbytes 4-bit from those saved weights) on the CLI's batches."""
+    worker = "hf:bnb4" if model_dir else "hf"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--worker", worker, "--batches", batches,
+           "--config", config, "--micro_batch", str(rows), "--seq", str(seq), "--warmup", "2", "--device", device,
+           *(["--model_dir", model_dir] if model_dir else [])]  # fmt: skip
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.write_text(p.stdout + p.stderr, encoding="utf-8")
@@ -149,6 +171,12 @@ def main() -> None:
         "--steps", type=int, default=6, help="optimizer steps per CLI run (the first is not timed)"
     )
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--weights_dir", help="where the QLoRA stacks' saved random weights go (default: the workdir)"
+    )
+    ap.add_argument(
+        "--micro_batch", type=int, help="HF stacks: rows per micro-batch (default: the command's)"
+    )
     ap.add_argument("--workdir", default="/tmp/users_commands")
     ap.add_argument("--out", default="users_commands.json")
     args = ap.parse_args()
@@ -163,13 +191,18 @@ def main() -> None:
         config, shape = COMMANDS[name]
         model_dir = str(random_model.build(config, work / f"model-{name}", args.device, random_init=True))
         stacks = (args.stacks_32b if name == "32b" else args.stacks).split(",")
+        if any(s in SAVED_WEIGHTS for s in stacks):
+            saved = str(random_model.build(config, args.weights_dir or work / f"weights-{name}", args.device))
         result[name] = {"command": users_command(model_dir, args.data, shape, "OUT", args.steps, cuda)}
         for stack in stacks:
             out = work / f"{name}-{stack}"
-            argv = users_command(model_dir, args.data, shape, str(out), args.steps, cuda)
-            if stack == "hf_peft":
-                batches, rows, seq = cli_batches(model_dir, argv, args.steps, work / f"batches-{name}.pt")
-                r = run_hf(config, batches, rows, seq, args.device, work / f"{name}-{stack}.log")
+            folder = saved if stack in SAVED_WEIGHTS else model_dir
+            argv = users_command(folder, args.data, shape, str(out), args.steps, cuda)
+            if stack in ("hf_peft", "hf_peft_bnb"):
+                batches, rows, seq = cli_batches(model_dir, argv, args.steps, work / f"batches-{name}.pt",
+                                                 args.micro_batch)  # fmt: skip
+                bnb = folder if stack == "hf_peft_bnb" else None
+                r = run_hf(config, batches, rows, seq, args.device, work / f"{name}-{stack}.log", bnb)
             else:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
                 r = run_cli(argv + STACK_FLAGS[stack], work / f"{name}-{stack}.log")

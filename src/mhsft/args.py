@@ -87,6 +87,30 @@ class DataArguments:
     )
 
 
+@dataclass
+class QuantArguments:
+    """A quantized base model (QLoRA) with ms-swift's flag names, through bitsandbytes. `mhsft sft` trains LoRA on
+    it; `mhsft infer`, `deploy` and `eval` load a checkpoint's base the way it was trained unless told otherwise."""
+
+    quant_method: str | None = field(
+        default=None, metadata={"help": "bnb (bitsandbytes): load the base model quantized (QLoRA)."}
+    )
+    quant_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "4 (NF4/FP4) or 8 bits; 0 = not quantized (infer/deploy/eval: overrides the checkpoint's "
+            "quantization). Default for infer/deploy/eval: as the checkpoint was trained."
+        },
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4 (4-bit data type)."})
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit quantization constants too (~0.4 bits a weight)."}
+    )
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the 4-bit layers' matmuls (default: the training dtype)."}
+    )
+
+
 BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}
 
 

@@ -60,6 +60,19 @@ def base_model_of(adapter_dir: str | Path) -> str | None:
     return None
 
 
+QUANT_KEYS = ("quant_method", "quant_bits", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+              "bnb_4bit_compute_dtype")  # fmt: skip
+
+
+def quantization_of(adapter_dir: str | Path) -> dict:
+    """The quantization flags an adapter's base was trained with (args.json; ms-swift writes the same names), or {}
+    when its base was not quantized."""
+    args = read_checkpoint_args(adapter_dir)
+    if not args.get("quant_bits") and not args.get("quant_method"):
+        return {}
+    return {k: args[k] for k in QUANT_KEYS if args.get(k) is not None}
+
+
 def adapter_weights_file(path: Path) -> Path:
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (path / name).is_file():

@@ -57,12 +57,25 @@ def _add_low_rank(result: torch.Tensor, h: torch.Tensor, bt: torch.Tensor) -> to
     return out.view(shape).to(result.dtype)
 
 
-def _plain_lora_linears(model: torch.nn.Module):
-    """PEFT LoRA linears without a LoRA variant (DoRA, ...) or bias: those keep PEFT's forward."""
+def _lora_linear_types() -> tuple[type, ...]:
+    """PEFT's LoRA linear, and its bitsandbytes versions (a 4- or 8-bit base: QLoRA) where bitsandbytes is there."""
     from peft.tuners.lora import Linear as LoraLinear
 
+    types: list[type] = [LoraLinear]
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return tuple(types)
+    return tuple(
+        types + [getattr(peft_bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(peft_bnb, n)]
+    )
+
+
+def _plain_lora_linears(model: torch.nn.Module):
+    """PEFT LoRA linears without a LoRA variant (DoRA, ...) or bias: those keep PEFT's forward."""
+    types = _lora_linear_types()
     for module in model.modules():
-        if type(module) is not LoraLinear or getattr(module, "lora_variant", None):
+        if type(module) not in types or getattr(module, "lora_variant", None):
             continue
         if any(getattr(m, "bias", None) is not None for m in module.lora_B.values()):
             continue

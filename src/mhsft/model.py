@@ -8,9 +8,10 @@ import importlib.util
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from mhsft.builtin import is_builtin, resolve_model
-from mhsft.checkpoint import base_model_of
+from mhsft.checkpoint import base_model_of, quantization_of
 from mhsft.utils import UserError, get_logger, hub_reachable, scrub
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -143,8 +144,10 @@ def load_model(
     device: str | None = None,
     use_hf: bool = False,
     token: str | None = None,
+    quant: dict | None = None,
 ):
-    """A causal LM from `model` (builtin:tiny, folder or hub id), in `dtype`, optionally moved to `device`."""
+    """A causal LM from `model` (builtin:tiny, folder or hub id), in `dtype`, optionally moved to `device`;
+    `quant` (args.quant_spec) loads it quantized by bitsandbytes, placed on `device` as it loads."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -159,19 +162,82 @@ def load_model(
     if device and str(device).startswith("cuda"):
         # straight onto the GPU: a 7B model would otherwise pass through 15 GB of host memory first
         kwargs["device_map"] = {"": device}
+    if quant:
+        kwargs["quantization_config"] = bnb_config(quant, torch_dtype(dtype))
+        kwargs["device_map"] = {"": device or "cpu"}  # bitsandbytes quantizes each weight where it lands
     try:
         if (Path(path) / RANDOM_INIT).is_file():
+            if quant:
+                raise UserError(
+                    f"{path}: a random-weight folder cannot be loaded quantized (save its weights)"
+                )
             m = _random_init(path, kwargs, device)
         else:
             m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except UserError:
+        raise
     except Exception as e:  # OSError (no weights), ValueError (unknown architecture), ImportError (kernels)
-        raise UserError(f"cannot load a causal LM from {path}: {_first_line(e)}") from e
+        hint = (
+            f" (bitsandbytes {quant['bits']}-bit on {device or 'cpu'}: `python -m bitsandbytes` diagnoses it)"
+        )
+        raise UserError(
+            f"cannot load a causal LM from {path}: {_first_line(e)}{hint if quant else ''}"
+        ) from e
+    if quant:
+        return m  # placed by bitsandbytes; an 8-bit model refuses `.to`
     if device:
         try:
             m = m.to(device)
         except (RuntimeError, AssertionError) as e:
             raise UserError(f"cannot move the model to {device}: {_first_line(e)}") from e
     return m
+
+
+def parameter_count(p) -> int:
+    """A parameter's real size: a ZeRO-3 partitioned one holds only its shard (ds_numel is its full size), a
+    bitsandbytes 4-bit one packs two weights a byte (its quant_state has the real shape)."""
+    if getattr(p, "quant_state", None) is not None:
+        import math
+
+        return math.prod(p.quant_state.shape)
+    return getattr(p, "ds_numel", p.numel())
+
+
+def quant_spec(args) -> dict | None:
+    """The quantization `args` ask for, checked and normalized (None: not quantized): {method, bits, quant_type,
+    double_quant, compute_dtype}. `--quant_bits` alone means bitsandbytes, the only method there is (the flags: args.QuantArguments)."""
+    method, bits = getattr(args, "quant_method", None), getattr(args, "quant_bits", None)
+    if method is None and not bits:
+        return None
+    if method not in (None, "bnb", "bitsandbytes"):
+        raise UserError(
+            f"--quant_method {method}: mhsft quantizes through bitsandbytes only (--quant_method bnb)"
+        )
+    if bits not in (4, 8):
+        raise UserError(f"--quant_method bnb needs --quant_bits 4 or 8 (got {bits})")
+    if args.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise UserError(f"--bnb_4bit_quant_type must be nf4 or fp4, not {args.bnb_4bit_quant_type!r}")
+    return {"method": "bnb", "bits": bits, "quant_type": args.bnb_4bit_quant_type,
+            "double_quant": bool(args.bnb_4bit_use_double_quant), "compute_dtype": args.bnb_4bit_compute_dtype}  # fmt: skip
+
+
+def bnb_config(quant: dict, dtype):
+    """transformers' BitsAndBytesConfig for a quant_spec; the 4-bit matmuls run in --bnb_4bit_compute_dtype, else in
+    the model's dtype (bfloat16 when that is auto)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--quant_method bnb needs the bitsandbytes package: pip install bitsandbytes")
+    if quant["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch_dtype(quant["compute_dtype"]) if quant["compute_dtype"] else dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant["quant_type"],
+        bnb_4bit_use_double_quant=quant["double_quant"],
+        bnb_4bit_compute_dtype=torch.bfloat16 if compute == "auto" else compute,
+    )
 
 
 def _random_init(path: str, kwargs: dict, device: str | None):
@@ -246,6 +312,29 @@ def model_ids(model: str, adapters: list[str], served_model_name: str | None) ->
     return {base_id: BASE, **out}
 
 
+def inference_quant(args, adapters: dict[str, str]) -> dict | None:
+    """How infer, deploy and eval load the base: as --quant_bits says when given (0: not quantized), else as the
+    (first) adapter was trained, said in one line."""
+    if args.quant_bits == 0:
+        return None
+    if args.quant_bits is not None or args.quant_method:
+        return quant_spec(args)
+    for path in adapters.values():
+        trained = quantization_of(path)
+        if trained:
+            defaults = {
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_use_double_quant": True,
+                "bnb_4bit_compute_dtype": None,
+            }
+            spec = quant_spec(SimpleNamespace(**(defaults | trained)))
+            get_logger().info(
+                f"loading the base model in {spec['bits']} bits, as {path} was trained (--quant_bits 0: unquantized)"
+            )
+            return spec
+    return None
+
+
 def load_for_inference(
     model: str | None,
     adapters: list[str] | None = None,
@@ -254,6 +343,7 @@ def load_for_inference(
     device: str | None = None,
     use_hf: bool = False,
     token: str | None = None,
+    quant: dict | None = None,
 ):
     """(model, tokenizer, adapter names) ready for generation: the base model with every adapter loaded under its
     name (PEFT), in eval mode. The tokenizer comes from the first adapter's checkpoint when it saved one (the chat
@@ -266,7 +356,9 @@ def load_for_inference(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype in (None, "auto") and device == "cpu":
         dtype = "float32"  # half precision on a CPU is slow and imprecise
-    m = load_model(base, dtype=dtype, attn_impl=attn_impl, device=device, use_hf=use_hf, token=token)
+    m = load_model(
+        base, dtype=dtype, attn_impl=attn_impl, device=device, use_hf=use_hf, token=token, quant=quant
+    )
     tok_src = next((p for p in named.values() if (Path(p) / "tokenizer_config.json").is_file()), None)
     tok = load_tokenizer(tok_src or base, use_hf=use_hf, token=token)
     if named:

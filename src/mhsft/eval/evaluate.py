@@ -9,7 +9,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mhsft.args import EngineArguments, GenerationArguments, ModelArguments, command_line, parse_args
+from mhsft.args import (
+    EngineArguments,
+    GenerationArguments,
+    ModelArguments,
+    QuantArguments,
+    command_line,
+    parse_args,
+)
 from mhsft.eval import judge, lm_eval_tasks, mcq, pairwise, qa
 from mhsft.eval.datasets import load_eval_set
 from mhsft.eval.predictions import PredictionLog
@@ -33,7 +40,7 @@ EVAL_ALIASES = {
 
 
 @dataclass
-class EvalArguments(EngineArguments, GenerationArguments, ModelArguments):
+class EvalArguments(EngineArguments, GenerationArguments, ModelArguments, QuantArguments):
     """In-process evaluations run on the generation engine (EngineArguments: --max_batch_size, --max_model_len,
     --device). One unnamed --adapters CKPT evaluates that adapter; named ones (`ft=CKPT [other=CKPT2]`) evaluate
     the base model and each adapter in one load, into OUTPUT_DIR/base, OUTPUT_DIR/ft, ..."""

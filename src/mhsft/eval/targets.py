@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 from mhsft.client import openai_client
-from mhsft.model import BASE, load_for_inference
+from mhsft.model import BASE, inference_quant, load_for_inference
 from mhsft.serve.engine import Engine, Request, encode_chat
 from mhsft.serve.kv_cache import kv_cache_bytes
 from mhsft.serve.sampling import SamplingParams
@@ -284,7 +284,8 @@ def load_engine_for(args, adapters: dict[str, str]):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     specs = [f"{n}={p}" for n, p in adapters.items()]
     model, tok, names = load_for_inference(args.model, specs, args.torch_dtype, args.attn_impl, device,
-                                           use_hf=args.use_hf, token=args.hub_token)  # fmt: skip
+                                           use_hf=args.use_hf, token=args.hub_token,
+                                           quant=inference_quant(args, adapters))  # fmt: skip
     batch = args.max_batch_size or _batch_that_fits(model, args.max_model_len, device)
     engine = Engine(model, tok, names, max_batch_size=batch, max_model_len=args.max_model_len,
                     cuda_graphs=getattr(args, "cuda_graphs", True)).start()  # fmt: skip

@@ -24,7 +24,14 @@ from pathlib import Path
 
 from mhsft import __version__
 from mhsft.args import ModelArguments, parse_args
-from mhsft.checkpoint import EXPORT_META, adapter_sha256, base_model_of, export_matches, read_checkpoint_args
+from mhsft.checkpoint import (
+    EXPORT_META,
+    adapter_sha256,
+    base_model_of,
+    export_matches,
+    quantization_of,
+    read_checkpoint_args,
+)
 from mhsft.export.merge_verify import VerifyResult, verify_budget, verify_merge
 from mhsft.export.merge_weights import (
     base_dtype,
@@ -210,6 +217,12 @@ def export_merged(
     )
     if merge_dtype is None:
         raise UserError(f"unknown --merge_dtype {dtype!r}: use float16, bfloat16 or float32")
+    trained = quantization_of(adapter_dir)
+    if trained:  # QLoRA: the base's own weights, not a 4-bit copy of them, receive the update
+        log.info(
+            f"{adapter_dir} was trained on a {trained.get('quant_bits')}-bit base: merging into the unquantized "
+            f"weights of {base_spec} (merging into quantized weights would round the update away)"
+        )
     ad = load_adapter(adapter_dir)
     plan, untie = plan_merge(base_tensors, ad, config)
     base_bytes = sum(t.numel * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
@@ -241,6 +254,7 @@ def export_merged(
             "adapter": str(adapter_dir.resolve()),
             "adapter_sha256": adapter_sha256(adapter_dir),
             "merge_dtype": merge_dtype,
+            "trained_quantization": trained or None,
             "lora": {k: lora_cfg.get(k) for k in LORA_KEYS},
             "untied_embeddings": untie,
             "tokenizer_from": tok_src,

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from mhsft.args import EngineArguments, GenerationArguments, ModelArguments, parse_args
+from mhsft.args import EngineArguments, GenerationArguments, ModelArguments, QuantArguments, parse_args
 from mhsft.client import ensure_loopback_no_proxy, is_loopback
 from mhsft.model import BASE, base_model_for, model_ids, parse_adapters
 from mhsft.serve.backends import run_engine
@@ -50,7 +50,7 @@ from mhsft.utils import UserError, get_logger, register_secret, scrub
 
 
 @dataclass
-class DeployArguments(EngineArguments, GenerationArguments, ModelArguments):
+class DeployArguments(EngineArguments, GenerationArguments, ModelArguments, QuantArguments):
     infer_backend: str = field(default="pt", metadata={"help": "pt (mhsft's own) | vllm | sglang | lmdeploy"})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (0.0.0.0 exposes the server)."})
     port: int = field(default=8000, metadata={"help": "Port."})

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mhsft.lora_forward import fast_lora_inference
-from mhsft.model import BASE, load_for_inference
+from mhsft.model import BASE, inference_quant, load_for_inference, parse_adapters
 from mhsft.packed_attention import register_packed_attention, select_attn_backend
 from mhsft.serve import scoring
 from mhsft.serve.decode_attention import register_decode_attention
@@ -635,8 +635,9 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 def engine_from_args(base: str, args, cuda_graphs: bool = True) -> tuple[Engine, str]:
     """The engine `mhsft infer` and `mhsft deploy` share, from their common flags; returns it and its device."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quant = inference_quant(args, parse_adapters(args.adapters))
     m, tok, names = load_for_inference(base, args.adapters, args.torch_dtype, args.attn_impl, device,
-                                       use_hf=args.use_hf, token=args.hub_token)  # fmt: skip
+                                       use_hf=args.use_hf, token=args.hub_token, quant=quant)  # fmt: skip
     if getattr(tok, "chat_template", None) is None:
         get_logger().info("the tokenizer has no chat template: chat requests will fail, completions work")
     batch = args.max_batch_size or (64 if device.startswith("cuda") else 8)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from mhsft.args import EngineArguments, GenerationArguments, ModelArguments, parse_args
+from mhsft.args import EngineArguments, GenerationArguments, ModelArguments, QuantArguments, parse_args
 from mhsft.data import readers
 from mhsft.data.schema import DataError, Dialogue, Source
 from mhsft.model import base_model_for, parse_adapters
@@ -29,7 +29,7 @@ COMMANDS = "clear | reset-system | multi-line | single-line | exit"
 
 
 @dataclass
-class InferArguments(EngineArguments, GenerationArguments, ModelArguments):
+class InferArguments(EngineArguments, GenerationArguments, ModelArguments, QuantArguments):
     adapter_name: str | None = field(
         default=None, metadata={"help": "With several named adapters: the one to use (default: the first)."}
     )

@@ -246,11 +246,41 @@ def lora_linear(x, weight, bias, a, bt, p: float) -> torch.Tensor:
     return _LoRALinear.apply(x, weight, bias, a, bt, p, seed)
 
 
+class _Bnb4bitBase:
+    """bitsandbytes' 4-bit linear as a frozen base (QLoRA): its own forward (bias included), and for the input
+    gradient g @ W with W dequantized for the call, as bitsandbytes' MatMul4Bit does in its backward."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+
+    def linear(self, x2: torch.Tensor, bias) -> torch.Tensor:
+        return self.layer(x2)
+
+    def input_grad(self, g: torch.Tensor) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        w = self.layer.weight
+        return g @ dequantize_4bit(w.data, w.quant_state).to(g.dtype)
+
+
+def _is_bnb_4bit(base: torch.nn.Module) -> bool:
+    return type(base).__name__ == "Linear4bit" and type(base).__module__.startswith("bitsandbytes")
+
+
+def frozen_base(base: torch.nn.Module):
+    """What `_LoRALinear` multiplies by: the weight, its FP8 copies (mhsft.train.fp8), or a 4-bit layer."""
+    if _is_bnb_4bit(base):
+        return _Bnb4bitBase(base)
+    return getattr(base, "_mhsft_fp8", None) or base.weight
+
+
 def usable(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """The fused path serves a plain nn.Linear base with frozen weights and one active adapter, on CUDA with
-    Triton (or on the CPU under Triton's interpreter, for tests)."""
+    """The fused path serves a plain nn.Linear (or bitsandbytes 4-bit) base with frozen weights and one active
+    adapter, on CUDA with Triton (or on the CPU under Triton's interpreter, for tests)."""
     base = module.base_layer
-    if type(base) is not torch.nn.Linear or base.weight.requires_grad or x.dtype not in _DTYPES:
+    if type(base) is not torch.nn.Linear and not _is_bnb_4bit(base):
+        return False
+    if base.weight.requires_grad or x.dtype not in _DTYPES:
         return False
     if base.bias is not None and base.bias.requires_grad or len(module.active_adapters) != 1:
         return False
@@ -271,4 +301,5 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     a = module.lora_A[name].weight.to(x.dtype)
     bt = (module.lora_B[name].weight * module.scaling[name]).to(x.dtype).t()
     base = module.base_layer
-    return lora_linear(x, getattr(base, "_mhsft_fp8", None) or base.weight, base.bias, a, bt, p)
+    bias = None if _is_bnb_4bit(base) else base.bias  # the 4-bit layer's own forward adds it
+    return lora_linear(x, frozen_base(base), bias, a, bt, p)

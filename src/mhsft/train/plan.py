@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mhsft.model import parameter_count
+
 # Per-micro-batch host overhead in units of a 7B step's per-token cost without recompute, at 3072-token rows: a
 # 2-row micro-batch cost 67.1 us a token and a 4-row one 61.9 on the H200 (NOTES), i.e. 1 + o/2 = 1.08 (1 + o/4).
 # The overhead scales with the layers launched per micro-batch and shrinks with the work per layer.
@@ -140,7 +142,8 @@ def _best_recompute(s: Search, b: int, acc: int) -> Plan | None:
     if not full_ok:
         return None
     stored, ok = max(1, n // 8), False
-    while not ok:  # a second point for the memory of a stored layer: n/8 stored layers, fewer when they do not fit
+    # a second point for the memory of a stored layer: n/8 stored layers, fewer when they do not fit
+    while not ok:
         ok, peak = s.fits(Plan(b, acc, n - stored, n))
         if not ok and stored == 1:
             return Plan(b, acc, n, n)
@@ -262,7 +265,7 @@ def choose(
     layers = len(decoder_layers(model))
     asked = as_written(args.per_device_train_batch_size, args.gradient_accumulation_steps,
                        args.gradient_checkpointing, args.gradient_checkpointing_ratio, layers)  # fmt: skip
-    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    parameters = sum(parameter_count(p) for p in model.parameters())
     if reason := keep_as_written(args, device, parameters):
         return asked, reason
 

@@ -20,12 +20,19 @@ from pathlib import Path
 import torch
 
 from mhsft import __version__
-from mhsft.args import DataArguments, ModelArguments, args_to_dict, command_line, parse_args
+from mhsft.args import (
+    DataArguments,
+    ModelArguments,
+    QuantArguments,
+    args_to_dict,
+    command_line,
+    parse_args,
+)
 from mhsft.checkpoint import base_model_of
 from mhsft.data.loader import load_datasets
 from mhsft.data.render import IGNORE_INDEX, render_dialogue
 from mhsft.files import write_json
-from mhsft.model import load_model, load_tokenizer, resolve_model_dir
+from mhsft.model import load_model, load_tokenizer, parameter_count, quant_spec, resolve_model_dir
 from mhsft.packed_attention import choose_attention
 from mhsft.train import plan
 from mhsft.train.batches import (
@@ -55,7 +62,7 @@ log = get_logger()
 
 
 @dataclass
-class SftArguments(ModelArguments, DataArguments, TrackingArguments):
+class SftArguments(ModelArguments, QuantArguments, DataArguments, TrackingArguments):
     train_type: str = field(default="lora", metadata={"help": "lora | full (ms-swift 4: --tuner_type)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / rank)."})
@@ -195,6 +202,13 @@ class SftArguments(ModelArguments, DataArguments, TrackingArguments):
             raise UserError(
                 "--fp8 runs in mhsft's fused LoRA layers, which --torch_compile replaces: drop one"
             )
+        if quant_spec(self) is not None:
+            if self.train_type != "lora":
+                raise UserError(
+                    "--quant_bits trains LoRA on a frozen quantized base: it needs --train_type lora"
+                )
+            if self.fp8:
+                raise UserError("--fp8 and --quant_bits both replace the base weights' matmuls: choose one")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -237,8 +251,33 @@ def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, noti
     # under ZeRO-3 the weights are partitioned onto each rank's GPU as they load (deepspeed.zero.Init), which a
     # device_map or a move would contradict
     device = None if zero3_enabled() else str(device)
-    model = load_model(model_path, dtype=dtype, attn_impl=attn_impl, device=device)
+    quant = quant_spec(args)
+    if quant and zero3_enabled():
+        raise UserError(
+            "--quant_bits with --deepspeed zero3: ZeRO-3 cannot shard bitsandbytes weights (use DDP)"
+        )
+    model = load_model(model_path, dtype=dtype, attn_impl=attn_impl, device=device, quant=quant)
+    if quant:
+        model = prepare_kbit(model, dtype)
+        kind = f"{quant['quant_type']}, double quantization" if quant["bits"] == 4 else "LLM.int8"
+        name = str(dtype).removeprefix("torch.")
+        notices.append(f"base model loaded in {quant['bits']} bits by bitsandbytes ({kind}); LoRA in {name}")
     return prepare_model(model, args, notices)
+
+
+def prepare_kbit(model, dtype):
+    """PEFT's k-bit preparation (frozen base, gradients through the quantized layers), then every parameter it
+    upcast to float32 back in the training dtype unless that is float16: the float32 copies keep float16 training
+    from overflowing, and under bfloat16 they only cost memory and speed (Qwen2.5-7B's embeddings and LM head: 4.4 GB
+    more, and float32 activations after every norm, whose float32 weight promotes them)."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if dtype not in (torch.float16, torch.float32):
+        for p in model.parameters():
+            if p.dtype == torch.float32:
+                p.data = p.data.to(dtype)
+    return model
 
 
 def prepare_model(model, args: SftArguments, notices: list[str]):
@@ -325,7 +364,7 @@ def train(args: SftArguments) -> Path:
     if attn_notice:
         notices.append(attn_notice)
     model = build_model(args, model_path, dtype, attn_impl, notices, accelerator.device)
-    if not zero3_enabled():
+    if not zero3_enabled() and quant_spec(args) is None:  # bitsandbytes placed a quantized model as it loaded
         model.to(accelerator.device)
     first_epoch = epoch_plan(train_samples, 0, args)
     chosen, plan_line = decide_plan(args, model, train_samples, first_epoch, pad_id_of(tokenizer), accelerator,
@@ -512,15 +551,12 @@ def make_optimization(args: SftArguments, model, accelerator, dtype, total_steps
 def describe_run(args, model, model_path, run_dir, dtype, attn_impl, world, total_steps, data_counts) -> dict:
     """args.json: every argument (secrets masked) and what the run decided, written before the first step."""
 
-    def numel(p) -> int:  # a ZeRO-3 partitioned parameter holds only its shard; ds_numel is its full size
-        return getattr(p, "ds_numel", p.numel())
-
     return args_to_dict(args) | {
         "command": command_line(),
         "model_dir": model_path,
         "run_dir": str(run_dir),
-        "trainable_parameters": sum(numel(p) for p in model.parameters() if p.requires_grad),
-        "total_parameters": sum(numel(p) for p in model.parameters()),
+        "trainable_parameters": sum(parameter_count(p) for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(parameter_count(p) for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),
         "attention": attn_impl,
         "world_size": world,
