@@ -442,9 +442,10 @@ async def completions(server: Server, request):
         raise ApiError(400, "suffix is not supported", "suffix", "invalid_value")
     if body.max_tokens == 0 and not body.echo:
         raise ApiError(400, "max_tokens 0 is only allowed with echo", "max_tokens", "invalid_value")
-    prompts = await server.offload(size, _prompts, server, body.prompt)
-    if len(prompts) * body.n > MAX_PROMPTS:
+    single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+    if (1 if single else len(body.prompt)) * body.n > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts x n per request", "prompt", "invalid_value")
+    prompts = await server.offload(size, _prompts, server, body.prompt)
     want_lp = body.logprobs is not None
     job = Job(server.engine)
     choices, lens, index = [], [], 0
