@@ -513,3 +513,54 @@ def test_a_large_body_delays_only_itself(small_server):
     status, out = result["r"]
     assert status == 200 and out["count"] == 3_000_000
     assert worst < 1.0, worst
+
+
+def test_an_unexpected_exception_in_deploy_is_a_500_and_one_line(loaded, monkeypatch):
+    """deploy's app in this process (uvicorn on a thread, the real engine) with an endpoint's helper made to
+    raise: the client gets a 500 in OpenAI's shape naming a request id, the log one line with that id, and no
+    traceback; the next request is served."""
+    import logging
+
+    import uvicorn
+
+    from mhsft.client import free_port
+    from mhsft.serve.deploy import DeployArguments, Server, build_app
+    from mhsft.serve.engine import BASE, Engine
+    from mhsft.utils import get_logger
+
+    model, tok, names = loaded
+    engine = Engine(model, tok, names, max_batch_size=2, max_model_len=256).start()
+    server = Server(engine, {"tiny": BASE}, DeployArguments(model="builtin:tiny"))
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: lines.append(r.getMessage() + ("\nTraceback" if r.exc_info else ""))
+    get_logger()
+    for name in ("mhsft", "uvicorn.error"):
+        logging.getLogger(name).addHandler(handler)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.02)
+        url = {"url": f"http://127.0.0.1:{port}"}
+        real = server.encode_messages
+        monkeypatch.setattr(server, "encode_messages", lambda m: 1 / 0)
+        status, out = _raw(url, "POST", "/v1/chat/completions", {"model": "tiny", "messages": CHAT}, key=None)
+        err = out["error"]
+        assert status == 500 and err["type"] == "server_error" and "request id req-" in err["message"]
+        rid = err["message"].split("request id ")[1].rstrip(")")
+        assert [x for x in lines if rid in x] == [
+            f"internal error {rid} on POST /v1/chat/completions: ZeroDivisionError: division by zero"
+        ]
+        monkeypatch.setattr(server, "encode_messages", real)
+        ok = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
+        assert _raw(url, "POST", "/v1/chat/completions", ok, key=None)[0] == 200
+        assert not any("Traceback" in x for x in lines)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        engine.stop()
+        for name in ("mhsft", "uvicorn.error"):
+            logging.getLogger(name).removeHandler(handler)

@@ -15,6 +15,7 @@ for "busy, retry", in OpenAI's error shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from dataclasses import dataclass
@@ -161,15 +162,8 @@ class RequestGuard:
                               [(b"retry-after", str(RETRY_AFTER_S).encode())])  # fmt: skip
             return
         self.in_flight += counted
-        started = False
-
-        async def tracked_send(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, receive, tracked_send)
+            await self.app(scope, receive, send)
         except ClientDisconnect:
             pass
         except Exception as e:
@@ -178,17 +172,19 @@ class RequestGuard:
                 f"internal error {rid} on {scope['method']} {scope['path']}: {type(e).__name__}: "
                 f"{scrub(str(e))[:300]}"
             )
-            await _end(send, started, rid)
+            await _end(send, rid)
         finally:
             self.in_flight -= counted
 
 
-async def _end(send, started: bool, rid: str) -> None:
-    """The reply to a request whose endpoint raised: a 500, or the end of a response already under way."""
+async def _end(send, rid: str) -> None:
+    """The reply to a request whose endpoint raised: a 500, or, when the response had already started (the
+    server refuses a second start), the end of that response. (Not tracked per message: a wrapper around `send`
+    would cost every streamed chunk a call.)"""
     try:
-        if not started:
-            await _send_error(send, 500, f"internal error (request id {rid})", "internal_error")
-        else:
+        await _send_error(send, 500, f"internal error (request id {rid})", "internal_error")
+    except RuntimeError:
+        with contextlib.suppress(Exception):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     except Exception:  # the connection is gone: nothing left to answer
         return
