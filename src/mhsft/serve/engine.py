@@ -20,6 +20,12 @@ slot), the next step reads its inputs from there and is queued before the previo
 back and reported. So the scheduler's Python (reporting 64 tokens, finishing rows, admitting new ones) runs
 while the device computes, instead of between two steps. A row that stopped on a token is already in the next
 step: that one token is computed and dropped. Lengths are known ahead, so a row never runs past its limit.
+
+A request's own fault fails it alone. Its prompt ids and sampling values are checked once, when it is submitted
+(in the caller's thread, never per step; `SamplingParams.checked`); its sampling state is built before it takes
+a slot; a failure in its own prefill, prompt logprobs or consumer ends it alone and frees its slot. Before, a
+seed of 10**30 failed after taking a slot and kept it forever, and a temperature of 1e-300 failed every
+request of its batch.
 """
 
 from __future__ import annotations
