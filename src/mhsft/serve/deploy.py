@@ -193,7 +193,7 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self.pool, job)
 
     async def body(self, request, cls):
-        """The request's body as model `cls`: its key, size, JSON and fields checked in that order."""
+        """(the body as model `cls`, its size in bytes): the key, size, JSON and fields checked in that order."""
         check_key(request, self.args.api_key)
         raw = await read_body(request, self.args.max_body_mb)
         return await self.offload(len(raw), _parse, cls, raw, self.engine.vocab), len(raw)
