@@ -94,7 +94,7 @@ def main() -> None:
     if args.worker:
         raise SystemExit(worker_server(args, rest))
 
-    from serve_throughput import _env, _round
+    from serve_throughput import _round, subprocess_env
 
     from mhsft.builtin import resolve_model
     from mhsft.client import free_port, stop_process, wait_for_server
@@ -107,7 +107,7 @@ def main() -> None:
            f"--prefill_ms_per_row={args.prefill_ms_per_row}", *server_argv]  # fmt: skip
     log = Path(args.workdir) / "serve_overhead.log"
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
     try:
         wait_for_server(f"http://127.0.0.1:{port}", timeout=300, proc=proc)
         cold = asyncio.run(_round(port, args))

@@ -51,7 +51,7 @@ def server(tmp_path_factory):
     with DeployProcess(argv, tmp / "server.log", env=env, timeout=120) as srv:
         yield {"url": srv.url, "a": a, "b": b, "proc": srv.proc, "log": tmp / "server.log"}
     text = (tmp / "server.log").read_text(encoding="utf-8", errors="replace")
-    assert "Traceback" not in text
+    assert "Traceback" not in text and "internal error" not in text and "generation failed" not in text
     assert "completion_tokens=" in text and "压力很大" not in text  # counts are logged, conversations are not
 
 
@@ -240,6 +240,18 @@ def test_hostile_inputs_get_their_4xx_and_the_server_keeps_serving(server, clien
         ("missing key", ok, None, 401),
         ("wrong key", ok, "wrong-key-000", 401),
         ("10 MB body", b'{"model": "a", "pad": "' + b"x" * (10 << 20) + b'"}', KEY, 413),
+        ("stream as a string", {**ok, "stream": "yes"}, KEY, 400),
+        ("n as a string", {**ok, "n": "2"}, KEY, 400),
+        ("seed past int64", {**ok, "temperature": 1, "seed": 10**30}, KEY, 400),
+        ("seed 2**64", {**ok, "temperature": 1, "seed": 2**64}, KEY, 400),
+        ("NaN temperature", b'{"model": "a", "messages": [], "temperature": NaN}', KEY, 400),
+        ("deep JSON", b'{"model": "a", "x": ' + b"[" * 200 + b"]" * 200 + b"}", KEY, 400),
+        ("lone surrogate", b'{"model": "a", "messages": [{"role": "user", "content": "\\ud83d"}]}', KEY, 400),
+        ("surrogate in a stop", {**ok, "stop": ["\ud83d"]}, KEY, 400),
+        ("too many stops", {**ok, "stop": ["x"] * 17}, KEY, 400),
+        ("logit_bias past the vocabulary", {**ok, "logit_bias": {str(10**6): 1}}, KEY, 400),
+        ("logit_bias too large", {**ok, "logit_bias": {"5": 101}}, KEY, 400),
+        ("top_logprobs 21", {**ok, "logprobs": True, "top_logprobs": 21}, KEY, 400),
     ]
     for what, body, key, want in cases:
         status, out = _raw(server, "POST", "/v1/chat/completions", body, key=key)
@@ -251,9 +263,24 @@ def test_hostile_inputs_get_their_4xx_and_the_server_keeps_serving(server, clien
         ("empty prompt", {"model": "a", "prompt": "", "max_tokens": 1}, 400),
         ("prompt of the wrong type", {"model": "a", "prompt": {"x": 1}}, 400),
         ("token-id prompt longer than the context", {"model": "a", "prompt": [1] * (MAX_LEN + 5)}, 400),
+        ("lone surrogate", {"model": "a", "prompt": "\ud83d", "max_tokens": 1}, 400),
+        ("surrogate in a list", {"model": "a", "prompt": ["ok", "\udc00"], "max_tokens": 1}, 400),
+        ("a float token id", {"model": "a", "prompt": [1.0], "max_tokens": 1}, 400),
     ]:
         status, out = _raw(server, "POST", "/v1/completions", body)
         assert status == want and "error" in out, (what, status, out)
+    for path, body in [
+        ("/tokenize", {"prompt": "\ud83d"}),
+        ("/tokenize", {"messages": [{"role": "user", "content": "\udfff"}]}),
+        ("/tokenize", {"prompt": 5}),
+        ("/detokenize", {"tokens": [10**9]}),
+        ("/detokenize", {"tokens": ["1"]}),
+        ("/detokenize", {"tokens": [1], "model": "\ud83d"}),
+    ]:
+        status, out = _raw(server, "POST", path, body)
+        assert status == 400 and set(out["error"]) == {"message", "type", "param", "code"}, (path, body, out)
+    status, out = _raw(server, "GET", "/v1/models/%ED%A0%BD")  # a surrogate's UTF-8 bytes in the path
+    assert status == 404 and "error" in out
     status, out = _raw(server, "GET", "/v1/no-such-route")
     assert status == 404 and "error" in out
     assert get_json(server["url"] + "/health")[0] == 200
@@ -367,3 +394,173 @@ def test_lm_eval_local_completions_multiple_choice(server, tmp_path):
             ref = _local_logprobs(server, "a", whole)
             want = sum(ref[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
             assert abs(float(ll) - want) < 1e-3
+
+
+def test_poisoned_neighbours_fail_alone_over_http(server):
+    """Chats decoded beside hostile requests (a seed past int64, a NaN, a lone surrogate: 400s; a temperature of
+    1e-300 and a top_k of 10**20: answered, as greedy and as the whole vocabulary) get exactly the reply each
+    gets alone, and nothing is left in flight."""
+    clean = [{"model": "a", "messages": [{"role": "user", "content": f"第{i}个问题"}], "max_tokens": 12,
+              "temperature": 0, "ignore_eos": True} for i in range(3)]  # fmt: skip
+    alone = [
+        _raw(server, "POST", "/v1/chat/completions", b)[1]["choices"][0]["message"]["content"] for b in clean
+    ]
+    ok = clean[0]
+    poison = [
+        ({**ok, "temperature": 1, "seed": 10**30}, 400),
+        ({**ok, "temperature": 1e-300}, 200),
+        ({**ok, "temperature": 1, "top_k": 10**20, "seed": 3}, 200),
+        (b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "top_p": NaN}', 400),
+        ({**ok, "messages": [{"role": "user", "content": "\ud83d"}]}, 400),
+        ({**ok, "logit_bias": {"5": 1e9}}, 400),
+    ]
+    results: dict = {}
+
+    def send(key, body):
+        results[key] = _raw(server, "POST", "/v1/chat/completions", body)
+
+    threads = [threading.Thread(target=send, args=(("clean", i), b)) for i, b in enumerate(clean)]
+    threads += [threading.Thread(target=send, args=(("poison", i), b)) for i, (b, _) in enumerate(poison)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i, want in enumerate(alone):
+        status, out = results["clean", i]
+        assert status == 200 and out["choices"][0]["message"]["content"] == want
+    for i, (_, status) in enumerate(poison):
+        got, out = results["poison", i]
+        assert got == status, (i, out)
+        assert ("error" in out) == (status != 200)
+    deadline = time.monotonic() + 10
+    while get_json(server["url"] + "/health")[1]["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert get_json(server["url"] + "/health")[1]["in_flight"] == 0
+
+
+def test_streamed_logprobs_carry_a_partial_characters_own_bytes(server, client):
+    """A token holding one byte of a character (forced here with logit_bias) reports that byte, not the three
+    bytes of the U+FFFD that decoding it alone gives."""
+    from mhsft.model import load_tokenizer
+
+    tok = load_tokenizer(str(server["a"]))
+    (first, *_) = tok("龘", add_special_tokens=False)["input_ids"]  # a rare character: one token per byte
+    assert tok.decode([first]) == "\ufffd"
+    chunks = list(client.chat.completions.create(
+        model="a", messages=CHAT, max_tokens=3, stream=True, logprobs=True, top_logprobs=2,
+        logit_bias={str(first): 100}))  # fmt: skip
+    entries = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert len(entries) == 3
+    for e in entries:
+        assert e.bytes == list("龘".encode()[:1]) and e.bytes != list("\ufffd".encode())
+        assert all(t.bytes is not None for t in e.top_logprobs)
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    """One slot and no queue: a second generation is refused with 429."""
+    tmp = tmp_path_factory.mktemp("small")
+    argv = ["--model", "builtin:tiny", "--max_batch_size", "1", "--max_queue", "0", "--max_model_len", "512"]
+    with DeployProcess(argv, tmp / "server.log", timeout=120) as srv:
+        yield {"url": srv.url, "log": tmp / "server.log"}
+    text = (tmp / "server.log").read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in text and "internal error" not in text
+
+
+def test_a_full_queue_answers_429_with_retry_after(small_server):
+    port = int(small_server["url"].rsplit(":", 1)[1])
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read(6) == b"data: "
+    try:
+        c2 = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c2.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": False, "max_tokens": 2}),
+                   {"Content-Type": "application/json"})  # fmt: skip
+        r2 = c2.getresponse()
+        out = json.loads(r2.read())
+        assert (
+            r2.status == 429 and r2.getheader("Retry-After") == "1" and out["error"]["code"] == "server_busy"
+        )
+    finally:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    deadline = time.monotonic() + 15
+    while get_json(small_server["url"] + "/health")[1]["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ok = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
+    assert _raw({"url": small_server["url"]}, "POST", "/v1/chat/completions", ok, key=None)[0] == 200
+
+
+def test_a_large_body_delays_only_itself(small_server):
+    """A 3 MB /tokenize (one 3 MB word: ~3 s of tokenizing) runs off the event loop: GET /v1/models stays fast
+    meanwhile (on the loop, it waited for the whole tokenization)."""
+    prompt = "x" * 3_000_000
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=_raw({"url": small_server["url"]}, "POST", "/tokenize",
+                                                             {"prompt": prompt}, key=None)))  # fmt: skip
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        t0 = time.monotonic()
+        assert get_json(small_server["url"] + "/v1/models")[0] == 200
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.05)
+    t.join()
+    status, out = result["r"]
+    assert status == 200 and out["count"] == 3_000_000
+    assert worst < 1.0, worst
+
+
+def test_an_unexpected_exception_in_deploy_is_a_500_and_one_line(loaded, monkeypatch):
+    """deploy's app in this process (uvicorn on a thread, the real engine) with an endpoint's helper made to
+    raise: the client gets a 500 in OpenAI's shape naming a request id, the log one line with that id, and no
+    traceback; the next request is served."""
+    import logging
+
+    import uvicorn
+
+    from mhsft.client import free_port
+    from mhsft.serve.deploy import DeployArguments, Server, build_app
+    from mhsft.serve.engine import BASE, Engine
+    from mhsft.utils import get_logger
+
+    model, tok, names = loaded
+    engine = Engine(model, tok, names, max_batch_size=2, max_model_len=256).start()
+    server = Server(engine, {"tiny": BASE}, DeployArguments(model="builtin:tiny"))
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: lines.append(r.getMessage() + ("\nTraceback" if r.exc_info else ""))
+    get_logger()
+    for name in ("mhsft", "uvicorn.error"):
+        logging.getLogger(name).addHandler(handler)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.02)
+        url = {"url": f"http://127.0.0.1:{port}"}
+        real = server.encode_messages
+        monkeypatch.setattr(server, "encode_messages", lambda m: 1 / 0)
+        status, out = _raw(url, "POST", "/v1/chat/completions", {"model": "tiny", "messages": CHAT}, key=None)
+        err = out["error"]
+        assert status == 500 and err["type"] == "server_error" and "request id req-" in err["message"]
+        rid = err["message"].split("request id ")[1].rstrip(")")
+        assert [x for x in lines if rid in x] == [
+            f"internal error {rid} on POST /v1/chat/completions: ZeroDivisionError: division by zero"
+        ]
+        monkeypatch.setattr(server, "encode_messages", real)
+        ok = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
+        assert _raw(url, "POST", "/v1/chat/completions", ok, key=None)[0] == 200
+        assert not any("Traceback" in x for x in lines)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        engine.stop()
+        for name in ("mhsft", "uvicorn.error"):
+            logging.getLogger(name).removeHandler(handler)

@@ -49,3 +49,35 @@ def test_text_stream_stop_strings(tiny_model_dir):
     stream = TextStream(tok, stop=["来访者：你"])
     out = "".join(stream.push(i) for i in tok("好的来访者", add_special_tokens=False)["input_ids"])
     assert out + stream.flush() == "好的来访者" and not stream.stopped
+
+
+def test_token_bytes_are_the_tokens_own(tiny_model_dir):
+    """A token holding part of a character gives its raw bytes (joined, they are the character), not the bytes
+    of the U+FFFD that decoding it alone gives; special tokens are their text; ids past the vocabulary, empty."""
+    from mhsft.serve.detok import TokenBytes
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    tb = TokenBytes(tok)
+    text = "你好龘靐，世界 😊"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    assert b"".join(tb(i) for i in ids) == text.encode("utf-8")
+    assert all(tb(i) != "\ufffd".encode() for i in ids)
+    assert tb(tok.convert_tokens_to_ids("<|im_end|>")) == b"<|im_end|>"
+    assert tb(len(tok) + 5) == b""
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback():
+    from mhsft.serve.detok import TokenBytes
+
+    class SentencePieceLike:  # Llama-style: byte-fallback pieces and "▁" words, no byte-level decoder
+        pieces = {0: "<0xE4>", 1: "▁你好"}
+
+        def convert_ids_to_tokens(self, i):
+            return self.pieces[i]
+
+        def decode(self, ids, **kw):
+            return " 你好" if ids == [1] else "\ufffd"
+
+    tb = TokenBytes(SentencePieceLike())
+    assert tb(0) == b"\xe4" and tb(1) == " 你好".encode()

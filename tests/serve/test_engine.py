@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mhsft.serve.engine import BASE, Engine, Request, encode_chat
-from mhsft.serve.sampling import SamplingParams
+from mhsft.serve.sampling import RowState, SamplingParams
 
 
 def _run(engine: Engine, reqs: list[Request]) -> list[list]:
@@ -249,3 +249,106 @@ def test_engine_cancel_and_limits(loaded):
             engine.submit(Request(list(range(64)), SamplingParams(), None))
     finally:
         engine.stop()
+
+
+def test_a_poisoned_row_fails_alone_and_its_batch_finishes_as_without_it(loaded, monkeypatch):
+    """One batch with clean rows (greedy, seeded, penalized) and poisoned ones: values that once failed the whole
+    batch (temperature 1e-300, top_k 10**20, seed 10**30: now computed safely), values refused at submit (a NaN
+    temperature, a token id outside the vocabulary: nothing queued), and failures of one row's own state, its
+    prompt's forward, its prompt logprobs or its consumer. Each poisoned row ends alone, every slot comes
+    back, and the clean rows' tokens equal those of a run without the poisoned rows."""
+    from mhsft.serve import engine as engine_module
+    from mhsft.utils import UserError
+
+    model, tok, names = loaded
+    texts = ("你好", "我最近睡不好，怎么办？", "谢谢")
+    prompts = [encode_chat(tok, [{"role": "user", "content": c}]) for c in texts]
+    clean = [
+        SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=1),
+        SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=1.0, seed=5),
+        SamplingParams(
+            max_new_tokens=8,
+            ignore_eos=True,
+            temperature=0.8,
+            seed=9,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            logit_bias={3: 2.0},
+        ),  # fmt: skip
+    ]
+    MARK = 7  # a prompt starting with this token breaks the forward of any batch it is in (below)
+    real_create, real_forward, real_plp = RowState.create, Engine._prefill_forward, Engine._prompt_logprobs
+
+    def create(params, *a):
+        if params.seed == 666:
+            raise RuntimeError("this row's state cannot be built")
+        return real_create(params, *a)
+
+    def forward(self, adapter, reqs):
+        if any(r.prompt_ids[0] == MARK for r in reqs):
+            raise RuntimeError("this prompt breaks the forward")
+        return real_forward(self, adapter, reqs)
+
+    def prompt_logprobs(self, hidden, req):
+        if req.params.prompt_logprobs == 3:
+            raise RuntimeError("this row's prompt logprobs fail")
+        return real_plp(self, hidden, req)
+
+    monkeypatch.setattr(engine_module.RowState, "create", staticmethod(create))
+    monkeypatch.setattr(Engine, "_prefill_forward", forward)
+    monkeypatch.setattr(Engine, "_prompt_logprobs", prompt_logprobs)
+
+    def broken_consumer(ev):
+        if ev.kind == "token":
+            raise RuntimeError("the consumer is gone")
+
+    def run(poisoned: bool):
+        engine = Engine(model, tok, names, max_batch_size=8, max_model_len=256, batch_wait_s=0.3).start()
+        try:
+            reqs = [Request(p, sp, None, adapter="a") for p, sp in zip(prompts, clean)]
+            bad = []
+            if poisoned:
+                p = prompts[0]
+                extreme = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=1e-300, top_k=10**20,
+                                         seed=10**30)  # fmt: skip
+                bad = [
+                    Request(p, extreme, None, adapter="a"),
+                    Request(
+                        p, SamplingParams(max_new_tokens=8, temperature=1.0, seed=666), None, adapter="a"
+                    ),
+                    Request([MARK] + p, SamplingParams(max_new_tokens=8), None, adapter="a"),
+                    Request(p, SamplingParams(max_new_tokens=8, prompt_logprobs=3), None, adapter="a"),
+                ]
+                for refused in (
+                    Request(p, SamplingParams(temperature=float("nan")), None, adapter="a"),
+                    Request(p[:-1] + [10**6], SamplingParams(), None, adapter="a"),
+                ):
+                    with pytest.raises(UserError):
+                        engine.submit(refused)
+                assert engine.load() == 0
+                consumer = Request(p, SamplingParams(max_new_tokens=50, ignore_eos=True), broken_consumer)
+                engine.submit(consumer)
+            # interleaved, so that poisoned and clean rows share the prefill and the decode steps
+            order = [r for pair in zip(reqs, bad + [None] * len(reqs)) for r in pair if r is not None] + bad[
+                3:
+            ]
+            results = dict(zip(map(id, order), _run(engine, order)))
+            deadline = time.monotonic() + 30
+            while engine.load() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.load() == 0 and sorted(engine.free) == list(range(8))
+        finally:
+            engine.stop()
+        return [results[id(r)] for r in reqs], [results[id(r)] for r in bad]
+
+    want, _ = run(poisoned=False)
+    got, bad = run(poisoned=True)
+    tokens = [[e.token for e in evs if e.kind == "token"] for evs in want]
+    assert all(len(t) == 8 for t in tokens)
+    assert [[e.token for e in evs if e.kind == "token"] for evs in got] == tokens
+    lps = [[e.logprob for e in evs if e.kind == "token"] for evs in (want[0], got[0])]
+    assert all(abs(x - y) < 1e-5 for x, y in zip(*lps))
+    extreme, no_state, no_forward, no_logprobs = bad
+    assert extreme[-1].kind == "done" and sum(e.kind == "token" for e in extreme) == 8
+    for evs in (no_state, no_forward, no_logprobs):
+        assert [e.kind for e in evs] == ["error"] and evs[0].message.startswith("generation failed")

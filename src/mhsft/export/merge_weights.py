@@ -11,8 +11,6 @@ known (and checked against the adapter) before the first byte is written.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import math
 import os
@@ -24,7 +22,7 @@ from pathlib import Path
 from mhsft.checkpoint import adapter_weights_file
 from mhsft.files import read_json, write_json
 from mhsft.model import DTYPES
-from mhsft.utils import UserError, get_logger
+from mhsft.utils import UserError, get_logger, release_freed_memory
 
 log = get_logger()
 
@@ -317,18 +315,6 @@ def plan_merge(base: dict[str, BaseTensor], adapter: Adapter, config: dict) -> t
 def out_dtype(src_dtype: str, merge_dtype: str) -> str:
     """Floating tensors take the merge dtype; integer buffers (rare) keep theirs."""
     return merge_dtype if src_dtype in ("float64", "float32", "float16", "bfloat16") else src_dtype
-
-
-def release_freed_memory(collect: bool = True) -> None:
-    """Hand freed heap memory back to the OS. glibc keeps blocks under its mmap threshold (32 MB at most) in
-    per-thread arenas after they are freed, and torch's worker threads allocate from different arenas, so
-    without this the small tensors of shard after shard pile up as resident memory (measured: 2-3 shards'
-    worth instead of one on the 20 MB-shard benchmark)."""
-    if collect:
-        gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def read_tensor(file: Path, key: str):

@@ -5,9 +5,16 @@ a token on its own then gives U+FFFD. Following text-generation-inference and vL
 window of recent tokens twice (without and with the new ones) and emits only the text that grew, holding back
 while the new text still ends in an incomplete character. Stop strings are held back the same way while the
 text ends in a prefix of one, so a client never sees the start of a stop string.
+
+`TokenBytes` gives a token's raw bytes for the logprobs' `bytes` field: a token holding part of a character
+has no text of its own, and the bytes of its U+FFFD cannot be joined back into the character (OpenAI reports
+the raw bytes for this reason).
 """
 
 from __future__ import annotations
+
+import json
+import re
 
 REPLACEMENT = "\ufffd"
 # A UTF-8 character is at most 4 bytes, so at most 4 byte-level tokens: tokens that still have not produced text
@@ -80,3 +87,51 @@ def _held_back(text: str, stops: list[str], floor: int) -> int:
                 longest = n
                 break
     return longest
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback tokens
+
+
+class TokenBytes:
+    """token id -> the bytes it stands for. Byte-level BPE (GPT-2, Qwen) spells each byte as one symbol, which
+    GPT-2's byte-to-unicode table maps back; SentencePiece's byte-fallback tokens are `<0xE4>`; added tokens are
+    their own text; any other token is its decoded text. Ids past the tokenizer's vocabulary (padding rows of
+    the embedding) are empty."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+        self.byte_of = _byte_level_table(tokenizer)
+
+    def __call__(self, token_id: int) -> bytes:
+        if token_id in self.added:
+            return self.added[token_id].encode("utf-8")
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not piece:
+            return b""
+        if self.byte_of is not None and all(c in self.byte_of for c in piece):
+            return bytes(self.byte_of[c] for c in piece)
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        text = self.tokenizer.decode(
+            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        return text.encode("utf-8")
+
+
+def _byte_level_table(tokenizer) -> dict[str, int] | None:
+    """symbol -> byte, when the tokenizer's decoder is byte-level (else None)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None:
+        return None
+    spec = json.loads(decoder.__getstate__())
+    kinds = {d.get("type") for d in spec.get("decoders", [spec])}
+    if "ByteLevel" not in kinds:
+        return None
+    try:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except ImportError:  # transformers 4.x keeps it with GPT-2's tokenizer
+        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+    return {c: b for b, c in bytes_to_unicode().items()}

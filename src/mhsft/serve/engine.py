@@ -20,6 +20,12 @@ slot), the next step reads its inputs from there and is queued before the previo
 back and reported. So the scheduler's Python (reporting 64 tokens, finishing rows, admitting new ones) runs
 while the device computes, instead of between two steps. A row that stopped on a token is already in the next
 step: that one token is computed and dropped. Lengths are known ahead, so a row never runs past its limit.
+
+A request's own fault fails it alone. Its prompt ids and sampling values are checked once, when it is submitted
+(in the caller's thread, never per step; `SamplingParams.checked`); its sampling state is built before it takes
+a slot; a failure in its own prefill, prompt logprobs or consumer ends it alone and frees its slot. Before, a
+seed of 10**30 failed after taking a slot and kept it forever, and a temperature of 1e-300 failed every
+request of its batch.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ from mhsft.serve.sampling import Pending, RowState, SamplingParams, sample_async
 from mhsft.utils import UserError, get_logger
 
 KV_BUCKET = 256  # decode attends over the longest row rounded up to this (a graph per bucket)
+
+
+class Busy(RuntimeError):
+    """The engine's queue cannot take these requests now; the same requests may succeed later."""
 
 
 @dataclass
@@ -97,7 +107,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         batch_wait_s: float = 0.005,
         burst_wait_s: float = 0.1,
-        max_queue: int = 4096,
+        max_queue: int = 4096,  # requests waiting for a slot, beyond the max_batch_size running
         pad_batches: bool | None = None,
         fast_paths: bool = True,
         async_scheduling: bool = True,
@@ -216,26 +226,41 @@ class Engine:
             self.thread.join(timeout=30)
             self.thread = None
 
-    def submit(self, req: Request) -> None:
-        """Queue a request. Raises UserError when it can never run (too long) and RuntimeError when the
-        engine is stopped or its queue is full."""
+    def submit(self, *reqs: Request) -> None:
+        """Queue requests, all or none. Raises UserError for a request that can never run (too long, token ids
+        outside the vocabulary, a sampling value out of range), Busy when the queue cannot take them all now,
+        and RuntimeError when the engine is stopping. Each request is checked here, once and in the caller's
+        thread, so that none can fail the batch it later runs in."""
         if self.stopping:
             raise RuntimeError("the engine is shutting down")
+        for req in reqs:
+            self._check(req)
+        room = self.max_batch_size + self.max_queue
+        if len(reqs) > room:
+            raise UserError(f"{len(reqs)} generations at once; this server queues at most {room}")
+        with self.lock:
+            if self.pending + len(reqs) > room:
+                raise Busy(f"{self.pending} requests in flight, the queue is full")
+            self.pending += len(reqs)
+        for req in reqs:
+            req.id = req.id or f"r{next(self.ids)}"
+            self.inbox.put(req)
+        self.wake.set()
+
+    def _check(self, req: Request) -> None:
+        """Refuse what could fail later in a batch; replace the sampling values by ones that always compute."""
         if req.adapter is not BASE and req.adapter not in self.adapters:
             raise UserError(f"unknown adapter {req.adapter!r}")
-        if not req.prompt_ids:
+        ids = req.prompt_ids
+        if not ids:
             raise UserError("the prompt is empty")
-        if len(req.prompt_ids) >= self.max_model_len:
+        if len(ids) >= self.max_model_len:
             raise UserError(
-                f"the prompt has {len(req.prompt_ids)} tokens; this server's context is {self.max_model_len}"
+                f"the prompt has {len(ids)} tokens; this server's context is {self.max_model_len}"
             )
-        with self.lock:
-            if self.pending >= self.max_queue:
-                raise RuntimeError(f"too many requests in flight ({self.pending})")
-            self.pending += 1
-        req.id = req.id or f"r{next(self.ids)}"
-        self.inbox.put(req)
-        self.wake.set()
+        if min(ids) < 0 or max(ids) >= self.vocab:  # an embedding lookup out of range fails the whole batch
+            raise UserError(f"the prompt holds token ids outside [0, {self.vocab})")
+        req.params = req.params.checked(self.vocab)
 
     def cancel(self, req: Request) -> None:
         """Stop generating for `req` (its client left); its slot is freed at the next step."""
@@ -354,7 +379,9 @@ class Engine:
             self.inflight = []
 
     def _admit(self) -> list[_Step]:
-        """Prefill waiting requests into free slots, a batch per adapter, within the prefill token budget."""
+        """Prefill waiting requests into free slots, a batch per adapter, within the prefill token budget. A
+        request's sampling state is built before it takes a slot: one whose state cannot be built fails alone
+        and holds nothing."""
         queued: list[_Step] = []
         batch: dict[object, list[Request]] = {}
         budget = self.max_prefill_tokens
@@ -364,26 +391,24 @@ class Engine:
             if n > budget and any(batch.values()):
                 break
             self.waiting.popleft()
+            try:
+                req.row = RowState.create(req.params, req.prompt_ids, self.vocab, self.device)
+            except Exception as e:
+                self._fail(req, "building its sampling state", e)
+                continue
             budget -= n
             req.slot = heapq.heappop(self.free)
-            req.row = RowState.create(req.params, req.prompt_ids, self.vocab, self.device)
             self.running[req.slot] = req
             batch.setdefault(req.adapter, []).append(req)
         self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
         for adapter, reqs in batch.items():
-            t = time.perf_counter()
-            try:
-                step = self._prefill(adapter, reqs)
-                if step is not None:
-                    queued.append(step)
-                self.stats["prefill_batches"] += 1
-                self.stats["prefill_seconds"] += time.perf_counter() - t
-            except torch.OutOfMemoryError:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                for req in reqs:
-                    self._finish(req, error="out of memory during prefill; send shorter or fewer prompts")
+            queued += self._prefill(adapter, reqs)
         return queued
+
+    def _fail(self, req: Request, what: str, e: Exception) -> None:
+        """One request failed on its own: one log line (no prompt text), an error event, its slot freed."""
+        get_logger().error(f"request {req.id} failed {what}: {type(e).__name__}: {str(e)[:200]}")
+        self._finish(req, error=f"generation failed: {type(e).__name__}")
 
     def _use_adapter(self, adapter) -> None:
         if adapter == self.active_adapter or not self.adapters:
@@ -431,7 +456,54 @@ class Engine:
             )
         return out.last_hidden_state
 
-    def _prefill(self, adapter, reqs: list[Request]) -> _Step | None:
+    def _prefill(self, adapter, reqs: list[Request]) -> list[_Step]:
+        """Prefill requests (running, in their slots) as one batch and queue each one's first token. When the
+        batch's forward raises, each request is prefilled alone, so that a prompt that breaks the forward fails
+        its own request only (the others' slots are simply written again)."""
+        t = time.perf_counter()
+        try:
+            hidden, logits, slots = self._prefill_forward(adapter, reqs)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for req in reqs:
+                self._finish(req, error="out of memory during prefill; send shorter or fewer prompts")
+            return []
+        except Exception as e:
+            if len(reqs) == 1:
+                self._fail(reqs[0], "in its prefill", e)
+                return []
+            return [step for r in reqs for step in self._prefill(adapter, [r])]
+        failed, done = [], []
+        for i, r in enumerate(reqs):
+            r.cache_len = len(r.prompt_ids)
+            if r.params.prompt_logprobs is not None:
+                try:
+                    r.emit(Event("prompt_logprobs", prompt_logprobs=self._prompt_logprobs(hidden[i], r)))
+                except Exception as e:  # this request's own logprobs (or its consumer): it fails alone
+                    failed.append((r, e))
+                    continue
+            if r.params.max_new_tokens <= 0:  # scoring the prompt only (echo with max_tokens 0)
+                done.append(r)
+        self.stats["prefill_tokens"] += sum(len(r.prompt_ids) for r in reqs)
+        skip = {id(r) for r, _ in failed} | {id(r) for r in done}
+        live = [i for i, r in enumerate(reqs) if id(r) not in skip]
+        steps = []
+        if len(live) < len(reqs) and live:
+            live_t = to_device(live, self.device)
+            logits, slots = logits.index_select(0, live_t), slots.index_select(0, live_t)
+        if live:  # queued before any finish below moves a row's slot
+            steps.append(self._queue_tokens(logits, [reqs[i] for i in live], slots))
+        for r, e in failed:
+            self._fail(r, "computing its prompt logprobs", e)
+        for r in done:
+            self._finish(r, reason="length")
+        self.stats["prefill_batches"] += 1
+        self.stats["prefill_seconds"] += time.perf_counter() - t
+        return steps
+
+    def _prefill_forward(self, adapter, reqs: list[Request]):
+        """The prompts' hidden states (written into their slots' KV), last-token logits, and slots."""
         self._use_adapter(adapter)
         dev = self.device
         lens = [len(r.prompt_ids) for r in reqs]
@@ -444,23 +516,7 @@ class Engine:
         mask = self._mask(causal[None, None].expand(len(reqs), 1, T, T))
         hidden = self._forward(ids, positions, slots, mask, T)
         last = hidden[torch.arange(len(reqs), device=dev), to_device(lens, dev) - 1]
-        logits = self.lm_head(last)
-        for i, r in enumerate(reqs):
-            r.cache_len = lens[i]
-            if r.params.prompt_logprobs is not None:
-                r.emit(Event("prompt_logprobs", prompt_logprobs=self._prompt_logprobs(hidden[i], r)))
-        self.stats["prefill_tokens"] += sum(lens)
-        live = [i for i, r in enumerate(reqs) if r.params.max_new_tokens > 0]
-        step = None
-        if len(live) < len(reqs):
-            live_t = to_device(live, dev)
-            logits, slots = logits.index_select(0, live_t), slots.index_select(0, live_t)
-        if live:  # queued before any finish below moves a row's slot
-            step = self._queue_tokens(logits, [reqs[i] for i in live], slots)
-        for r in reqs:
-            if r.params.max_new_tokens <= 0:  # scoring the prompt only (echo with max_tokens 0)
-                self._finish(r, reason="length")
-        return step
+        return hidden, self.lm_head(last), slots
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req: Request, chunk: int = 512) -> list:
         """Logprob of each prompt token given the ones before it (None for the first), and the top k."""
@@ -581,7 +637,10 @@ class Engine:
             r.generated += 1
             reported += 1
             is_stop = tok in self.eos_ids and not r.params.ignore_eos
-            r.emit(Event("token", token=tok, logprob=out.logprobs[i], top=out.top[i], is_stop=is_stop))
+            try:
+                r.emit(Event("token", token=tok, logprob=out.logprobs[i], top=out.top[i], is_stop=is_stop))
+            except Exception:  # its consumer is gone or broken: this request stops, the batch goes on
+                r.cancelled = True
             if is_stop:
                 self._finish(r, reason="stop")
             elif step.last[i]:
@@ -642,5 +701,6 @@ def engine_from_args(base: str, args, cuda_graphs: bool = True) -> tuple[Engine,
         get_logger().info("the tokenizer has no chat template: chat requests will fail, completions work")
     batch = args.max_batch_size or (64 if device.startswith("cuda") else 8)
     engine = Engine(m, tok, names, max_batch_size=batch, max_model_len=args.max_model_len, cuda_graphs=cuda_graphs,
-                    async_scheduling=getattr(args, "async_scheduling", True)).start()  # fmt: skip
+                    async_scheduling=getattr(args, "async_scheduling", True),
+                    max_queue=getattr(args, "max_queue", 4096)).start()  # fmt: skip
     return engine, device

@@ -3,14 +3,39 @@ penalties, seed), as a serving engine needs: one logits tensor in, one token per
 
 transformers' LogitsProcessors apply one setting to the whole batch, so they cannot serve a batch that mixes
 greedy lm-eval requests with sampled chat requests; this module applies each row's own values, vectorized
-where the values allow and per row only where they must be (a seeded generator, penalties).
+where the values allow and per row only where they must be (a seeded generator, penalties, logit bias).
+
+One row must never fail the batch it is sampled in, so every value is checked once, when its request is
+submitted (`SamplingParams.checked`), against ranges in which the arithmetic stays finite: no accepted value can
+make an inf or NaN probability (before this check, a temperature of 1e-300 failed every request of its batch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from mhsft.utils import UserError
+
+# The values a setting may take (inclusive): OpenAI's ranges where its API has the setting; for the others, ranges
+# that keep every logit finite in float32 (a logit is scaled by at most 1 / MIN_TEMPERATURE or 100). The server's
+# request models use the same bounds, so a value the engine would refuse is a 400 naming its field.
+LIMITS = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "repetition_penalty": (0.01, 100.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "logit_bias": (-100.0, 100.0),
+}
+# Below this a temperature samples greedily (vLLM's _SAMPLING_EPS): 1e-300 would become 0 in float32 and turn
+# the logits into inf / NaN; at 1e-5 float32 logits scaled by 1e5 stay finite and the softmax is already one-hot.
+MIN_TEMPERATURE = 1e-5
+SEED_RANGE = 1 << 64  # torch.Generator takes seeds in [0, 2**64): any integer seed is taken modulo this
+MAX_LOGIT_BIAS = 1024  # entries per request
+MAX_LOGPROBS = 20  # alternatives per token
 
 
 @dataclass
@@ -26,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # report each generated token's logprob and this many alternatives
     prompt_logprobs: int | None = None  # report the prompt tokens' logprobs (echo) and this many alternatives
+    logit_bias: dict[int, float] | None = None  # added to these tokens' logits before sampling (OpenAI's)
 
     @classmethod
     def of(cls, gen, max_new_tokens: int | None = None) -> SamplingParams:
@@ -41,6 +67,66 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
+    @property
+    def adjusted(self) -> bool:
+        """Whether this row's logits change before sampling (penalties, logit bias): those rows take a per-row
+        step; the others are sampled with the whole batch."""
+        return self.penalized or bool(self.logit_bias)
+
+    def checked(self, vocab: int) -> SamplingParams:
+        """A copy the sampler can always compute, or UserError naming the first setting out of range. Checked once,
+        when a request is submitted, so no request can fail a batch later: a temperature under MIN_TEMPERATURE
+        is greedy and top_k past the vocabulary (or negative) is off; any integer seed is accepted (RowState
+        takes it modulo 2**64)."""
+        for name, (lo, hi) in LIMITS.items():
+            if name == "logit_bias":
+                continue
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+                raise UserError(f"{name} must be a number in [{lo:g}, {hi:g}] (got {v!r})")
+        _check_int("max_new_tokens", self.max_new_tokens, 0)
+        _check_int("top_k", self.top_k, None)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0, MAX_LOGPROBS)
+        if self.seed is not None:
+            _check_int("seed", self.seed, None)
+        bias = _checked_bias(self.logit_bias, vocab)
+        return dataclasses.replace(
+            self,
+            temperature=0.0 if self.temperature < MIN_TEMPERATURE else float(self.temperature),
+            top_k=self.top_k if 0 < self.top_k < vocab else 0,
+            logit_bias=bias,
+        )
+
+
+def _check_int(name: str, v, lo: int | None, hi: int | None = None) -> None:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int)
+        or (lo is not None and v < lo)
+        or (hi is not None and v > hi)
+    ):
+        where = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise UserError(f"{name} must be an integer{where} (got {v!r})")
+
+
+def _checked_bias(bias: dict | None, vocab: int) -> dict[int, float] | None:
+    if not bias:
+        return None
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise UserError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens (got {len(bias)})")
+    lo, hi = LIMITS["logit_bias"]
+    out = {}
+    for k, v in bias.items():
+        tid = int(k) if isinstance(k, str) and k.isdigit() and len(k) < 20 else k
+        if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < vocab:
+            raise UserError(f"logit_bias: {k!r} is not a token id in [0, {vocab})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+            raise UserError(f"logit_bias: the bias of token {tid} must be in [{lo:g}, {hi:g}] (got {v!r})")
+        out[tid] = float(v)
+    return out
+
 
 @dataclass
 class RowState:
@@ -50,12 +136,18 @@ class RowState:
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # (vocab,) how often each token was generated (OpenAI penalties)
     seen: torch.Tensor | None = None  # (vocab,) bool: token in prompt or reply (repetition penalty)
+    bias: torch.Tensor | None = None  # (vocab,) float32: logit_bias, dense
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: list[int], vocab: int, device) -> RowState:
+        """The state of a request's row, from params that passed `SamplingParams.checked`."""
         st = cls(params)
         if params.seed is not None and not params.greedy:
-            st.generator = torch.Generator(device=device).manual_seed(int(params.seed))
+            st.generator = torch.Generator(device=device).manual_seed(params.seed % SEED_RANGE)
+        if params.logit_bias:
+            st.bias = torch.zeros(vocab, dtype=torch.float32, device=device)
+            ids, values = list(params.logit_bias), list(params.logit_bias.values())
+            st.bias[to_device(ids, device)] = to_device(values, device, torch.float32)
         if params.presence_penalty or params.frequency_penalty:
             st.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
         if params.repetition_penalty != 1.0:
@@ -78,10 +170,11 @@ class RowState:
             self.seen.index_fill_(0, token, True)
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+def _adjust(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """Each adjusted row's penalties and logit bias, applied to its own row."""
     for i, r in enumerate(rows):
         p = r.params
-        if not p.penalized:
+        if not p.adjusted:
             continue
         row = logits[i]
         if r.seen is not None:
@@ -89,6 +182,8 @@ def _apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor
             row = torch.where(r.seen, pen, row)
         if r.counts is not None:
             row = row - p.frequency_penalty * r.counts - p.presence_penalty * (r.counts > 0).float()
+        if r.bias is not None:  # last: a bias of -100 lowers the final logit by exactly that
+            row = row + r.bias
         logits[i] = row
     return logits
 
@@ -173,8 +268,8 @@ def sample_async(logits: torch.Tensor, rows: list[RowState]) -> Pending:
     dev = logits.device
     ks = [r.params.logprobs for r in rows]
     raw_lp = logits.log_softmax(dim=-1) if any(k is not None for k in ks) else None
-    if any(r.params.penalized for r in rows):
-        logits = _apply_penalties(logits.clone(), rows)
+    if any(r.params.adjusted for r in rows):
+        logits = _adjust(logits.clone(), rows)
     tokens = logits.argmax(dim=-1)
     idx = [i for i, r in enumerate(rows) if not r.params.greedy]
     if idx:
