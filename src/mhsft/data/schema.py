@@ -7,6 +7,7 @@ error message can point back at the exact record.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
@@ -43,6 +44,9 @@ class Dialogue:
     turns: list[Turn]
     system: str | None = None
     source: Source = field(default_factory=lambda: Source("<memory>"))
+    # Counted notices about what reading changed (e.g. an empty last turn dropped): fixed sentences, so that
+    # callers can count them by kind.
+    notes: list[str] = field(default_factory=list)
 
     def to_messages(self) -> list[dict]:
         """OpenAI-style messages (system first when present)."""
@@ -104,6 +108,20 @@ class DataError(Exception):
             "reason": self.reason,
             "record": self.raw,
         }
+
+    def to_reject_line(self) -> str:
+        """`to_reject()` as one JSON line that always encodes: Chinese kept readable, but a record holding an
+        unpaired surrogate (valid JSON, not valid UTF-8) escaped as `\\udXXX`, and one too deep or circular
+        to serialize written without its record."""
+        rec = self.to_reject()
+        try:
+            line = json.dumps(rec, ensure_ascii=False, default=str)
+            line.encode("utf-8")
+            return line
+        except UnicodeEncodeError:
+            return json.dumps(rec, default=str)
+        except (ValueError, RecursionError):
+            return json.dumps({**rec, "record": None}, default=str)
 
 
 def validate_dialogue(d: Dialogue) -> None:
