@@ -202,13 +202,21 @@ def _utterances(rec: object, src: Source) -> Dialogue:
     return Dialogue(turns, None, src)
 
 
+def psyqa_prompt(rec: dict, src: Source) -> str:
+    """A PsyQA question as its asker put it: the question, then the description when there is one (the user turn
+    in training, the prompt in evaluation). Raises DataError."""
+    question = _text(rec.get("question"), src, "question").strip()
+    if not question:
+        raise DataError(src, "question: empty text")
+    description = _text(_or_empty(rec.get("description")), src, "description").strip()
+    return f"{question}\n{description}" if description else question
+
+
 def _psyqa(rec: dict, src: Source) -> list[Dialogue | DataError]:
     """PsyQA: one dialogue per answer (user = question + description, assistant = the answer), ids `QID-K`. Each
     answer is its own record for counting: a bad answer is rejected alone. The labels (strategy spans) are not
     used for training."""
-    question = _text(rec.get("question"), src, "question").strip()
-    description = _text(_or_empty(rec.get("description")), src, "description").strip()
-    user = f"{question}\n{description}" if description else question
+    user = psyqa_prompt(rec, src)
     answers = rec.get("answers")
     if not isinstance(answers, list) or not answers:
         raise DataError(
