@@ -172,7 +172,7 @@ def _scan(b: _Buffer, pos: int, max_depth: int) -> Iterator[Element]:
             last = el.finish(b, pos - 1)
             if last.data or last.problem or el.index > 0:  # `[]` holds no element
                 yield _empty_checked(last)
-            yield from _trailing(b, pos)
+            yield from _trailing(b, pos, el.index + 1)
             return
         elif c == b"," and el.depth == 0:
             yield _empty_checked(el.finish(b, pos - 1))
@@ -192,7 +192,7 @@ def _stray_bracket(b: _Buffer, pos: int) -> bool:
     return nxt is not None and b.buf[nxt : nxt + 1] == b","
 
 
-def _trailing(b: _Buffer, pos: int) -> Iterator[Element]:
+def _trailing(b: _Buffer, pos: int, index: int) -> Iterator[Element]:
     nxt = _skip_space(b, pos)
     if nxt is None:
         return
@@ -200,7 +200,7 @@ def _trailing(b: _Buffer, pos: int) -> Iterator[Element]:
     while b.more(len(b.buf)) >= 0:
         pass
     size = b.base + len(b.buf) - begin
-    yield Element(None, -1, line, line, size, f"{size:,} byte(s) after the array's closing ] are not read")
+    yield Element(None, index, line, line, size, f"{size:,} byte(s) after the array's closing ] are not read")
 
 
 def _at_eof(b: _Buffer, el: _Element, in_str: bool) -> Element:

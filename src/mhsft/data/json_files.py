@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from mhsft.data.json_array import NotAnArray, iter_elements
@@ -181,7 +182,7 @@ def _open_json(path: Path):
 
 
 def _element_record(el, file: str) -> tuple[object, Source] | DataError:
-    src = Source(file, index=max(el.index, 0), line=el.line)
+    src = Source(file, index=el.index, line=el.line)
     span = (
         f" (the record spans lines {el.line}-{el.end_line}, {el.size:,} bytes)"
         if el.end_line > el.line
@@ -233,8 +234,9 @@ def utterance_file_source(path: Path) -> Source:
 
 
 def _iter_object_or_jsonl(path: Path) -> Iterator[tuple[object, Source] | DataError]:
-    """A file starting with `{`: JSONL when its first line is a JSON value on its own, else one
-    (pretty-printed) JSON object; when that fails too, JSONL so each bad line is reported."""
+    """A file starting with `{`: JSONL when its first line is a JSON value on its own, else one (pretty-printed)
+    JSON object. A broken object is one reject (with the line of the error); it is read as JSONL instead only
+    when some of its first lines are JSON values on their own (JSON lines whose first line is bad)."""
     with open(path, "rb") as f:
         first = next(_lines(f), b"").removeprefix(BOM)
     try:
@@ -243,14 +245,30 @@ def _iter_object_or_jsonl(path: Path) -> Iterator[tuple[object, Source] | DataEr
     except (ValueError, RecursionError):
         is_jsonl = False
     if not is_jsonl and path.stat().st_size <= MAX_SINGLE_OBJECT_BYTES:
+        src = Source(str(path), index=0, line=1)
         try:
-            rec = json.loads(path.read_bytes().removeprefix(BOM))
-        except (ValueError, RecursionError):
-            rec = None
-        if rec is not None:
-            yield rec, Source(str(path), index=0, line=1, id=record_id(rec))
+            rec = _parse(path.read_bytes().removeprefix(BOM), src)
+        except DataError as e:
+            if not _some_line_is_json(path):
+                yield e
+                return
+        else:
+            yield rec, replace(src, id=record_id(rec))
             return
     yield from _iter_jsonl(path)
+
+
+def _some_line_is_json(path: Path, n: int = 20) -> bool:
+    with open(path, "rb") as f:
+        for i, line in enumerate(_lines(f)):
+            if i >= n:
+                return False
+            try:
+                json.loads(line)
+                return True
+            except (ValueError, RecursionError):
+                continue
+    return False
 
 
 def iter_json_records(

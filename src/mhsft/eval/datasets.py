@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import random
 import re
 from collections import Counter
@@ -336,7 +337,9 @@ def _csv_records(path: Path):
         yield DataError(Source(file), not_utf8(data, e))
         return
     subject = CSV_SPLIT_RE.sub("", path.stem)
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(
+        io.StringIO(text, newline="")
+    )  # as the csv docs ask: quoted fields keep their newlines
     try:
         header = next(reader, None)
         if header is None:
