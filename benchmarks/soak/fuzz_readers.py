@@ -370,7 +370,7 @@ def s_nan(rng, recs, raws, quick):
 
 
 def s_deep(rng, recs, raws, quick):
-    depth = rng.choice([65, 300, 3000, 20000] if quick else [65, 300, 3000, 20000, 200000])
+    depth = rng.choice([65, 300, 990, 3000, 20000] if quick else [65, 300, 990, 3000, 20000, 200000])
     kind = rng.choice(["[]", "{}"])
     raw = ("[" * depth + "]" * depth) if kind == "[]" else ('{"a":' * depth + "1" + "}" * depth)
     return _raw(rng, recs, raws, raw)

@@ -135,7 +135,9 @@ def _parse(data: bytes, src: Source, what: str = "record") -> object:
     except json.JSONDecodeError as e:
         line = (src.line or 1) + e.lineno - 1
         raise DataError(src, f"invalid JSON at line {line}, column {e.colno}: {e.msg}", text) from None
-    except (ValueError, RecursionError) as e:  # a number too long to convert, nesting too deep
+    except RecursionError:
+        raise DataError(src, "invalid JSON: nested too deeply for Python's json module", text) from None
+    except ValueError as e:  # a number too long to convert
         raise DataError(src, f"invalid JSON: {error_line(e)}", text) from None
 
 
