@@ -613,9 +613,13 @@ def _rejects_ok(path: Path) -> str | None:
     """Why a rejects file is not UTF-8 JSON lines, or None."""
     if not path.exists():
         return None
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not strict JSON")
+
     try:
-        for line in path.read_bytes().decode("utf-8").splitlines():
-            json.loads(line)
+        for line in path.read_bytes().decode("utf-8").split("\n")[:-1]:
+            json.loads(line, parse_constant=refuse)
     except (UnicodeDecodeError, ValueError) as e:
         return f"rejects file is not UTF-8 JSON lines: {str(e)[:120]}"
     return None

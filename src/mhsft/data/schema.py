@@ -110,18 +110,29 @@ class DataError(Exception):
         }
 
     def to_reject_line(self) -> str:
-        """`to_reject()` as one JSON line that always encodes: Chinese kept readable, but a record holding an
-        unpaired surrogate (valid JSON, not valid UTF-8) escaped as `\\udXXX`, and one too deep or circular
-        to serialize written without its record."""
+        """`to_reject()` as one line of strict JSON that always encodes: Chinese kept readable, an unpaired
+        surrogate (valid JSON, not valid UTF-8) escaped as `\\udXXX`, a record holding NaN or Infinity written as
+        its JSON text in a string, one too deep or circular to serialize left out."""
         rec = self.to_reject()
-        try:
-            line = json.dumps(rec, ensure_ascii=False, default=str)
-            line.encode("utf-8")
-            return line
-        except UnicodeEncodeError:
-            return json.dumps(rec, default=str)
-        except (ValueError, RecursionError):
-            return json.dumps({**rec, "record": None}, default=str)
+        for attempt in (
+            lambda: rec,
+            lambda: {**rec, "record": _json_text(self.raw)},
+            lambda: {**rec, "record": None},
+        ):
+            try:
+                line = json.dumps(attempt(), ensure_ascii=False, allow_nan=False, default=str)
+            except (ValueError, RecursionError):
+                continue
+            try:
+                line.encode("utf-8")
+                return line
+            except UnicodeEncodeError:
+                return json.dumps(attempt(), allow_nan=False, default=str)
+        raise AssertionError("unreachable: a reject without its record always serializes")
+
+
+def _json_text(raw: object) -> str:
+    return json.dumps(raw, ensure_ascii=False, default=str)
 
 
 def validate_dialogue(d: Dialogue) -> None:

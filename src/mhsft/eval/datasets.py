@@ -337,25 +337,25 @@ def _csv_records(path: Path):
         yield DataError(Source(file), not_utf8(data, e))
         return
     subject = CSV_SPLIT_RE.sub("", path.stem)
-    reader = csv.reader(
-        io.StringIO(text, newline="")
-    )  # as the csv docs ask: quoted fields keep their newlines
+    # newline="" as the csv docs ask: a quoted field keeps its line breaks, and U+2028 or \x85 break no row
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
         if header is None:
             return
         cols = _csv_columns(header, Source(file, line=1))
+        index, line = 0, reader.line_num + 1
         for row in reader:
-            src = Source(file, index=reader.line_num - 2, line=reader.line_num)
+            src, line = Source(file, index=index, line=line), reader.line_num + 1
             if not any(x.strip() for x in row):
                 continue
+            index += 1
             if len(row) != len(header):
                 yield DataError(src, f"{len(row)} fields, the header has {len(header)}", row)
                 continue
-            rec = {k: row[i].strip() for k, i in cols.items()}
+            rec = {k: row[i].strip() for k, i in cols.items() if k != "explanation"}
             opts = {k: rec.pop(k) for k in LETTERS if k in rec}
             rec = {**rec, "options": opts, "subject": subject, "answer": rec.get("answer") or None}
-            rec.pop("explanation", None)
             yield rec, Source(file, src.index, src.line, rec.get("id") or None)
     except DataError as e:
         yield e
