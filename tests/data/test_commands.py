@@ -279,6 +279,18 @@ def test_notices_are_counted(tmp_path, capsys):
     }
 
 
+def test_convert_psyqa_to_sharegpt(tmp_path, capsys):
+    out_file = tmp_path / "psyqa.jsonl"
+    sample = REPO / "examples" / "data" / "psyqa_sample.json"
+    rc, out, err = run(["data", "convert", str(sample), "--output", str(out_file)], capsys)
+    assert rc == 0 and "wrote 10 dialogue(s)" in out and "no rejected records" in out
+    rows = [json.loads(x) for x in out_file.read_text("utf-8").splitlines()]
+    assert rows[0]["id"] == "psyqa-0001-1" and [t["from"] for t in rows[0]["conversations"]] == [
+        "human",
+        "gpt",
+    ]
+
+
 def test_clean_merges_dedups_and_redacts(tmp_path, capsys):
     src = tmp_path / "dirty.jsonl"
     twice = {

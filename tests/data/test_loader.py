@@ -300,3 +300,14 @@ def test_real_acceptance_counts(shared_data, tmp_path):
         split_ratio=0.05,
     )
     assert (len(r.train), len(r.val)) == (1516 + 95, 80 + 5)
+
+
+def test_psyqa_sample_as_training_dialogues(tmp_path):
+    """What `mhsft sft --dataset psyqa.json [--dataset_format psyqa]` trains on: one dialogue per answer."""
+    sample = Path(__file__).resolve().parents[2] / "examples" / "data" / "psyqa_sample.json"
+    auto = load_datasets(str(sample), split_ratio=0.2)
+    forced = load_datasets(str(sample), fmt="psyqa", split_ratio=0.2)
+    assert len(auto.train) + len(auto.val) == 10 and auto.num_rejected == 0 and len(auto.val) == 2
+    assert [d.source.id for d in auto.train] == [d.source.id for d in forced.train]
+    with pytest.raises(UserError, match="no usable dialogues"):
+        load_datasets(str(jsonl(tmp_path / "s.jsonl", [rec(1)])), fmt="psyqa")
