@@ -36,6 +36,7 @@ from mhsft.data.json_files import (
     head_text,
     iter_json_records,
     not_utf8,
+    record_id,  # noqa: F401 - part of this module's interface (serve/infer.py)
     sniff,
     wide_encoding_problem,
 )
