@@ -72,7 +72,7 @@ class DataArguments:
     dataset_format: str = field(
         default="auto",
         metadata={
-            "help": "auto | sharegpt | messages | alpaca | emollm | cpsycound | cpsycoune (auto: per file)."
+            "help": "auto | sharegpt | messages | alpaca | emollm | cpsycound | cpsycoune | psyqa (auto: per file)."
         },
     )
     strict: bool = field(

@@ -220,6 +220,77 @@ def test_inspect_reports_invalid_records_and_the_first_one(mixed, capsys):
     assert f"the first: {mixed}:2: record bad1" in err and "mhsft data validate" in err
 
 
+def test_inspect_writes_the_rejects_file_when_asked(mixed, tmp_path, capsys):
+    rejects = tmp_path / "sub" / "inspect.rejects.jsonl"
+    rc, out, err = run(["data", "inspect", str(mixed), "--rejects", str(rejects)], capsys)
+    assert rc == 0 and f"all are in {rejects}" in err
+    rows = [json.loads(x) for x in rejects.read_text("utf-8").splitlines()]
+    assert [(r["line"], r["id"]) for r in rows] == [(2, "bad1"), (3, None), (5, "e1")]
+    assert not list(tmp_path.glob("*.rejects.jsonl"))  # without --rejects inspect writes no file
+
+
+def test_validate_a_lone_surrogate_is_a_reject_not_a_crash(tmp_path, capsys):
+    """JSON allows "\\ud83d"; UTF-8 cannot hold it. The rejects file escapes it (one helper for `mhsft data` and
+    the training loader), and the record is counted, not fatal."""
+    f = tmp_path / "s.jsonl"
+    f.write_text(sharegpt("ok", "你好", "你好呀") + "\n" + '{"id": "sur", "conversations": '
+                 '[{"from": "human", "value": "\\ud83d 难过"}, {"from": "gpt", "value": "嗯"}]}\n', "utf-8")  # fmt: skip
+    rejects = tmp_path / "r.jsonl"
+    rc, out, err = run(["data", "validate", str(f), "--rejects", str(rejects)], capsys)
+    assert rc == 1 and "1 valid dialogue(s); 1 rejected record(s)" in out
+    assert "unpaired surrogate" in err and ONE_LINE_ERROR.match(err.strip())
+    (row,) = [json.loads(x) for x in rejects.read_text("utf-8").splitlines()]
+    assert row["id"] == "sur" and row["record"]["conversations"][0]["value"] == "\ud83d 难过"
+    assert "\\ud83d" in rejects.read_text("utf-8")  # escaped: the file is valid UTF-8
+    for cmd in (
+        ["convert", "--output", str(tmp_path / "c.jsonl")],
+        ["clean", "--output", str(tmp_path / "k.jsonl")],
+    ):
+        rc, out, _ = run(["data", *cmd, str(f), "--rejects", str(tmp_path / "r2.jsonl")], capsys)
+        assert rc == 0 and "1 rejected record(s)" in out
+
+
+def test_an_empty_json_array_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "empty.json").write_text(" [ ]\n", "utf-8")
+    rc, out, err = run(["data", "validate", str(tmp_path / "empty.json")], capsys)
+    assert rc == 2 and "a JSON array with no records" in err and "the file is empty" not in err
+    (tmp_path / "nothing.json").write_text("", "utf-8")
+    rc, out, err = run(["data", "validate", str(tmp_path / "nothing.json")], capsys)
+    assert rc == 2 and "the file is empty" in err
+
+
+def test_notices_are_counted(tmp_path, capsys):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for i in range(3):
+        end = "来访者：\r\n" if i else ""
+        (folder / f"case_{i}.txt").write_text(
+            f"来访者：你好\r\n\r\n心理咨询师：你好，请说。\r\n\r\n{end}", "utf-8"
+        )
+    rc, out, err = run(["data", "validate", str(folder), "--rejects", str(tmp_path / "r.jsonl")], capsys)
+    assert rc == 0 and "3 valid dialogue(s); no rejected records" in out
+    assert (
+        "notice: 2 dialogue(s): an empty last turn" in out
+        and f"(the first: {folder / 'case_1.txt'}:1)" in out
+    )
+    d = inspect_json(capsys, str(folder))
+    assert d["notices"] == {
+        "an empty last turn (a bare speaker prefix at the end of the transcript) was dropped": 2
+    }
+
+
+def test_convert_psyqa_to_sharegpt(tmp_path, capsys):
+    out_file = tmp_path / "psyqa.jsonl"
+    sample = REPO / "examples" / "data" / "psyqa_sample.json"
+    rc, out, err = run(["data", "convert", str(sample), "--output", str(out_file)], capsys)
+    assert rc == 0 and "wrote 10 dialogue(s)" in out and "no rejected records" in out
+    rows = [json.loads(x) for x in out_file.read_text("utf-8").splitlines()]
+    assert rows[0]["id"] == "psyqa-0001-1" and [t["from"] for t in rows[0]["conversations"]] == [
+        "human",
+        "gpt",
+    ]
+
+
 def test_clean_merges_dedups_and_redacts(tmp_path, capsys):
     src = tmp_path / "dirty.jsonl"
     twice = {

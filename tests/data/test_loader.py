@@ -156,6 +156,23 @@ def test_rejects_are_written_and_printing_is_capped(tmp_path, warnings):
     assert rejects.read_text() == ""  # a fresh run does not keep the old run's rejects
 
 
+def test_training_loader_counts_notices_and_escapes_surrogates(tmp_path, warnings):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "case_1.txt").write_text("来访者：你好\r\n\r\n心理咨询师：请说。\r\n\r\n来访者：\r\n", "utf-8")
+    bad = tmp_path / "s.jsonl"
+    bad.write_text(json.dumps(rec(2)) + '\n{"id": "sur", "conversations": [{"from": "human", "value": "\\udc80"}, '
+                   '{"from": "gpt", "value": "a"}]}\n', "utf-8")  # fmt: skip
+    rejects = tmp_path / "rejects.jsonl"
+    r = load_datasets([str(folder), str(bad)], rejects_path=rejects)
+    assert len(r.train) == 2 and r.num_rejected == 1
+    assert r.sources[0].notices == {
+        "an empty last turn (a bare speaker prefix at the end of the transcript) was dropped": 1
+    }
+    assert any("notice: 1 dialogue(s): an empty last turn" in w for w in warnings)
+    assert json.loads(rejects.read_text("utf-8"))["record"]["conversations"][0]["value"] == "\udc80"
+
+
 def test_strict_stops_at_the_first_bad_record(tmp_path):
     f = _mixed_file(tmp_path, 2)
     with pytest.raises(UserError, match=rf"^{f}:2: record #1: invalid JSON"):
@@ -283,3 +300,14 @@ def test_real_acceptance_counts(shared_data, tmp_path):
         split_ratio=0.05,
     )
     assert (len(r.train), len(r.val)) == (1516 + 95, 80 + 5)
+
+
+def test_psyqa_sample_as_training_dialogues(tmp_path):
+    """What `mhsft sft --dataset psyqa.json [--dataset_format psyqa]` trains on: one dialogue per answer."""
+    sample = Path(__file__).resolve().parents[2] / "examples" / "data" / "psyqa_sample.json"
+    auto = load_datasets(str(sample), split_ratio=0.2)
+    forced = load_datasets(str(sample), fmt="psyqa", split_ratio=0.2)
+    assert len(auto.train) + len(auto.val) == 10 and auto.num_rejected == 0 and len(auto.val) == 2
+    assert [d.source.id for d in auto.train] == [d.source.id for d in forced.train]
+    with pytest.raises(UserError, match="no usable dialogues"):
+        load_datasets(str(jsonl(tmp_path / "s.jsonl", [rec(1)])), fmt="psyqa")

@@ -219,11 +219,136 @@ def test_truncated_json_array_keeps_records_before_the_failure(tmp_path):
     recs = json.dumps([SHAREGPT, SHAREGPT, SHAREGPT], ensure_ascii=False)
     good, bad = read(write(tmp_path / "t.json", recs[: len(recs) - 30]))
     assert len(good) == 2 and len(bad) == 1
-    assert bad[0].source.index == 2 and "rest of the file is skipped" in bad[0].reason
+    assert bad[0].source.index == 2 and "the file ends inside a string" in bad[0].reason
+    assert "truncated?" in bad[0].reason
     good, bad = read(
         write(tmp_path / "u.json", b"\xef\xbb\xbf[" + json.dumps(SHAREGPT).encode() + b", nope]")
     )
     assert len(good) == 1 and len(bad) == 1
+
+
+def _pretty_array(*elements: str) -> str:
+    return "[\n" + ",\n".join(elements) + "\n]\n"
+
+
+def test_a_bad_array_element_costs_only_itself(tmp_path):
+    """NaN, a syntax error, a wrong type in the middle of an array: every later record is still read, and
+    good + rejected = the elements present; each reject names its line, and no reason is a bytes repr."""
+    rec = json.dumps(SHAREGPT, ensure_ascii=False, indent=2)
+    elements = [rec, "NaN", rec, '{"conversations": [1, 2,, 3]}', rec, '"just a string"', rec, "[]", rec]
+    f = write(tmp_path / "a.json", _pretty_array(*elements))
+    good, bad = read(f)
+    assert (len(good), len(bad)) == (5, 4)
+    assert [e.source.index for e in bad] == [1, 3, 5, 7] and [d.source.index for d in good] == [0, 2, 4, 6, 8]
+    assert "a JSON float" in bad[0].reason and bad[0].source.line == 2 + rec.count("\n") + 1
+    assert bad[1].reason.startswith(f"invalid JSON at line {bad[1].source.line}, column ")
+    assert all("b'" not in e.reason and "\\x" not in e.reason for e in bad)
+    assert str(bad[1]).startswith(f"{f}:{bad[1].source.line}: record #3: invalid JSON")
+
+
+def test_a_missing_bracket_is_reported_with_the_lines_it_swallows(tmp_path):
+    rec = json.dumps(SHAREGPT, ensure_ascii=False, indent=2)
+    broken = rec[:-1]  # the closing } is missing: the scanner cannot see where this record ends
+    f = write(tmp_path / "b.json", _pretty_array(rec, broken, rec, rec))
+    good, bad = read(f)
+    assert len(good) == 1 and len(bad) == 1
+    assert "the record spans lines" in bad[0].reason and "bytes" in bad[0].reason
+    good, bad = read(write(tmp_path / "c.json", "[" + json.dumps(SHAREGPT) + "] garbage {}"))
+    assert len(good) == 1 and len(bad) == 1 and "after the array's closing ] are not read" in bad[0].reason
+    good, bad = read(
+        write(tmp_path / "d.json", "[" + json.dumps(SHAREGPT) + "]], " + json.dumps(SHAREGPT) + "]")
+    )
+    assert len(good) == 1 and len(bad) == 1 and "invalid JSON" in bad[0].reason  # a stray ] inside a record
+
+
+def test_error_line_decodes_a_bytes_message():
+    from mhsft.data.json_files import error_line
+
+    assert error_line(ValueError(b"lexical error: invalid char in json text.\n  (right here)")) == (
+        "lexical error: invalid char in json text."
+    )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt"])
+def test_gbk_files_get_an_encoding_hint(tmp_path, suffix):
+    if suffix == ".txt":
+        text = "来访者：我最近总是睡不着。\n\n心理咨询师：能说说是从什么时候开始的吗？\n"
+    elif suffix == ".json":
+        text = json.dumps([SHAREGPT, SHAREGPT], ensure_ascii=False)
+    else:
+        text = json.dumps(SHAREGPT, ensure_ascii=False) + "\n"
+    good, bad = read(write(tmp_path / f"gbk{suffix}", text.encode("gbk")))
+    assert not good and bad
+    for e in bad:
+        assert "not valid UTF-8" in e.reason and "looks like GBK/GB18030" in e.reason
+        assert "iconv -f GB18030 -t UTF-8" in e.reason and "\n" not in str(e)
+
+
+def test_utf16_and_latin1_files_get_an_encoding_hint(tmp_path):
+    text = json.dumps(SHAREGPT, ensure_ascii=False) + "\n"
+    for name, data in [("bom", text.encode("utf-16")), ("le", text.encode("utf-16-le"))]:
+        _, bad = read(write(tmp_path / f"{name}.jsonl", data))
+        assert len(bad) == 1 and "UTF-16" in bad[0].reason and "iconv -f UTF-16" in bad[0].reason
+    latin = {"conversations": [{"from": "human", "value": "café crème"}, {"from": "gpt", "value": "ok"}]}
+    _, bad = read(
+        write(tmp_path / "latin1.jsonl", (json.dumps(latin, ensure_ascii=False) + "\n").encode("latin-1"))
+    )
+    assert len(bad) == 1 and "Latin-1" in bad[0].reason and "GBK" not in bad[0].reason
+
+
+def test_jsonl_with_cr_only_line_endings(tmp_path):
+    lines = [json.dumps({**SHAREGPT, "id": f"r{i}"}, ensure_ascii=False) for i in range(3)]
+    f = write(tmp_path / "mac.jsonl", "\r".join(lines) + "\r")
+    good, bad = read(f)
+    assert not bad and [d.source.id for d in good] == ["r0", "r1", "r2"] and good[2].source.line == 3
+    assert detect_format(f) == "sharegpt"
+    good, bad = read(write(tmp_path / "mac.json", "\r".join(lines)))  # JSON lines in a .json file
+    assert not bad and len(good) == 3
+
+
+def test_cpsycound_trailing_bare_speaker_is_dropped_with_a_notice(tmp_path):
+    from mhsft.data.readers import EMPTY_LAST_TURN
+
+    text = "来访者：我最近很累。\r\n\r\n心理咨询师：能具体说说吗？\r\n\r\n来访者：\r\n"
+    good, bad = read(write(tmp_path / "case_9.txt", text))
+    assert not bad and [t.role for t in good[0].turns] == ["user", "assistant"]
+    assert good[0].notes == [EMPTY_LAST_TURN]
+    good, bad = read(
+        write(tmp_path / "case_10.txt", "来访者：你好\r\n\r\n心理咨询师：\r\n\r\n来访者：嗯\r\n")
+    )
+    assert not good and "turn 2 (assistant): empty text" in bad[0].reason  # only the last turn is forgiven
+    good, bad = read(write(tmp_path / "case_11.txt", "来访者：\r\n"))
+    assert not good and "empty text" in bad[0].reason
+
+
+def test_psyqa_one_dialogue_per_answer():
+    sample = Path(__file__).resolve().parents[2] / "examples" / "data" / "psyqa_sample.json"
+    records = json.loads(sample.read_text(encoding="utf-8"))
+    good, bad = read(sample)
+    assert not bad and len(good) == sum(len(r["answers"]) for r in records) == 10
+    assert detect_format(sample) == "psyqa" and "psyqa" in FORMATS
+    first = good[0]
+    assert first.source.id == "psyqa-0001-1" and good[1].source.id == "psyqa-0001-2"
+    assert first.turns[0].content == records[0]["question"] + "\n" + records[0]["description"]
+    assert first.turns[1].content == records[0]["answers"][0]["answer_text"]
+    no_description = next(d for d in good if d.source.id == "psyqa-0005-1")
+    assert no_description.turns[0].content == "工作压力太大，晚上总是失眠"
+
+
+def test_psyqa_bad_answers_are_rejected_one_by_one(tmp_path):
+    rec = {
+        "questionID": "q9",
+        "question": "我很焦虑",
+        "description": "考试前总是睡不着",
+        "keywords": "焦虑",
+        "answers": [{"answer_text": "先深呼吸。"}, {"answer_text": ""}, "不是对象", {"answer_text": 3}],
+    }
+    f = jsonl(tmp_path / "p.jsonl", rec, {**rec, "questionID": "q10", "answers": []})
+    good, bad = read(f, "psyqa")
+    assert len(good) == 1 and len(bad) == 4  # three bad answers, one question without answers
+    assert [e.source.id for e in bad] == ["q9-2", "q9-3", "q9-4", "q10"]
+    assert "empty text" in bad[0].reason and "expected an object" in bad[1].reason
+    assert bad[0].raw["answers"] == [{"answer_text": ""}] and "non-empty list" in bad[3].reason
 
 
 def test_hostile_nesting_costs_one_record_not_the_machine(tmp_path):

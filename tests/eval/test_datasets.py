@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from mhsft.eval.datasets import load_eval_set
+from helpers import REPO
+from mhsft.eval.datasets import PSYQA_BAD_ANSWERS, SINGLE_WITH_SEVERAL_LETTERS, UNANSWERED, load_eval_set
 from mhsft.utils import UserError
 
 
@@ -158,3 +159,111 @@ def test_real_eval_data(shared_data):
     assert sum(len(q.key_points) for q in pceb.qa) > 200
     coune, _ = load_eval_set(str(ev / "cpsycoune"), "cpsycoune")
     assert len(coune.dialogues) == 18 and not coune.errors
+
+
+def test_one_rule_for_single_labelled_questions_with_several_gold_letters(tmp_path):
+    """CPsyExam used to skip such a question and PCEB to score it single with partial credit: now both read it as
+    a multiple-answer question (generated, exact set match + elastic) and count it in the set's notices."""
+    root = tmp_path / "bench"
+    (root / "theory" / "single" / "third").mkdir(parents=True)
+    (root / "cases" / "mix" / "second").mkdir(parents=True)
+    opts = {"A": "a", "B": "b", "C": "c", "D": "d"}
+    _json(
+        root / "exam.json", [{"question_type": "single", "question": "问", "options": opts, "answer": "AB"}]
+    )
+    _json(
+        root / "theory" / "single" / "third" / "t.json",
+        [{"id": 1, "question": "问", "options": opts, "answer": "AC"}],
+    )
+    case = {"id": 3, "general_info": "男", "case_introduction": "失眠",
+            "questions_and_answers": [{"question": "单选：1．是（　）。", "options": opts, "answer": "BD"},
+                                      {"question": "单选：2．是（　）。", "options": opts, "answer": "B"}]}  # fmt: skip
+    _json(root / "cases" / "mix" / "second" / "c.json", [case])
+    used, _ = load_eval_set(str(root), "bench")
+    assert not used.errors and len(used.mcq) == 4
+    relabelled = [m for m in used.mcq if m.note]
+    assert [(m.answer, m.multi) for m in relabelled] == [("BD", True), ("AB", True), ("AC", True)]
+    assert used.notices == {SINGLE_WITH_SEVERAL_LETTERS: 3}
+    plain = next(m for m in used.mcq if m.answer == "B")
+    assert not plain.multi and not plain.note
+
+
+def test_cmmlu_and_ceval_csv(tmp_path):
+    ceval = tmp_path / "ceval"
+    ceval.mkdir()
+    (ceval / "mental_health_val.csv").write_text(
+        "id,question,A,B,C,D,answer,explanation\n"
+        '0,"焦虑的核心是（ ）","担忧","愤怒","悲伤","厌恶",A,"1. 焦虑, 即""担忧"""\n'
+        "1,问二,甲,乙,丙,丁,c,\n"
+        "2,问三,甲,乙,丙\n",  # a short row
+        encoding="utf-8",
+    )
+    (ceval / "mental_health_test.csv").write_text(
+        "id,question,A,B,C,D\n0,问一,甲,乙,丙,丁\n1,问二,甲,乙,丙,丁\n", encoding="utf-8"
+    )
+    val, _ = load_eval_set(str(ceval / "mental_health_val.csv"), "val")
+    assert [(m.id, m.answer, m.subject) for m in val.mcq] == [
+        ("0", "A", "mental_health"),
+        ("1", "C", "mental_health"),
+    ]
+    assert val.mcq[0].options == {"A": "担忧", "B": "愤怒", "C": "悲伤", "D": "厌恶"}
+    (err,) = val.errors
+    assert str(err).startswith(f"{ceval / 'mental_health_val.csv'}:4: record #2: 5 fields, the header has 8")
+    test, _ = load_eval_set(str(ceval / "mental_health_test.csv"), "test")
+    assert not test.mcq and not test.errors and test.notices == {UNANSWERED: 2}
+    both, _ = load_eval_set(str(ceval), "ceval")  # a folder: scored and unanswered side by side, ids by file
+    assert len(both.mcq) == 2 and both.notices[UNANSWERED] == 2 and both.mcq[0].id == "mental_health_val#0"
+    bad = tmp_path / "x.csv"
+    bad.write_text("a,b,c\n1,2,3\n", encoding="utf-8")
+    (err,) = load_eval_set(str(bad), "x")[0].errors
+    assert "not a CMMLU / C-Eval CSV" in err.reason
+    gbk = tmp_path / "gbk_test.csv"
+    gbk.write_bytes("id,question,A,B,answer\n0,焦虑是什么,担忧,愤怒,A\n".encode("gbk"))
+    (err,) = load_eval_set(str(gbk), "gbk")[0].errors
+    assert "looks like GBK/GB18030" in err.reason
+
+
+def test_real_cmmlu_professional_psychology(shared_data):
+    cmmlu = shared_data / "eval" / "cmmlu"
+    if not cmmlu.is_dir():
+        pytest.skip(f"needs {cmmlu} (CMMLU professional psychology), not in this copy of the data")
+    dev, _ = load_eval_set(str(cmmlu / "professional_psychology_dev.csv"), "dev")
+    test, _ = load_eval_set(str(cmmlu / "professional_psychology_test.csv"), "test")
+    assert (len(dev.mcq), len(test.mcq), len(dev.errors) + len(test.errors)) == (5, 232, 0)
+    assert not dev.notices and not test.notices
+    assert {m.subject for m in test.mcq} == {"professional_psychology"} and not any(m.multi for m in test.mcq)
+    assert {m.answer for m in test.mcq} == set("ABCD") and all(len(m.options) == 4 for m in test.mcq)
+    quoted = next(m for m in test.mcq if m.id == "3")  # `"""程序教学与教学机器〞是理论在教育领域中的应用。"`
+    assert quoted.question.startswith('"程序教学与教学机器')
+
+
+def test_psyqa_as_open_qa_with_every_answer_a_reference(tmp_path):
+    sample = REPO / "examples" / "data" / "psyqa_sample.json"
+    used, _ = load_eval_set(str(sample), "psyqa")
+    records = json.loads(sample.read_text(encoding="utf-8"))
+    assert not used.errors and not used.mcq and len(used.qa) == len(records) == 6
+    first = used.qa[0]
+    assert (
+        first.id == "psyqa-0001"
+        and first.question == records[0]["question"] + "\n" + records[0]["description"]
+    )
+    assert first.refs == [a["answer_text"] for a in records[0]["answers"]] and first.answer == first.refs[0]
+    rec = {
+        "questionID": "q1",
+        "question": "怎么办",
+        "description": "",
+        "answers": [{"answer_text": ""}, {"answer_text": "先休息"}],
+    }
+    p = _jsonl(tmp_path / "p.jsonl", [rec, {**rec, "questionID": "q2", "answers": [{"answer_text": " "}]}])
+    used, _ = load_eval_set(str(p), "p")
+    assert [q.refs for q in used.qa] == [["先休息"]] and used.notices == {PSYQA_BAD_ANSWERS: 1}
+    assert "no answer with text" in str(used.errors[0]) and "record q2" in str(used.errors[0])
+
+
+def test_a_broken_element_in_an_eval_array_costs_only_itself(tmp_path):
+    q = {"question": "问", "choices": ["甲", "乙"], "answer": "A"}
+    p = tmp_path / "a.json"
+    p.write_text("[" + json.dumps(q) + ', NaN, {"broken": }, ' + json.dumps(q) + "]", encoding="utf-8")
+    used, _ = load_eval_set(str(p), "a")
+    assert len(used.mcq) == 2 and len(used.errors) == 2
+    assert "unrecognized record" in used.errors[0].reason and "invalid JSON" in used.errors[1].reason

@@ -350,6 +350,28 @@ def test_fewshot_exemplars_come_from_outside_the_test_items(tmp_path, tiny_model
     assert code == 2 and "not test items" in capsys.readouterr().err
 
 
+def test_cmmlu_fewshot_from_its_dev_file_and_psyqa_open_qa(tmp_path, tiny_model_dir, shared_data):
+    cmmlu = shared_data / "eval" / "cmmlu"
+    if not cmmlu.is_dir():
+        pytest.skip(f"needs {cmmlu} (CMMLU professional psychology)")
+    dev = cmmlu / "professional_psychology_dev.csv"
+    out = tmp_path / "c"
+    argv = ["--model", "builtin:tiny", "--eval_dataset", f"{cmmlu / 'professional_psychology_test.csv'}#4",
+            REPO / "examples" / "data" / "psyqa_sample.json", "--fewshot_dataset", dev, "--num_fewshot", "5",
+            "--max_new_tokens", "8", "--output_dir", out, "--n_bootstrap", "10"]  # fmt: skip
+    assert _run(*argv) == 0
+    res = _results(out)
+    assert res["metrics"]["professional_psychology_test"]["multiple_choice"]["n"] == 4
+    qa_m = res["metrics"]["psyqa_sample"]["open_qa"]
+    assert qa_m["n"] == 6 and qa_m["multi_reference"].startswith("ROUGE: the best")
+    dev_questions = [line.split(",")[1] for line in dev.read_text(encoding="utf-8").splitlines()[1:]]
+    rows = _rows(out)
+    for r in (r for r in rows if r["task"] == "mcq"):
+        assert r["prompt"].count("答案：") == 6 and all(q in r["prompt"] for q in dev_questions)
+    psy = [r for r in rows if r["task"] == "qa"]
+    assert len(psy) == 6 and sum(len(r["references"] or [1]) for r in psy) == 10
+
+
 @pytest.mark.parametrize(
     "argv,msg",
     [

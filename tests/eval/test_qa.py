@@ -59,3 +59,20 @@ def test_key_points_from_pceb_marks():
     assert kps == ["收入情况", "居住情况", "出生地", "生物原因", "未见明显的生物学原因"]
     assert w == [2.0, 2.0, 2.0, 2.0, 0.5]
     assert key_points_from_marks("没有分值标记") == ([], [])
+
+
+def test_several_references_rouge_takes_the_best_and_bleu_uses_them_all():
+    hyp = "先深呼吸，然后慢慢说出你的感受。"
+    near, far = "先深呼吸，再慢慢说出你的感受。", "去医院挂心理科看看。"
+    best = qa.score_answer(hyp, [far, near])
+    assert (
+        best == qa.score_answer(hyp, near)
+        and best["rouge-1_chars"] > qa.score_answer(hyp, far)["rouge-1_chars"]
+    )
+    assert qa.bleu4([hyp], [[far, hyp]]) == pytest.approx(100.0)
+    # variable counts: the second question has one reference, the first two
+    two = qa.bleu4([hyp, "今天天气很好我们去公园散步"], [[far, hyp], ["今天天气很好我们去公园散步"]])
+    assert two == pytest.approx(100.0)
+    rows = [{"output": hyp, "reference": far, "references": [far, near], **best}]
+    m = qa.summarize(rows, 10, 0)
+    assert m["multi_reference"] == qa.MULTI_REFERENCE_RULE and m["bleu4"]["score"] > 0

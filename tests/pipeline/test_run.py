@@ -118,6 +118,27 @@ def test_demo_dry_run_prints_every_stage(tmp_path, capsys, monkeypatch):
     assert len(evals) == 2 and "--model EXP/export/merged" in evals[1]
 
 
+def test_exp_dir_on_the_command_line_overrides_the_file(tmp_path, capsys, monkeypatch):
+    """One experiment file run into two folders: `--exp_dir` replaces the file's exp_dir for every stage."""
+    monkeypatch.chdir(tmp_path)
+    exp = write_yaml(
+        tmp_path / "exp.yaml", "exp_dir: from_file\ndata: {dataset: [DATA/demo_sharegpt.jsonl]}\n"
+    )
+    assert pipeline.main([str(exp), "--exp_dir", "a", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert f"-> {tmp_path / 'a'}" in out and f"--output {tmp_path / 'a' / 'data'}" in out
+    assert "from_file" not in out
+    assert pipeline.main([str(exp), "--exp_dir=a"]) == 0
+    assert pipeline.main([str(exp), "--exp_dir", str(tmp_path / "b")]) == 0
+    for folder in ("a", "b"):
+        assert (tmp_path / folder / "data" / "clean.jsonl").is_file()
+    assert not (tmp_path / "from_file").exists()
+    assert pipeline.main([str(exp), "--exp_dir", "a"]) == 0  # a's state is its own: its stage is skipped
+    assert "data: " in (out := capsys.readouterr().out) and "skipped (done" in out
+    with pytest.raises(UserError, match="--exp_dir needs a folder"):
+        pipeline.main([str(exp), "--exp_dir"])
+
+
 def test_without_export_the_adapter_is_evaluated(tmp_path, capsys):
     exp = write_yaml(
         tmp_path / "exp.yaml",

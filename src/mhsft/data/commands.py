@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mhsft.args import DataArguments, parse_args, pick_subcommand, split_positional
 from mhsft.data.clean import clean_dialogues
-from mhsft.data.loader import iter_datasets
+from mhsft.data.json_files import sniff
+from mhsft.data.loader import Notices, Rejects, iter_datasets
 from mhsft.data.readers import CONVERTERS, detect_record, list_data_files, write_jsonl
 from mhsft.data.schema import DataError, Dialogue
 from mhsft.data.stats import Stats, format_table
@@ -27,7 +28,6 @@ SUBCOMMANDS = {
     "convert": "write ShareGPT or messages JSONL that `swift sft --dataset` and `mhsft sft --dataset` accept",
     "clean": "normalize text, merge same-role turns, drop exact duplicates, report near-duplicates, redact PII",
 }
-MAX_PRINTED_ERRORS = 20
 
 
 @dataclass
@@ -44,7 +44,10 @@ class DataCommandArguments(DataArguments):
     )
     rejects: str | None = field(
         default=None,
-        metadata={"help": "Where bad records go (default: OUTPUT.rejects.jsonl, or ./NAME.rejects.jsonl)."},
+        metadata={
+            "help": "Where bad records go (validate, convert, clean: default OUTPUT.rejects.jsonl, or "
+            "./NAME.rejects.jsonl; inspect: only when given)."
+        },
     )
     json: bool = field(default=False, metadata={"help": "inspect: print JSON instead of a table."})
     redact: bool = field(
@@ -57,33 +60,17 @@ class DataCommandArguments(DataArguments):
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
 
 
-class Rejects:
-    """Counts bad records, prints the first few as one-liners, and appends all of them to a JSONL file."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
-    def __init__(self, path: Path | None, strict: bool):
-        self.path, self.strict, self.count = path, strict, 0
-        self._fh = None
 
-    def add(self, err: DataError) -> None:
-        if self.strict:
-            raise UserError(f"{err} (--strict: stopping at the first bad record)")
-        self.count += 1
-        if self.count <= MAX_PRINTED_ERRORS:
-            print(str(err), file=sys.stderr)
-        if self.path is not None:
-            if self._fh is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
-            self._fh.write(json.dumps(err.to_reject(), ensure_ascii=False, default=str) + "\n")
+def _rejects(args: DataCommandArguments, path: Path | None) -> Rejects:
+    return Rejects(path, args.strict, echo=_stderr, prefix="")
 
-    def close(self) -> str:
-        if self._fh:
-            self._fh.close()
-        if self.count > MAX_PRINTED_ERRORS:
-            print(f"... and {self.count - MAX_PRINTED_ERRORS:,} more", file=sys.stderr)
-        if self.count and self.path:
-            return f"{self.count:,} rejected record(s) written to {self.path}"
-        return f"{self.count:,} rejected record(s)" if self.count else "no rejected records"
+
+def _print_notices(notices: Notices) -> None:
+    for line in notices.lines():
+        print(line)
 
 
 def _default_rejects(args: DataCommandArguments) -> Path:
@@ -122,11 +109,14 @@ def _why_empty(spec: str) -> str:
     if not p.exists():  # `data.jsonl#100`
         p = Path(spec.rsplit("#", 1)[0]).expanduser()
     if p.is_dir():
-        if not list_data_files(p):
+        files = list_data_files(p)
+        if not files:
             return "no .json, .jsonl or .txt data files in this folder"
-        return "its data files are empty"
+        if all(sniff(f) == "array" for f in files):
+            return "its data files are JSON arrays with no records"
+        return "its data files hold no records"
     if p.is_file():
-        return "the file is empty"
+        return "a JSON array with no records ([])" if sniff(p) == "array" else "the file is empty"
     return "no records found"
 
 
@@ -149,12 +139,14 @@ def cmd_inspect(args: DataCommandArguments) -> int:
         tokenizer = load_tokenizer(args.model, use_hf=args.use_hf)
     stats = Stats(max_length=args.max_length if tokenizer is not None else None)
     first_error = None
+    # inspect prints its own summary of bad records: the rejects file is written only when asked for
+    rejects = Rejects(Path(args.rejects) if args.rejects else None, args.strict, echo=lambda line: None)
     for item in _items(args):
         if isinstance(item, DataError):
-            if args.strict:
-                raise UserError(f"{item} (--strict: stopping at the first bad record)")
+            rejects.add(item)
             first_error = first_error or item
         stats.add(item, tokenizer)
+    rejects.close()
     d = {"datasets": args.dataset, "model": args.model, **stats.to_dict()}
     if args.json:
         print(json.dumps(d, ensure_ascii=False, indent=2))
@@ -164,24 +156,28 @@ def cmd_inspect(args: DataCommandArguments) -> int:
         if args.max_length and not args.model:
             print("--max_length needs --model for token statistics.", file=sys.stderr)
     if stats.rejected:
+        where = (
+            f"all are in {args.rejects}" if args.rejects else "`mhsft data validate` lists them one per line"
+        )
         print(
-            f"{stats.rejected:,} record(s) are invalid, the first: {first_error or 'see validate'}\n"
-            "`mhsft data validate` lists them one per line.",
+            f"{stats.rejected:,} record(s) are invalid, the first: {first_error or 'see validate'}\n{where}.",
             file=sys.stderr,
         )
     return 0
 
 
 def cmd_validate(args: DataCommandArguments) -> int:
-    rejects = Rejects(_default_rejects(args), args.strict)
+    rejects, notices = _rejects(args, _default_rejects(args)), Notices()
     good = 0
     for item in _items(args):
         if isinstance(item, DataError):
             rejects.add(item)
         else:
             good += 1
+            notices.add(item)
     summary = rejects.close()
     print(f"{good:,} valid dialogue(s); {summary}")
+    _print_notices(notices)
     return 1 if rejects.count else 0
 
 
@@ -190,23 +186,25 @@ def _write(dialogues: list[Dialogue] | object, args: DataCommandArguments) -> in
 
 
 def cmd_convert(args: DataCommandArguments) -> int:
-    rejects = Rejects(_default_rejects(args), args.strict)
+    rejects, notices = _rejects(args, _default_rejects(args)), Notices()
 
     def good():
         for item in _items(args):
             if isinstance(item, DataError):
                 rejects.add(item)
             else:
+                notices.add(item)
                 yield item
 
     n = _write(good(), args)
     summary = rejects.close()
     print(f"wrote {n:,} dialogue(s) as {args.to} JSONL to {args.output}; {summary}")
+    _print_notices(notices)
     return 0
 
 
 def cmd_clean(args: DataCommandArguments) -> int:
-    rejects = Rejects(_default_rejects(args), args.strict)
+    rejects, notices = _rejects(args, _default_rejects(args)), Notices()
     dialogues = []
     for item in _items(args):
         if isinstance(item, DataError):
@@ -217,6 +215,7 @@ def cmd_clean(args: DataCommandArguments) -> int:
             else:
                 dialogues.append(d)
         else:
+            notices.add(item)
             dialogues.append(item)
     res = clean_dialogues(
         dialogues, redact_pii=args.redact, dedup=args.dedup, near_dup_threshold=args.near_dup_threshold
@@ -236,6 +235,7 @@ def cmd_clean(args: DataCommandArguments) -> int:
     print(f"  whitespace characters removed: {st.whitespace_chars_removed:,}")
     print(f"  rejected after cleaning: {st.rejected:,}")
     print(f"  near-duplicate pairs (kept, not dropped): {st.near_duplicates:,}")
+    _print_notices(notices)
     for a, b, sim in res.near_duplicates[:10]:
         print(f"    {a.where()} ~ {b.where()}  Jaccard {sim:.2f}")
     return 0

@@ -15,7 +15,7 @@ Bad records are skipped, counted, logged (the first few) and written to a reject
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import random
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mhsft.data.readers import DATA_SUFFIXES, FORMATS, iter_file, list_data_files
 from mhsft.data.schema import DataError, Dialogue
+from mhsft.files import atomic_open
 from mhsft.utils import UserError, get_logger, hub_reachable
 
 MAX_PRINTED_REJECTS = 20
@@ -51,6 +52,26 @@ class SourceStats:
     num_dialogues: int = 0  # good records read
     num_rejected: int = 0
     num_used: int = 0  # after `#N` sampling
+    notices: dict[str, int] = field(default_factory=dict)  # Dialogue.notes by kind (what reading changed)
+
+
+class Notices:
+    """Dialogue.notes counted by kind, with the place of the first of each kind."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def add(self, d: Dialogue) -> None:
+        for text in d.notes:
+            self.counts[text] = self.counts.get(text, 0) + 1
+            self.first.setdefault(text, d.source.where())
+
+    def lines(self) -> list[str]:
+        """One line per kind: how many dialogues, and where the first is."""
+        return [
+            f"notice: {n:,} dialogue(s): {t} (the first: {self.first[t]})" for t, n in self.counts.items()
+        ]
 
 
 @dataclass
@@ -259,54 +280,54 @@ def split_val(items: list, ratio: float, rng: random.Random) -> tuple[list, list
     ]
 
 
-class _Rejects:
-    """Counts bad records, logs the first few, writes all of them to a JSONL file, or stops when strict."""
+class Rejects:
+    """Counts bad records, prints the first few (`echo`: one line out, the logger's warning by default, each
+    record after `prefix`), writes every one to a JSONL file, or stops at the first when strict. The file is written atomically when closed; it is written even with no rejects when
+    `keep_empty` (a run folder's rejects.jsonl then says "none"), else only when there are some. The one place
+    a reject line is written, for `mhsft data` and for training alike."""
 
-    def __init__(self, path: str | os.PathLike | None, strict: bool):
+    def __init__(self, path, strict: bool, echo=None, prefix: str = "skipped ", keep_empty: bool = False):
         self.path = Path(path) if path else None
-        self.strict = strict
-        self.count = 0
+        self.strict, self.keep_empty, self.count = strict, keep_empty, 0
+        self.echo, self.prefix = echo or get_logger().warning, prefix
+        self._stack = contextlib.ExitStack()
         self.file = None
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if self.path and keep_empty:
+            self._open()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self._stack.enter_context(atomic_open(self.path))
 
     def add(self, err: DataError) -> None:
         if self.strict:
             raise UserError(f"{err} (--strict: stopping at the first bad record)")
         self.count += 1
         if self.count <= MAX_PRINTED_REJECTS:
-            get_logger().warning(f"skipped {err}")
-        if self.file:
-            self.file.write(_reject_line(err) + "\n")
+            self.echo(f"{self.prefix}{err}")
+        if self.path:
+            if self.file is None:
+                self._open()
+            self.file.write(err.to_reject_line() + "\n")
 
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
+    def close(self) -> str:
+        """Write the file; returns a summary (`3 rejected record(s) written to PATH`)."""
+        self._stack.close()
         if self.count > MAX_PRINTED_REJECTS:
             where = f"; all are in {self.path}" if self.path else ""
-            get_logger().warning(f"... {self.count - MAX_PRINTED_REJECTS} more bad records skipped{where}")
-
-
-def _reject_line(err: DataError) -> str:
-    rec = err.to_reject()
-    try:
-        line = json.dumps(rec, ensure_ascii=False, default=str)
-        line.encode("utf-8")
-        return line
-    except UnicodeEncodeError:  # an unpaired surrogate: escaped, the line is still valid JSON
-        return json.dumps(rec, default=str)
-    except (ValueError, RecursionError):  # circular or absurdly deep raw record
-        return json.dumps({**rec, "record": None}, ensure_ascii=False, default=str)
+            self.echo(f"... and {self.count - MAX_PRINTED_REJECTS:,} more bad records{where}")
+        if self.count and self.path:
+            return f"{self.count:,} rejected record(s) written to {self.path}"
+        return f"{self.count:,} rejected record(s)" if self.count else "no rejected records"
 
 
 def _read_spec(
-    text: str, split: str, fmt: str, use_hf: bool, seed: int, rejects: _Rejects
+    text: str, split: str, fmt: str, use_hf: bool, seed: int, rejects: Rejects
 ) -> tuple[list, SourceStats]:
     spec = parse_spec(text)
     stats = SourceStats(text, split)
     good: list[Dialogue] = []
-    first_err = None
+    first_err, notices = None, Notices()
     for path in resolve_spec(spec, use_hf):
         for item in iter_file(path, fmt):
             if isinstance(item, DataError):
@@ -315,7 +336,10 @@ def _read_spec(
                 rejects.add(item)
             else:
                 good.append(item)
-    stats.num_dialogues = len(good)
+                notices.add(item)
+    stats.num_dialogues, stats.notices = len(good), notices.counts
+    for line in notices.lines():
+        get_logger().warning(f"{split} dataset {text}: {line}")
     if not good:
         why = f"; all {stats.num_rejected} records are bad, the first: {first_err}" if first_err else ""
         raise UserError(f"dataset {text}: no usable dialogues{why}")
@@ -350,7 +374,7 @@ def load_datasets(
     if not 0.0 <= split_ratio < 1.0:
         raise UserError(f"split_dataset_ratio must be in [0, 1), got {split_ratio}")
     result = LoadResult([], [], rejects_path=Path(rejects_path) if rejects_path else None)
-    rejects = _Rejects(rejects_path, strict)
+    rejects = Rejects(rejects_path, strict, keep_empty=True)
     try:
         for text in specs:
             good, stats = _read_spec(text, "train", fmt, use_hf, seed, rejects)

@@ -10,10 +10,14 @@ print and write rejects and carry on. Formats (see ../shared/data/README.md):
 - `emollm`    {"conversation": [{"system"?, "input", "output"}, ...]}         (XTuner / EmoLLM)
 - `cpsycound` plain text, `来访者：` / `心理咨询师：` turns separated by blank lines; one file = one dialogue
 - `cpsycoune` a JSON array of `求助者：` / `支持者：` utterances; one file = one dialogue
+- `psyqa`     {"question", "description", "keywords", "answers": [{"answer_text", ...}], "questionID"}: one
+              dialogue per answer (user = question + description, assistant = the answer), ids `QID-K`
 
-Containers: JSON array files (streamed with ijson, so memory stays bounded on million-record files),
-JSONL (read as bytes line by line, so one bad line costs only that line), a single JSON object, text
-files, and folders (recursed in sorted order, each file detected on its own).
+Containers: JSON array files (streamed element by element, see json_array.py: memory stays bounded on
+million-record files and a broken element costs only that element), JSONL (read as bytes line by line, so
+one bad line costs only that line; CR-only line endings too), a single JSON object, text files, and folders
+(recursed in sorted order, each file detected on its own). Input is UTF-8 (a BOM is allowed); a file in
+UTF-16/32, GBK/GB18030 or Latin-1 is rejected with the `iconv` line that converts it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import ijson
-
+from mhsft.data.json_files import (
+    BOM,
+    error_line,
+    head_text,
+    iter_json_records,
+    not_utf8,
+    record_id,  # noqa: F401 - part of this module's interface (serve/infer.py)
+    sniff,
+    wide_encoding_problem,
+)
 from mhsft.data.schema import DataError, Dialogue, Source, Turn, validate_dialogue
 
-FORMATS = ("sharegpt", "messages", "alpaca", "emollm", "cpsycound", "cpsycoune")
+FORMATS = ("sharegpt", "messages", "alpaca", "emollm", "cpsycound", "cpsycoune", "psyqa")
 DATA_SUFFIXES = (".json", ".jsonl", ".txt")
 # Metadata that hub snapshots and `datasets.save_to_disk` put next to the data; never dialogues.
 METADATA_FILES = {
@@ -40,11 +52,6 @@ METADATA_FILES = {
     "state.json",
     "configuration.json",
 }
-BOM = b"\xef\xbb\xbf"
-# Above this size a file that starts with `{` but whose first line is not JSON is read as JSONL
-# (one error per line) rather than parsed whole as a single pretty-printed object.
-MAX_SINGLE_OBJECT_BYTES = 64 << 20
-MAX_DEPTH = 64  # JSON nesting of one array element; real records nest 4 deep
 
 ROLE_NAMES = {
     "human": "user",
@@ -56,6 +63,9 @@ ROLE_NAMES = {
 # CPsyCounD (text) and CPsyCounE (utterance list) speakers; full-width or ASCII colon.
 SPEAKERS = {"来访者": "user", "求助者": "user", "心理咨询师": "assistant", "支持者": "assistant"}
 SPEAKER_RE = re.compile(r"^\s*(来访者|求助者|心理咨询师|支持者)\s*[：:]\s*")
+# The counted notice for a CPsyCounD transcript that ends in a bare speaker prefix (`来访者：`): the empty turn
+# is dropped, the dialogue kept.
+EMPTY_LAST_TURN = "an empty last turn (a bare speaker prefix at the end of the transcript) was dropped"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,19 +78,6 @@ def _short(v: object, n: int = 40) -> str:
     except RecursionError:  # hostile input nests lists thousands deep
         s = f"<deeply nested {type(v).__name__}>"
     return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def record_id(rec: object) -> str | None:
-    """The record's own `id` as a one-line string (ids may be any JSON type in the wild)."""
-    if not isinstance(rec, dict) or rec.get("id") is None:
-        return None
-    v = rec["id"]
-    try:
-        s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)[:200]
-    except (ValueError, RecursionError):
-        s = f"<{type(v).__name__}>"
-    s = " ".join(s.split())  # ids go into one-line messages
-    return s[:80] or None
 
 
 def _text(v: object, src: Source, what: str) -> str:
@@ -206,6 +203,46 @@ def _utterances(rec: object, src: Source) -> Dialogue:
     return Dialogue(turns, None, src)
 
 
+def psyqa_prompt(rec: dict, src: Source) -> str:
+    """A PsyQA question as its asker put it: the question, then the description when there is one (the user turn
+    in training, the prompt in evaluation). Raises DataError."""
+    question = _text(rec.get("question"), src, "question").strip()
+    if not question:
+        raise DataError(src, "question: empty text")
+    description = _text(_or_empty(rec.get("description")), src, "description").strip()
+    return f"{question}\n{description}" if description else question
+
+
+def _psyqa(rec: dict, src: Source) -> list[Dialogue | DataError]:
+    """PsyQA: one dialogue per answer (user = question + description, assistant = the answer), ids `QID-K`. Each
+    answer is its own record for counting: a bad answer is rejected alone. The labels (strategy spans) are not
+    used for training."""
+    user = psyqa_prompt(rec, src)
+    answers = rec.get("answers")
+    if not isinstance(answers, list) or not answers:
+        raise DataError(
+            src, f"'answers' is {_short(answers, 20)}, expected a non-empty list of {{answer_text}}"
+        )
+    qid = src.id if src.id is not None else f"#{src.index}"
+    head = {k: v for k, v in rec.items() if k != "answers"}
+    out: list[Dialogue | DataError] = []
+    for k, a in enumerate(answers, 1):
+        asrc = replace(src, id=f"{qid}-{k}")
+        try:
+            if not isinstance(a, dict):
+                raise DataError(
+                    asrc, f"answer {k} is {type(a).__name__}, expected an object with answer_text"
+                )
+            reply = _text(a.get("answer_text"), asrc, f"answer {k}")
+            d = Dialogue([Turn("user", user), Turn("assistant", reply)], None, asrc)
+            validate_dialogue(d)
+            out.append(d)
+        except DataError as e:
+            e.raw = {**head, "answers": [a]}
+            out.append(e)
+    return out
+
+
 CONVERTERS = {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca, "emollm": _emollm}
 
 
@@ -223,13 +260,32 @@ def detect_record(rec: object) -> str | None:
         conv = rec["conversation"]
         first = conv[0] if isinstance(conv, list) and conv else None
         return "sharegpt" if isinstance(first, dict) and ("from" in first or "role" in first) else "emollm"
+    if "answers" in rec and "question" in rec:
+        return "psyqa"
     if "instruction" in rec or "output" in rec:
         return "alpaca"
     return None
 
 
+def parse_records(rec: object, fmt: str = "auto", source: Source | None = None) -> list[Dialogue | DataError]:
+    """One parsed JSON record -> its validated dialogues (one; PsyQA: one per answer), a DataError (with
+    `.raw = rec`) for each bad one. Never raises on data."""
+    src = source or Source("<memory>")
+    try:
+        kind = detect_record(rec) if fmt == "auto" else fmt
+        if kind == "psyqa":
+            if not isinstance(rec, dict):
+                raise DataError(src, f"record is a JSON {type(rec).__name__}, expected an object (psyqa)")
+            return _psyqa(rec, src)
+        return [parse_record(rec, kind or "auto", src)]
+    except DataError as e:
+        e.raw = rec if e.raw is None else e.raw
+        return [e]
+
+
 def parse_record(rec: object, fmt: str = "auto", source: Source | None = None) -> Dialogue:
-    """One parsed JSON record -> validated Dialogue. Raises DataError (with `.raw = rec`) when it is bad."""
+    """One parsed JSON record -> validated Dialogue. Raises DataError (with `.raw = rec`) when it is bad.
+    A PsyQA record holds several dialogues: read it with parse_records."""
     src = source or Source("<memory>")
     try:
         kind = detect_record(rec) if fmt == "auto" else fmt
@@ -239,7 +295,7 @@ def parse_record(rec: object, fmt: str = "auto", source: Source | None = None) -
             raise DataError(
                 src,
                 f"unrecognized record ({got}); expected conversations (ShareGPT), messages, "
-                "instruction/output (Alpaca) or conversation (EmoLLM)",
+                "instruction/output (Alpaca), conversation (EmoLLM) or question/answers (PsyQA)",
             )
         if kind == "cpsycoune":
             d = _utterances(rec, src)
@@ -258,7 +314,9 @@ def parse_record(rec: object, fmt: str = "auto", source: Source | None = None) -
 
 def parse_counseling_text(text: str, source: Source) -> Dialogue:
     """CPsyCounD text: speaker-prefixed turns separated by blank lines; an unprefixed line continues the
-    previous turn and so does a second turn of the same speaker (paragraph breaks kept). Raises DataError."""
+    previous turn and so does a second turn of the same speaker (paragraph breaks kept). A bare speaker prefix
+    at the very end (`来访者：`, an unfinished transcript) is dropped with the notice EMPTY_LAST_TURN in
+    `Dialogue.notes`; an empty turn anywhere else is an error. Raises DataError."""
     parts: list[list] = []  # [role, [lines]]
     blank = False
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -282,9 +340,14 @@ def parse_counseling_text(text: str, source: Source) -> Dialogue:
         else:
             parts[-1][1].append("\n" + s if blank else s)
         blank = False
-    if not parts:
+    turns = [Turn(role, "\n".join(lines).strip()) for role, lines in parts]
+    notes = []
+    if len(turns) > 1 and not turns[-1].content:
+        turns.pop()
+        notes.append(EMPTY_LAST_TURN)
+    if not turns:
         raise DataError(source, "no speaker turns found (来访者：/心理咨询师：)", text)
-    d = Dialogue([Turn(role, "\n".join(lines).strip()) for role, lines in parts], None, source)
+    d = Dialogue(turns, None, source, notes)
     try:
         validate_dialogue(d)
     except DataError as e:
@@ -297,164 +360,13 @@ def parse_counseling_text(text: str, source: Source) -> Dialogue:
 # Files and folders
 
 
-def _convert(rec: object, fmt: str, src: Source) -> Dialogue | DataError:
-    try:
-        return parse_record(rec, fmt, src)
-    except DataError as e:
-        return e
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__
-
-
-def _sniff(path: Path) -> str:
-    """Container of a file from its first bytes: array | object | empty | text | unknown."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-        while head and not head.lstrip():
-            head = f.read(1 << 16)
-    head = head.removeprefix(BOM).lstrip()
-    if not head:
-        return "empty"
-    c = head[:1]
-    if c == b"[":
-        return "array"
-    if c == b"{":
-        return "object"
-    if SPEAKER_RE.match(head[:64].decode("utf-8", "ignore")):
-        return "text"
-    return "unknown"
-
-
-def _iter_jsonl(path: Path, fmt: str) -> Iterator[Dialogue | DataError]:
-    file = str(path)
-    with open(path, "rb") as f:
-        index = 0
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1:
-                raw = raw.removeprefix(BOM)
-            if not raw.strip():
-                continue
-            src = Source(file, index=index, line=lineno)
-            index += 1
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield DataError(
-                    src, f"line is not valid UTF-8 (byte {e.start})", raw.decode("utf-8", "replace")
-                )
-                continue
-            try:
-                rec = json.loads(text)
-            except (ValueError, RecursionError) as e:
-                yield DataError(src, f"invalid JSON: {_first_line(e)}", text.rstrip("\r\n"))
-                continue
-            yield _convert(rec, fmt, replace(src, id=record_id(rec)))
-
-
-def _utterance_file_source(path: Path) -> Source:
-    # CPsyCounE names files 1.json, 2.json inside a topic folder: the folder makes the id unique.
-    return Source(
-        str(path), index=0, line=1, id=f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
-    )
-
-
-TOO_DEEP = object()
-
-
-def _array_items(f) -> Iterator[object]:
-    """The elements of a top-level JSON array, one at a time (memory: one element).
-
-    Built from ijson's raw events rather than `ijson.items` because the latter keeps a prefix string per
-    nesting level, so a hostile `[[[[...` 50k deep takes gigabytes; here an element nested deeper than
-    MAX_DEPTH is skipped unbuilt and comes out as TOO_DEEP."""
-    events = ijson.basic_parse(f, use_float=True)
-    if next(events, (None, None))[0] != "start_array":
-        raise ValueError("not a JSON array")
-    depth, builder = 0, None
-    for ev, val in events:
-        if depth == 0:
-            if ev == "end_array":
-                for _ in events:  # let the parser report trailing garbage
-                    pass
-                return
-            builder = ijson.ObjectBuilder()
-        if ev in ("start_map", "start_array"):
-            depth += 1
-        elif ev in ("end_map", "end_array"):
-            depth -= 1
-        if builder is not None:
-            builder.event(ev, val)
-            if depth > MAX_DEPTH:
-                builder = None
-        if depth == 0:
-            yield builder.value if builder is not None else TOO_DEEP
-
-
-def _open_json(path: Path):
-    f = open(path, "rb")  # noqa: SIM115 - the caller closes it
-    if f.read(3) != BOM:
-        f.seek(0)
-    return f
-
-
-def _iter_array(path: Path, fmt: str) -> Iterator[Dialogue | DataError]:
-    file = str(path)
-    index = 0
-    with _open_json(path) as f:
-        items = _array_items(f)
-        try:
-            for rec in items:
-                if index == 0 and isinstance(rec, str) and fmt in ("auto", "cpsycoune"):
-                    # An array of strings is one CPsyCounE dialogue, not a list of records.
-                    utterances = [rec]
-                    for u in items:
-                        index += 1
-                        utterances.append(u)
-                    yield _convert(utterances, "cpsycoune", _utterance_file_source(path))
-                    return
-                if rec is TOO_DEEP:
-                    yield DataError(Source(file, index=index), f"record nests deeper than {MAX_DEPTH} levels")
-                else:
-                    yield _convert(rec, fmt, Source(file, index=index, id=record_id(rec)))
-                index += 1
-        except Exception as e:  # ijson's C backend raises several types; any of them ends the file here
-            yield DataError(
-                Source(file, index=index),
-                f"invalid JSON at array element {index}: {_first_line(e)}; the rest of the file is skipped",
-            )
-
-
-def _iter_object_or_jsonl(path: Path, fmt: str) -> Iterator[Dialogue | DataError]:
-    """A file starting with `{`: JSONL when its first line is a JSON value on its own, else one
-    (pretty-printed) JSON object; when that fails too, JSONL so each bad line is reported."""
-    with open(path, "rb") as f:
-        first = f.readline().removeprefix(BOM)
-    try:
-        json.loads(first)
-        is_jsonl = True
-    except (ValueError, RecursionError):
-        is_jsonl = False
-    if not is_jsonl and path.stat().st_size <= MAX_SINGLE_OBJECT_BYTES:
-        try:
-            rec = json.loads(path.read_bytes().removeprefix(BOM))
-        except (ValueError, RecursionError):
-            rec = None
-        if rec is not None:
-            yield _convert(rec, fmt, Source(str(path), index=0, line=1, id=record_id(rec)))
-            return
-    yield from _iter_jsonl(path, fmt)
-
-
 def _iter_text(path: Path) -> Iterator[Dialogue | DataError]:
     src = Source(str(path), index=0, line=1, id=path.stem)
     data = path.read_bytes().removeprefix(BOM)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        yield DataError(src, f"not valid UTF-8 text (byte {e.start})")
+        yield DataError(src, not_utf8(data, e))
         return
     try:
         yield parse_counseling_text(text, src)
@@ -463,21 +375,23 @@ def _iter_text(path: Path) -> Iterator[Dialogue | DataError]:
 
 
 def _iter_one_file(path: Path, fmt: str) -> Iterator[Dialogue | DataError]:
+    if problem := wide_encoding_problem(path):
+        yield DataError(Source(str(path)), problem)
+        return
     if fmt == "cpsycound" or (fmt == "auto" and path.suffix.lower() == ".txt"):
         yield from _iter_text(path)
         return
-    if path.suffix.lower() == ".jsonl":
-        yield from _iter_jsonl(path, fmt)
+    if path.suffix.lower() != ".jsonl" and sniff(path) == "other":
+        if fmt == "auto" and SPEAKER_RE.match(head_text(path)):
+            yield from _iter_text(path)
+        else:
+            yield DataError(Source(str(path)), "not a JSON array, JSONL or CPsyCoun text file")
         return
-    kind = _sniff(path)
-    if kind == "array":
-        yield from _iter_array(path, fmt)
-    elif kind == "object":
-        yield from _iter_object_or_jsonl(path, fmt)
-    elif kind == "text" and fmt == "auto":
-        yield from _iter_text(path)
-    elif kind != "empty":
-        yield DataError(Source(str(path)), "not a JSON array, JSONL or CPsyCoun text file")
+    for item in iter_json_records(path, strings_as_one=fmt in ("auto", "cpsycoune")):
+        if isinstance(item, DataError):
+            yield item
+        else:
+            yield from parse_records(item[0], fmt, item[1])
 
 
 def list_data_files(folder: str | os.PathLike) -> list[Path]:
@@ -504,7 +418,7 @@ def iter_file(path: str | os.PathLike, fmt: str = "auto") -> Iterator[Dialogue |
     try:
         files = list_data_files(p) if p.is_dir() else [p] if p.exists() else None
     except (OSError, ValueError) as e:  # permission denied, a NUL byte in the name, ...
-        yield DataError(Source(str(p)), f"cannot read: {_first_line(e)}")
+        yield DataError(Source(str(p)), f"cannot read: {error_line(e)}")
         return
     if files is None:
         yield DataError(Source(str(p)), "no such file or folder")
@@ -516,10 +430,10 @@ def iter_file(path: str | os.PathLike, fmt: str = "auto") -> Iterator[Dialogue |
                 n += 1
                 yield item
         except OSError as e:
-            yield DataError(Source(str(f), index=n), f"cannot read file: {e.strerror or _first_line(e)}")
+            yield DataError(Source(str(f), index=n), f"cannot read file: {e.strerror or error_line(e)}")
         except Exception as e:  # a reader bug must not kill a million-record run; report it like bad data
             yield DataError(
-                Source(str(f), index=n), f"unexpected {type(e).__name__} while reading: {_first_line(e)}"
+                Source(str(f), index=n), f"unexpected {type(e).__name__} while reading: {error_line(e)}"
             )
 
 
@@ -533,27 +447,17 @@ def detect_format(path: str | os.PathLike) -> str:
             return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "empty")
         if p.suffix.lower() == ".txt":
             return "cpsycound"
-        kind = "jsonl" if p.suffix.lower() == ".jsonl" else _sniff(p)
-        if kind in ("text", "empty"):
-            return "cpsycound" if kind == "text" else kind
-        if kind == "array":
-            with _open_json(p) as f:
-                first = next(_array_items(f), None)
-            return "cpsycoune" if isinstance(first, str) else detect_record(first) or "unknown"
-        with open(p, "rb") as f:
-            for i, line in enumerate(f):
-                if i >= 20:
-                    break
-                try:
-                    return detect_record(json.loads(line.removeprefix(BOM))) or "unknown"
-                except (ValueError, RecursionError):
-                    continue
-        rec = (
-            json.loads(p.read_bytes().removeprefix(BOM))
-            if p.stat().st_size <= MAX_SINGLE_OBJECT_BYTES
-            else None
-        )
-        return detect_record(rec) or "unknown"
+        kind = "jsonl" if p.suffix.lower() == ".jsonl" else sniff(p)
+        if kind == "empty":
+            return kind
+        if kind == "other":
+            return "cpsycound" if SPEAKER_RE.match(head_text(p)) else "unknown"
+        for i, item in enumerate(iter_json_records(p)):
+            if not isinstance(item, DataError):
+                return detect_record(item[0]) or "unknown"
+            if i >= 20 or kind == "array":
+                break
+        return "unknown"
     except Exception:
         return "unknown"
 

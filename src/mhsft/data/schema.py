@@ -7,6 +7,7 @@ error message can point back at the exact record.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
@@ -43,6 +44,9 @@ class Dialogue:
     turns: list[Turn]
     system: str | None = None
     source: Source = field(default_factory=lambda: Source("<memory>"))
+    # Counted notices about what reading changed (e.g. an empty last turn dropped): fixed sentences, so that
+    # callers can count them by kind.
+    notes: list[str] = field(default_factory=list)
 
     def to_messages(self) -> list[dict]:
         """OpenAI-style messages (system first when present)."""
@@ -104,6 +108,31 @@ class DataError(Exception):
             "reason": self.reason,
             "record": self.raw,
         }
+
+    def to_reject_line(self) -> str:
+        """`to_reject()` as one line of strict JSON that always encodes: Chinese kept readable, an unpaired
+        surrogate (valid JSON, not valid UTF-8) escaped as `\\udXXX`, a record holding NaN or Infinity written as
+        its JSON text in a string, one too deep or circular to serialize left out."""
+        rec = self.to_reject()
+        for attempt in (
+            lambda: rec,
+            lambda: {**rec, "record": _json_text(self.raw)},
+            lambda: {**rec, "record": None},
+        ):
+            try:
+                line = json.dumps(attempt(), ensure_ascii=False, allow_nan=False, default=str)
+            except (ValueError, RecursionError):
+                continue
+            try:
+                line.encode("utf-8")
+                return line
+            except UnicodeEncodeError:
+                return json.dumps(attempt(), allow_nan=False, default=str)
+        raise AssertionError("unreachable: a reject without its record always serializes")
+
+
+def _json_text(raw: object) -> str:
+    return json.dumps(raw, ensure_ascii=False, default=str)
 
 
 def validate_dialogue(d: Dialogue) -> None:

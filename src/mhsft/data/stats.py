@@ -48,6 +48,7 @@ class Stats:
     dialogues: int = 0
     rejected: int = 0
     reject_reasons: Counter = field(default_factory=Counter)
+    notices: Counter = field(default_factory=Counter)  # Dialogue.notes by kind: what reading changed
     files: Counter = field(default_factory=Counter)
     with_system: int = 0
     turns: int = 0
@@ -74,6 +75,7 @@ class Stats:
             return
         d = item
         self.dialogues += 1
+        self.notices.update(d.notes)
         self.with_system += bool(d.system)
         self.turns += len(d.turns)
         self.assistant_turns += d.num_assistant_turns
@@ -117,6 +119,7 @@ class Stats:
             "dialogues": self.dialogues,
             "rejected": self.rejected,
             "reject_reasons": dict(self.reject_reasons.most_common(10)),
+            "notices": dict(self.notices),
             "files": len(self.files),
             "with_system_prompt": self.with_system,
             "turns": self.turns,
@@ -165,6 +168,8 @@ def format_table(d: dict, title: str) -> str:
     t.add_row("rejected records", f"{d['rejected']:,}")
     for reason, n in d["reject_reasons"].items():
         t.add_row(f"  {reason}", f"{n:,}")
+    for notice, n in d.get("notices", {}).items():
+        t.add_row(f"notice: {notice}", f"{n:,}")
     t.add_row("files", f"{d['files']:,}")
     t.add_row("with system prompt", f"{d['with_system_prompt']:,}")
     t.add_row("turns (user + assistant)", f"{d['turns']:,}")

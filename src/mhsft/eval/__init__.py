@@ -2,7 +2,7 @@
 by a judge, and a crisis-safety check, for a model in-process or any OpenAI-compatible endpoint.
 
 evaluate.py    the verb: arguments, every --eval_dataset, results.json and the terminal table
-datasets.py    evaluation sets (CPsyExam, PCEB, CPsyCounE, plain JSONL) read into items
+datasets.py    evaluation sets (CPsyExam, PCEB, CMMLU / C-Eval CSV, PsyQA, CPsyCounE, plain JSONL) read into items
 runner.py      one set against a target: multiple choice, open QA, counseling turns
 predictions.py predictions.jsonl, the resumable log of finished items
 targets.py     what is evaluated: a local model or an OpenAI-compatible endpoint (the judge is one too)

@@ -6,23 +6,34 @@
 - PCEB theory / moral    {"id", "question", "options", "answer": "ACD"}; single or multiple from the folder
 - PCEB case groups       {"general_info", "case_introduction", "questions_and_answers": [...]}: sub-questions
                          share the case text, `单选：`/`多选：` says the type; essay cases (no options) are open QA
+- CMMLU / C-Eval CSV      header `,Question,A,B,C,D,Answer` (CMMLU) or `id,question,A,B,C,D,answer[,explanation]`
+                         (C-Eval); the subject is the file name without `_dev`/`_val`/`_test`. A row without an
+                         answer (C-Eval's test split has none) is counted as unanswered and not scored.
 - open QA JSONL          {"question", "answer", "key_points"?: [...]}
+- PsyQA                  {"question", "description", "answers": [{"answer_text"}, ...], "questionID"}: open QA,
+                         question + description asked, every answer a reference
 - dialogues              anything `mhsft.data.readers` reads (CPsyCounE arrays, ShareGPT, messages, ...)
 
-A bad record becomes a DataError (counted and skipped, or fatal with strict) and never a traceback.
+One rule for a question labelled single-answer whose gold has several letters (a CPsyExam `question_type`, a PCEB
+`single/` folder or `单选：` prefix): it is scored as a multiple-answer question, and counted in the set's notices
+(SINGLE_WITH_SEVERAL_LETTERS). A bad record becomes a DataError (counted and skipped, or fatal with strict) and
+never a traceback.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
-import json
+import io
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mhsft.data.json_files import BOM, iter_json_records, not_utf8
 from mhsft.data.loader import parse_spec
-from mhsft.data.readers import detect_record, parse_record
+from mhsft.data.readers import detect_record, parse_record, psyqa_prompt
 from mhsft.data.schema import DataError, Dialogue, Source
 from mhsft.utils import UserError
 
@@ -33,6 +44,15 @@ POINTS_RE = re.compile(r"[（(]\s*(\d+(?:\.\d+)?)\s*分\s*[）)]")
 # Numbering and punctuation trimmed from the ends of a key point: `1）`, `①`, `2.`, `（3）`, `、`, `；`.
 KP_LEAD_RE = re.compile(r"^[\s\d.．。、,，;；:：)）(（①②③④⑤⑥⑦⑧⑨⑩]+")
 KP_TAIL_RE = re.compile(r"[\s、,，;；:：。.]+$")
+EVAL_SUFFIXES = (".json", ".jsonl", ".csv")
+# A CSV file's split, after the subject in its name: `professional_psychology_test.csv`.
+CSV_SPLIT_RE = re.compile(r"_(dev|val|validation|test|train)$", re.I)
+# Notices: what reading decided about some items, counted per set, logged as `NAME: NOTICE: N`.
+SINGLE_WITH_SEVERAL_LETTERS = (
+    "questions labelled single-answer whose gold has several letters (scored as multiple-answer questions)"
+)
+UNANSWERED = "questions without an answer (C-Eval's test split publishes none; counted, not scored)"
+PSYQA_BAD_ANSWERS = "PsyQA answers without text (not used as references)"
 
 
 @dataclass
@@ -45,6 +65,7 @@ class MCQItem:
     subject: str = ""
     kind: str = ""  # knowledge | case
     dataset: str = ""
+    note: str = ""  # a notice about how the item was read (SINGLE_WITH_SEVERAL_LETTERS), counted per set
 
     @property
     def qtype(self) -> str:
@@ -59,6 +80,11 @@ class QAItem:
     key_points: list[str] = field(default_factory=list)
     key_point_weights: list[float] = field(default_factory=list)  # marks (分) per key point when known
     dataset: str = ""
+    references: list[str] = field(default_factory=list)  # every reference answer (PsyQA); empty: [answer]
+
+    @property
+    def refs(self) -> list[str]:
+        return self.references or [self.answer]
 
 
 @dataclass
@@ -78,6 +104,7 @@ class EvalSet:
     qa: list[QAItem] = field(default_factory=list)
     dialogues: list[DialogueItem] = field(default_factory=list)
     errors: list[DataError] = field(default_factory=list)
+    notices: Counter = field(default_factory=Counter)  # how many items each notice concerns
 
     def __len__(self) -> int:
         return len(self.mcq) + len(self.qa) + len(self.dialogues)
@@ -136,19 +163,10 @@ def mcq_from_record(rec: dict, src: Source, dataset: str, path_parts: tuple[str,
     options = _options(rec.get("choices", rec.get("options")), src)
     letters = "".join(options)
     answer = normalize_answer(rec.get("answer"), letters, src)
-    qt = str(rec.get("question_type") or rec.get("type") or "").lower()
-    if qt in ("multi", "multiple"):
-        multi = True
-    elif qt == "single":
-        multi = False
-    elif "multiple" in path_parts:
-        multi = True
-    elif "single" in path_parts:
-        multi = False
-    else:
-        multi = len(answer) > 1
-    if not multi and len(answer) > 1:
-        raise DataError(src, f"single-answer question with answer {answer}")
+    labelled = _labelled_multi(rec, path_parts)
+    multi, note = labelled if labelled is not None else len(answer) > 1, ""
+    if labelled is False and len(answer) > 1:  # the one rule for every reader: trust the gold, and say so
+        multi, note = True, SINGLE_WITH_SEVERAL_LETTERS
     subject = str(rec.get("subject_name") or rec.get("subject") or "")
     kind = str(rec.get("kind") or "")
     kind = {"analyse": "case", "analysis": "case"}.get(kind, kind)
@@ -157,7 +175,24 @@ def mcq_from_record(rec: dict, src: Source, dataset: str, path_parts: tuple[str,
         level = next((p for p in path_parts if p in ("second", "third")), "")
         subject = "/".join(x for x in (cat, level) if x)
         kind = kind or ("knowledge" if cat else "")
-    return MCQItem(str(rec.get("id", src.index)), question, options, answer, multi, subject, kind, dataset)
+    return MCQItem(
+        str(rec.get("id", src.index)), question, options, answer, multi, subject, kind, dataset, note
+    )
+
+
+def _labelled_multi(rec: dict, path_parts: tuple[str, ...]) -> bool | None:
+    """Whether the question is labelled multiple-answer (True), single-answer (False) or not at all (None): its
+    `question_type`, else a `multiple/` or `single/` folder (PCEB)."""
+    qt = str(rec.get("question_type") or rec.get("type") or "").lower()
+    if qt in ("multi", "multiple"):
+        return True
+    if qt == "single":
+        return False
+    if "multiple" in path_parts:
+        return True
+    if "single" in path_parts:
+        return False
+    return None
 
 
 def case_items(rec: dict, src: Source, dataset: str, level: str) -> tuple[list[MCQItem], list[QAItem]]:
@@ -183,13 +218,17 @@ def case_items(rec: dict, src: Source, dataset: str, level: str) -> tuple[list[M
             qa.append(QAItem(f"{gid}-{j}", f"{case}\n\n问题：{text}", ref, kps, weights, dataset))
             continue
         m = CASE_TYPE_RE.match(text)
+        labelled = {"question_type": "multi" if m.group(1) == "多选" else "single"} if m else {}
         item = mcq_from_record(
-            {**q, "question": f"{case}\n\n问题：{text[m.end() :] if m else text}", "id": f"{gid}-{j}"},
+            {
+                **q,
+                "question": f"{case}\n\n问题：{text[m.end() :] if m else text}",
+                "id": f"{gid}-{j}",
+                **labelled,
+            },
             sub,
             dataset,
         )
-        if m:
-            item.multi = m.group(1) == "多选"
         item.subject, item.kind = f"cases/{level}" if level else "cases", "case"
         mcq.append(item)
     return mcq, qa
@@ -210,7 +249,7 @@ def key_points_from_marks(reference: str) -> tuple[list[str], list[float]]:
     return kps, weights
 
 
-def qa_from_record(rec: dict, src: Source, dataset: str) -> QAItem:
+def qa_from_record(rec: dict, src: Source, dataset: str) -> tuple[QAItem, int]:
     question = _text_field(rec, "question", src)
     answer = _text_field(rec, "answer", src)
     kps = rec.get("key_points")
@@ -220,16 +259,37 @@ def qa_from_record(rec: dict, src: Source, dataset: str) -> QAItem:
         if not isinstance(kps, list) or not all(isinstance(k, str) and k.strip() for k in kps):
             raise DataError(src, "key_points must be a list of non-empty strings")
         kps, weights = [k.strip() for k in kps], []
-    return QAItem(str(rec.get("id", src.index)), question, answer, kps, weights, dataset)
+    return QAItem(str(rec.get("id", src.index)), question, answer, kps, weights, dataset), 0
+
+
+def psyqa_item(rec: dict, src: Source, dataset: str) -> tuple[QAItem, int]:
+    """A PsyQA question as open QA: asked as question + description (what training's user turn is), every answer
+    a reference. Returns the item and how many answers had no text (not used)."""
+    question = psyqa_prompt(rec, src)
+    answers = rec.get("answers")
+    if not isinstance(answers, list):
+        raise DataError(src, f"'answers' is {type(answers).__name__}, expected a list of {{answer_text}}")
+    refs = [
+        a["answer_text"].strip()
+        for a in answers
+        if isinstance(a, dict) and isinstance(a.get("answer_text"), str)
+    ]
+    refs = [r for r in refs if r]
+    if not refs:
+        raise DataError(src, "no answer with text: nothing to compare with")
+    qid = rec.get("questionID", rec.get("id", src.index))
+    return QAItem(str(qid), question, refs[0], dataset=dataset, references=refs), len(answers) - len(refs)
 
 
 def record_kind(rec: object) -> str:
-    """mcq | case | qa | dialogue | unknown for one parsed JSON record."""
+    """mcq | case | psyqa | qa | dialogue | unknown for one parsed JSON record."""
     if isinstance(rec, dict):
         if "questions_and_answers" in rec:
             return "case"
         if "choices" in rec or "options" in rec:
             return "mcq"
+        if "question" in rec and "answers" in rec:
+            return "psyqa"
         if "question" in rec and "answer" in rec:
             return "qa"
     return "dialogue" if detect_record(rec) else "unknown"
@@ -239,33 +299,68 @@ def record_kind(rec: object) -> str:
 # Files
 
 
-def _records(path: Path) -> list[tuple[object, Source]]:
-    """(record, source) for every record of a .json (array, object) or .jsonl file. A CPsyCounE file (an array
-    of utterance strings) is one record. Raises DataError for an unreadable file."""
+def _records(path: Path):
+    """(record, source) or DataError for every record of a .json / .jsonl file (the training readers' containers:
+    one bad element or line costs only itself) or a CMMLU / C-Eval .csv file."""
+    if path.suffix.lower() == ".csv":
+        yield from _csv_records(path)
+    else:
+        yield from iter_json_records(path, strings_as_one=True)
+
+
+def _csv_columns(header: list[str], src: Source) -> dict[str, int]:
+    """Column name -> index: `id` (CMMLU's unnamed first column too), `question`, option letters, `answer`,
+    `explanation`. DataError when there is no question column or fewer than two options."""
+    cols: dict[str, int] = {}
+    for i, name in enumerate(header):
+        key = name.strip().lower()
+        key = {"": "id", "unnamed: 0": "id"}.get(key, key)
+        key = key.upper() if len(key) == 1 and key.upper() in LETTERS else key
+        cols.setdefault(key, i)
+    if "question" not in cols or sum(k in cols for k in LETTERS) < 2:
+        raise DataError(
+            src,
+            f"not a CMMLU / C-Eval CSV: the header {','.join(header)[:80]!r} needs question, A, B, ... columns",
+        )
+    return cols
+
+
+def _csv_records(path: Path):
+    """CMMLU (`,Question,A,B,C,D,Answer`) and C-Eval (`id,question,A,B,C,D,answer[,explanation]`) rows as
+    multiple-choice records; the subject is the file name without its split. A row without an answer keeps
+    `answer` None (C-Eval's test split)."""
+    file = str(path)
+    data = path.read_bytes().removeprefix(BOM)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
-        raise DataError(Source(str(path)), f"cannot read: {why}") from None
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".jsonl" or (stripped.startswith("{") and "\n{" in stripped):
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                src = Source(str(path), len(out), i)
-                try:
-                    out.append((json.loads(line), src))
-                except json.JSONDecodeError as e:
-                    out.append((DataError(src, f"not valid JSON: {e.msg} (column {e.colno})"), src))
-        return out
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield DataError(Source(file), not_utf8(data, e))
+        return
+    subject = CSV_SPLIT_RE.sub("", path.stem)
+    # newline="" as the csv docs ask: a quoted field keeps its line breaks, and U+2028 or \x85 break no row
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(Source(str(path), line=e.lineno), f"not valid JSON: {e.msg}") from None
-    if isinstance(data, list) and data and all(isinstance(u, str) for u in data):
-        return [(data, Source(str(path), 0, 1, path.stem))]
-    items = data if isinstance(data, list) else [data]
-    return [(r, Source(str(path), i)) for i, r in enumerate(items)]
+        header = next(reader, None)
+        if header is None:
+            return
+        cols = _csv_columns(header, Source(file, line=1))
+        index, line = 0, reader.line_num + 1
+        for row in reader:
+            src, line = Source(file, index=index, line=line), reader.line_num + 1
+            if not any(x.strip() for x in row):
+                continue
+            index += 1
+            if len(row) != len(header):
+                yield DataError(src, f"{len(row)} fields, the header has {len(header)}", row)
+                continue
+            rec = {k: row[i].strip() for k, i in cols.items() if k != "explanation"}
+            opts = {k: rec.pop(k) for k in LETTERS if k in rec}
+            rec = {**rec, "options": opts, "subject": subject, "answer": rec.get("answer") or None}
+            yield rec, Source(file, src.index, src.line, rec.get("id") or None)
+    except DataError as e:
+        yield e
+    except csv.Error as e:  # a NUL byte, a quote left open to the end of the file
+        yield DataError(Source(file, line=reader.line_num), f"not valid CSV: {e}")
 
 
 def _file_id(path: Path, root: Path) -> str:
@@ -274,56 +369,68 @@ def _file_id(path: Path, root: Path) -> str:
 
 
 def read_file(path: Path, root: Path, dataset: str, out: EvalSet) -> None:
-    """Add every record of one file to `out` (bad ones to out.errors)."""
-    try:
-        records = _records(path)
-    except DataError as e:
-        out.errors.append(e)
-        return
+    """Add every record of one file to `out` (bad ones to out.errors, notices counted in out.notices)."""
     fid = _file_id(path, root)
     parts = tuple(p.lower() for p in path.relative_to(root).parts) if root.is_dir() else ()
     level = next((p for p in parts if p in ("second", "third")), "")
-    for rec, src in records:
-        if isinstance(rec, DataError):
-            out.errors.append(rec)
-            continue
-        local = rec.get("id") if isinstance(rec, dict) else None
-        src = Source(src.file, src.index, src.line, str(local) if local is not None else src.id)
-        try:
-            kind = record_kind(rec)
-            if kind == "mcq":
-                item = mcq_from_record(rec, src, dataset, parts)
-                item.id = f"{fid}#{item.id}" if "id" not in rec or root.is_dir() else item.id
-                out.mcq.append(item)
-            elif kind == "case":
-                mcq, qa = case_items(rec, src, dataset, level)
-                for it in (*mcq, *qa):
-                    it.id = f"{fid}#{it.id}"
-                out.mcq += mcq
-                out.qa += qa
-            elif kind == "qa":
-                item = qa_from_record(rec, src, dataset)
-                item.id = f"{fid}#{item.id}" if "id" not in rec or root.is_dir() else item.id
-                out.qa.append(item)
-            elif kind == "dialogue":
-                d = parse_record(rec, "auto", src)
-                did = fid if isinstance(rec, list) else f"{fid}#{src.id if src.id is not None else src.index}"
-                out.dialogues.append(DialogueItem(did, d, dataset))
-            else:
-                raise DataError(
-                    src,
-                    "unrecognized record: expected a multiple-choice question (question, options/choices, "
-                    "answer), an open question (question, answer), a PCEB case or a dialogue",
-                )
-        except DataError as e:
-            out.errors.append(e)
+    try:
+        for item in _records(path):
+            if isinstance(item, DataError):
+                out.errors.append(item)
+                continue
+            rec, src = item
+            local = rec.get("id") if isinstance(rec, dict) else None
+            src = Source(src.file, src.index, src.line, str(local) if local is not None else src.id)
+            try:
+                _add_record(rec, src, (fid, root.is_dir(), parts, level), dataset, out)
+            except DataError as e:
+                out.errors.append(e)
+    except OSError as e:
+        out.errors.append(DataError(Source(str(path)), f"cannot read: {e.strerror or e}"))
+
+
+def _add_record(rec: object, src: Source, where: tuple, dataset: str, out: EvalSet) -> None:
+    fid, in_folder, parts, level = where
+    kind = record_kind(rec)
+    if kind == "mcq" and (rec.get("answer") is None or rec.get("answer") == ""):
+        out.notices[UNANSWERED] += 1  # C-Eval's test split; never scored, never silently dropped
+    elif kind == "mcq":
+        item = mcq_from_record(rec, src, dataset, parts)
+        item.id = f"{fid}#{item.id}" if "id" not in rec or in_folder else item.id
+        out.notices.update([item.note] if item.note else [])
+        out.mcq.append(item)
+    elif kind == "case":
+        mcq, qa = case_items(rec, src, dataset, level)
+        for it in (*mcq, *qa):
+            it.id = f"{fid}#{it.id}"
+        out.notices.update(m.note for m in mcq if m.note)
+        out.mcq += mcq
+        out.qa += qa
+    elif kind in ("qa", "psyqa"):
+        item, unused = qa_from_record(rec, src, dataset) if kind == "qa" else psyqa_item(rec, src, dataset)
+        has_id = "id" in rec or "questionID" in rec
+        item.id = f"{fid}#{item.id}" if not has_id or in_folder else item.id
+        if unused:
+            out.notices[PSYQA_BAD_ANSWERS] += unused
+        out.qa.append(item)
+    elif kind == "dialogue":
+        d = parse_record(rec, "auto", src)
+        did = fid if isinstance(rec, list) else f"{fid}#{src.id if src.id is not None else src.index}"
+        out.dialogues.append(DialogueItem(did, d, dataset))
+    else:
+        raise DataError(
+            src,
+            "unrecognized record: expected a multiple-choice question (question, options/choices, "
+            "answer), an open question (question, answer), a PsyQA question (question, answers), a PCEB "
+            "case or a dialogue",
+        )
 
 
 def _files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     return sorted(
-        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".jsonl")),
+        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EVAL_SUFFIXES),
         key=lambda p: p.relative_to(root).parts,
     )
 
@@ -359,13 +466,13 @@ def load_eval_set(
     root = Path(spec.name)
     files = _files(root)
     if not files:
-        raise UserError(f"--eval_dataset {spec_text}: no .json or .jsonl files in {root}")
+        raise UserError(f"--eval_dataset {spec_text}: no .json, .jsonl or .csv files in {root}")
     full = EvalSet(name, spec_text, [str(f) for f in files], sha256_files(files, root))
     for f in files:
         read_file(f, root, name, full)
     n = min(x for x in (spec.sample, limit) if x is not None) if (spec.sample or limit) else None
     rng = random.Random(seed)
-    used = EvalSet(name, spec_text, full.files, full.sha256, errors=full.errors)
+    used = EvalSet(name, spec_text, full.files, full.sha256, errors=full.errors, notices=full.notices)
     used.mcq, used.qa, used.dialogues = (_sample(x, n, rng) for x in (full.mcq, full.qa, full.dialogues))
     rest = EvalSet(name, spec_text, full.files, full.sha256)
     for attr in ("mcq", "qa", "dialogues"):

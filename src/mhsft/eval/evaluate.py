@@ -18,7 +18,7 @@ from mhsft.args import (
     parse_args,
 )
 from mhsft.eval import judge, lm_eval_tasks, mcq, pairwise, qa
-from mhsft.eval.datasets import load_eval_set
+from mhsft.eval.datasets import UNANSWERED, load_eval_set
 from mhsft.eval.predictions import PredictionLog
 from mhsft.eval.runner import Evaluator, summarize_counseling
 from mhsft.eval.targets import EndpointTarget, EngineTarget, load_engine_for
@@ -262,11 +262,13 @@ def load_sets(a: EvalArguments):
             for e in used.errors[:5]:
                 log.warning(f"skipped: {e}")
             log.warning(f"{name}: {len(used.errors)} bad records skipped")
+        for text, n in used.notices.items():
+            log.warning(f"{name}: {text}: {n:,}")
         if not len(used):
-            raise UserError(
-                f"--eval_dataset {spec}: no usable items"
-                + (f"; the first problem: {used.errors[0]}" if used.errors else "")
-            )
+            why = f"; the first problem: {used.errors[0]}" if used.errors else ""
+            if used.notices.get(UNANSWERED):
+                why += f"; {UNANSWERED}: {used.notices[UNANSWERED]:,}"
+            raise UserError(f"--eval_dataset {spec}: no usable items{why}")
         pool = dev if a.fewshot_dataset else rest.mcq
         test_q = {it.question for it in used.mcq}
         pool = [p for p in pool if p.question not in test_q]
@@ -447,7 +449,7 @@ def evaluate_system(a: EvalArguments, sets, sy: System, judge_target, ll_ok: boo
             metrics[es.name] = evaluate_set(a, runner, es, pool)
             datasets.append({"name": es.name, "spec": es.spec, "num_files": len(es.files), "sha256": es.sha256,
                              "n_mcq": len(es.mcq), "n_qa": len(es.qa), "n_dialogues": len(es.dialogues),
-                             "n_bad_records": len(es.errors)})  # fmt: skip
+                             "n_bad_records": len(es.errors), "notices": dict(es.notices)})  # fmt: skip
     finally:
         predictions.close()
     results = {

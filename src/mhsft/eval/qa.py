@@ -1,5 +1,9 @@
 """Open-question metrics: ROUGE (rouge-chinese) on jieba words and on characters, BLEU-4 (sacrebleu's zh
-tokenizer), and the key-point hit rate. Each number is reported with the tokenization it was computed on."""
+tokenizer), and the key-point hit rate. Each number is reported with the tokenization it was computed on.
+
+Several references per question (PsyQA's answers): ROUGE takes, per metric, the best-matching reference (as
+Google's rouge-score `score_multi` does; rouge-chinese compares one pair at a time), BLEU uses them all as
+sacrebleu's multiple reference streams (a question with fewer references gets None in the others)."""
 
 from __future__ import annotations
 
@@ -41,12 +45,21 @@ def rouge_f(hyp_tokens: list[str], ref_tokens: list[str]) -> dict[str, float]:
     return {k: float(scores[k]["f"]) for k in ROUGE_KEYS}
 
 
-def bleu4(hyps: list[str], refs: list[str]) -> float:
+MULTI_REFERENCE_RULE = (
+    "ROUGE: the best-matching reference per metric; BLEU: all references (sacrebleu streams)"
+)
+
+
+def bleu4(hyps: list[str], refs: list[str] | list[list[str]]) -> float:
+    """Corpus BLEU-4; `refs` holds one reference per hypothesis, or a list of references per hypothesis."""
     import sacrebleu
 
     if not hyps:
         return 0.0
-    return float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh").score)
+    per_hyp = [r if isinstance(r, list) else [r] for r in refs]
+    width = max(len(r) for r in per_hyp)
+    streams = [[r[k] if k < len(r) else None for r in per_hyp] for k in range(width)]
+    return float(sacrebleu.corpus_bleu(hyps, streams, tokenize="zh").score)
 
 
 def _norm(s: str) -> str:
@@ -74,14 +87,17 @@ def keypoint_hits(answer: str, key_points: list[str]) -> list[bool]:
     return out
 
 
-def score_answer(answer: str, reference: str) -> dict:
-    """Per-item ROUGE on words and characters."""
-    w = rouge_f(words(answer), words(reference))
-    c = rouge_f(chars(answer), chars(reference))
-    return {
-        **{f"{k}_words": round(v, 6) for k, v in w.items()},
-        **{f"{k}_chars": round(v, 6) for k, v in c.items()},
-    }
+def score_answer(answer: str, reference: str | list[str]) -> dict:
+    """Per-item ROUGE on words and characters; against several references, each metric's best."""
+    refs = [reference] if isinstance(reference, str) else reference
+    out: dict[str, float] = {}
+    for suffix, tok in (("words", words), ("chars", chars)):
+        hyp = tok(answer)
+        for ref in refs:
+            for k, v in rouge_f(hyp, tok(ref)).items():
+                key = f"{k}_{suffix}"
+                out[key] = max(out.get(key, 0.0), round(v, 6))
+    return out
 
 
 def summarize(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -97,9 +113,13 @@ def summarize(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
             block[f"{k}_ci95"] = bootstrap_ci(vals, n_boot, seed)
         out[f"rouge_{suffix}"] = block
     out["bleu4"] = {
-        "score": round(bleu4([r["output"] for r in rows], [r["reference"] for r in rows]), 4),
+        "score": round(
+            bleu4([r["output"] for r in rows], [r.get("references") or r["reference"] for r in rows]), 4
+        ),
         "tokenization": BLEU_TOKENIZATION,
     }
+    if any(len(r.get("references") or ()) > 1 for r in rows):
+        out["multi_reference"] = MULTI_REFERENCE_RULE
     kp_rows = [r for r in rows if r.get("key_points")]
     if kp_rows:
         per_item = [sum(r["keypoint_hits"]) / len(r["key_points"]) for r in kp_rows]

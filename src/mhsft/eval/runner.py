@@ -210,12 +210,13 @@ class Evaluator:
                             prompt=conv,
                             output=out,
                             reference=it.answer,
+                            references=it.refs if len(it.refs) > 1 else None,
                             key_points=it.key_points,
                             key_point_weights=it.key_point_weights,
                             keypoint_hits=hits,
                             keypoint_matcher=matcher,
                             keypoint_judge=judge_raw,
-                            **qa.score_answer(out, it.answer),
+                            **qa.score_answer(out, it.refs),
                         )
                     )
                 bar.update(len(chunk))

@@ -70,7 +70,8 @@ def _expand(value):
     return value
 
 
-def load_experiment(path: str | Path) -> Experiment:
+def load_experiment(path: str | Path, exp_dir: str | None = None) -> Experiment:
+    """The experiment file, checked; `exp_dir` (`mhsft run --exp_dir`) replaces the file's own."""
     p = Path(path)
     raw = read_yaml(p)
     if not isinstance(raw, dict):
@@ -88,7 +89,9 @@ def load_experiment(path: str | Path) -> Experiment:
         sections[name] = _expand(sec)
     if not sections:
         raise UserError(f"{p}: no stage to run: add a data, sft, export, eval or report section")
-    exp_dir = Path(_expand(str(raw.get("exp_dir") or f"output/{p.stem}")) or f"output/{p.stem}")
+    if exp_dir is None:
+        exp_dir = _expand(str(raw.get("exp_dir") or f"output/{p.stem}")) or f"output/{p.stem}"
+    exp_dir = Path(exp_dir)
     model = _expand(raw.get("model"))
     use_hf = raw.get("use_hf") is True
     return Experiment(p, exp_dir.expanduser().resolve(), str(model) if model else None, use_hf, sections)

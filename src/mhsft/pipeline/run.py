@@ -52,12 +52,13 @@ from mhsft.utils import UserError, get_logger, is_secret_name, redact_argv, regi
 
 log = get_logger()
 STAGES = ("data", "sft", "export", "eval_base", "eval_finetuned", "report")
-USAGE = """usage: mhsft run EXPERIMENT.yaml [--from STAGE] [--dry_run]
+USAGE = """usage: mhsft run EXPERIMENT.yaml [--exp_dir DIR] [--from STAGE] [--dry_run]
 
 Run an experiment: data -> sft -> export -> eval_base, eval_finetuned -> report, each stage's output under the
 file's exp_dir. Finished stages whose settings and inputs have not changed are skipped, so after a crash the
 same command continues where it stopped (sft from its newest checkpoint).
 
+  --exp_dir DIR  write under DIR instead of the file's exp_dir (one experiment file, several folders)
   --from STAGE   run STAGE and every stage after it, finished or not ({stages}; eval = the first eval)
   --dry_run      print each stage's command line and whether it would run; run nothing
 
@@ -232,8 +233,9 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def parse_cli(argv: list[str]) -> tuple[str, str | None, bool]:
-    path, start, dry = None, None, False
+def parse_cli(argv: list[str]) -> tuple[str, str | None, bool, str | None]:
+    """(experiment file, --from stage, --dry_run, --exp_dir)."""
+    path, start, dry, exp_dir = None, None, False, None
     it = iter(argv)
     for a in it:
         if a in ("-h", "--help"):
@@ -243,6 +245,10 @@ def parse_cli(argv: list[str]) -> tuple[str, str | None, bool]:
             start = a.split("=", 1)[1] if "=" in a else next(it, None)
             if not start:
                 raise UserError("--from needs a stage name")
+        elif a in ("--exp_dir", "--exp-dir") or a.startswith(("--exp_dir=", "--exp-dir=")):
+            exp_dir = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if not exp_dir:
+                raise UserError("--exp_dir needs a folder")
         elif a in ("--dry_run", "--dry-run"):
             dry = True
         elif a.startswith("-"):
@@ -253,7 +259,7 @@ def parse_cli(argv: list[str]) -> tuple[str, str | None, bool]:
             raise UserError("mhsft run takes one experiment file")
     if path is None:
         raise UserError("mhsft run: give the experiment file, e.g. mhsft run examples/demo.yaml")
-    return path, start, dry
+    return path, start, dry, exp_dir
 
 
 def _register_secrets(obj, name: str = "") -> None:
@@ -265,8 +271,8 @@ def _register_secrets(obj, name: str = "") -> None:
 
 
 def main(argv: list[str]) -> int:
-    path, start, dry = parse_cli(list(argv))
-    exp = load_experiment(path)
+    path, start, dry, exp_dir = parse_cli(list(argv))
+    exp = load_experiment(path, exp_dir)
     _register_secrets(exp.sections)
     stages = plan(exp)
     names = [s.name for s in stages]
