@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test soak lint format install clean
 
 install: $(STAMP)
 
@@ -44,6 +44,14 @@ test: $(STAMP)
 	@# the layer contract in pyproject.toml ([tool.importlinter]): no stage imports one above it
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest -q
+
+# The reliability campaigns at full size (CI runs a small version of each in `make test`, tests/soak/): SIGKILL and
+# resume of sft, export and run; hostile requests against deploy; mutated files through every reader. Each prints a
+# table and writes its JSON under benchmarks/results/.
+soak: $(STAMP)
+	$(PY) benchmarks/soak/kill_resume.py
+	$(PY) benchmarks/soak/hostile_requests.py
+	$(PY) benchmarks/soak/fuzz_readers.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
