@@ -633,6 +633,9 @@ def finish_run(args: SftArguments, run_dir: Path, step: int, total_steps: int, l
                      f"{last_ckpt.name}")  # fmt: skip
         else:
             log.info(f"load_best_model_at_end: the last checkpoint is also the best, {said}")
+    elif args.load_best_model_at_end:
+        log.info("load_best_model_at_end: no checkpoint was evaluated (an empty validation set?): the final adapter "
+                 "is the last checkpoint")  # fmt: skip
     tracker.log({END_KEY: last_ckpt.name if last_ckpt else None, "best_checkpoint": best.best_checkpoint,
                  "best_metric": best.best_value, "metric_for_best_model": best.metric if best.best_step else None,
                  "final_checkpoint": final.name if final else None, "early_stopped": best.should_stop}, step)  # fmt: skip
