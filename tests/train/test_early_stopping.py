@@ -91,3 +91,11 @@ def test_default_tracking_with_uneven_steps_is_a_notice():
     )  # a notice, no error: nothing was asked
     assert check_best_flags(flags(save_steps=20, eval_steps=10, load_best_model_at_end=True), True) == []
     assert check_best_flags(flags(), False) == [] and metric_name("loss") == "eval_loss"
+
+
+def test_ms_swift_spelling_of_the_patience():
+    from mhsft.args import parse_args
+    from mhsft.train.sft import SftArguments
+
+    a = parse_args(SftArguments, ["--early_stop_interval", "3", "--metric_for_best_model", "loss"], "mhsft sft")
+    assert a.early_stopping_patience == 3 and a.metric_for_best_model == "loss"
