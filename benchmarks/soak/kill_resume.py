@@ -289,10 +289,10 @@ def export_campaign(work: Path, ckpt: Path, n_kills: int, quick: bool, rng: rand
         d = work / f"export-{len(trials)}"
         d.mkdir()
         out, ended = d / "merged", False
-        over = len(trials) % 2 == 1  # every other trial exports over a complete earlier export (--overwrite)
+        # every kill mode both into a new folder and over a complete earlier export (--overwrite)
+        mode, over = modes[len(trials) % len(modes)], (len(trials) // len(modes)) % 2 == 1
         if over:
             shutil.copytree(ref, out)
-        mode = modes[len(trials) % len(modes)]
         point = {"mode": "time", "at": round(rng.uniform(0.2, 0.95) * ref_seconds, 2)}
         if mode != "time":
             point = {"mode": "save", "at": f"{mode}:1"}
