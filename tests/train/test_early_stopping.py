@@ -97,5 +97,7 @@ def test_ms_swift_spelling_of_the_patience():
     from mhsft.args import parse_args
     from mhsft.train.sft import SftArguments
 
-    a = parse_args(SftArguments, ["--early_stop_interval", "3", "--metric_for_best_model", "loss"], "mhsft sft")
+    a = parse_args(
+        SftArguments, ["--early_stop_interval", "3", "--metric_for_best_model", "loss"], "mhsft sft"
+    )
     assert a.early_stopping_patience == 3 and a.metric_for_best_model == "loss"
