@@ -108,6 +108,11 @@ def attempt(argv: list[str], point: dict | None, log: Path, watch) -> dict:
     return {"killed": False, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 2)}
 
 
+def hung(res: dict) -> list[str]:
+    """An attempt killed because it ran past ATTEMPT_TIMEOUT is a failure, not a kill point."""
+    return [f"an attempt ran past {ATTEMPT_TIMEOUT} s"] if res.get("timeout") else []
+
+
 def run_through(argv: list[str], log: Path) -> float:
     """An uninterrupted run; its wall time (raises if it failed)."""
     res = attempt(argv, None, log, lambda: 0)
@@ -232,7 +237,7 @@ def sft_campaign(work: Path, n_kills: int, quick: bool, rng: random.Random) -> d
             tmp_after = {p.name for p in run.glob(".tmp-checkpoint-*")} if run else set()
             points.append({"trial": len(trials), **point, "killed": True, "seconds": res["seconds"],
                            "logged_step": logged_step(out), "mid_save": bool(tmp_after - tmp_before),
-                           "problems": visible_checkpoints_complete(run) if run else []})  # fmt: skip
+                           "problems": hung(res) + (visible_checkpoints_complete(run) if run else [])})  # fmt: skip
         cmp = compare_runs(newest_run(out), ref) if ended else {"equal": False}
         trials.append({"trial": len(trials), "ended": ended, "failure": failure, **cmp})
         for p in points:
@@ -303,13 +308,13 @@ def export_campaign(work: Path, ckpt: Path, n_kills: int, quick: bool, rng: rand
                 ended = res["rc"] == 0
                 break
             points.append({"trial": len(trials), **p, "over_an_export": over, "seconds": res["seconds"],
-                           "killed": True, "left": export_state(out, ref)})  # fmt: skip
+                           "killed": True, "left": export_state(out, ref), "hung": hung(res)})  # fmt: skip
         equal = ended and exports_equal(out, ref)
         trials.append({"trial": len(trials), "ended": ended, "equal": equal})
         for p in points:
             if p["trial"] == trials[-1]["trial"]:
                 p["resumed_and_equal"] = equal
-                p["problems"] = [p["left"]] if p["left"].startswith("PROBLEM") else []
+                p["problems"] = p.pop("hung") + ([p["left"]] if p["left"].startswith("PROBLEM") else [])
     return summarize("export", points, trials, ref_seconds)
 
 
@@ -388,7 +393,7 @@ def run_campaign(work: Path, n_kills: int, quick: bool, rng: random.Random) -> d
             state = d / "exp" / ".mhsft" / "state.json"
             stages = json.loads(state.read_text())["stages"] if state.is_file() else {}
             points.append({"trial": len(trials), **point, "seconds": res["seconds"], "killed": True,
-                           "stages": {k: v["status"] for k, v in stages.items()}, "problems": []})  # fmt: skip
+                           "stages": {k: v["status"] for k, v in stages.items()}, "problems": hung(res)})  # fmt: skip
         equal, diff = outcomes_equal(experiment_outcome(d / "exp"), ref) if ended else (False, None)
         trials.append({"trial": len(trials), "ended": ended, "equal": equal, "adapter_max_abs_diff": diff})
         for p in points:
