@@ -7,13 +7,17 @@ import json
 import pytest
 
 from mhsft.checkpoint import (
+    BEST_FILE,
     EXPORT_META,
     STATE_FILE,
     adapter_sha256,
     base_model_of,
+    choose_checkpoint,
     export_matches,
     list_checkpoints,
+    read_best,
     read_checkpoint_args,
+    resolve_run_folder,
 )
 from mhsft.utils import UserError
 
@@ -67,3 +71,47 @@ def test_adapter_identity_and_export_reuse(tmp_path):
     (a / "adapter_model.safetensors").unlink()
     with pytest.raises(UserError, match="adapter_model.safetensors"):
         adapter_sha256(a)
+
+
+def _complete(run, step):
+    ckpt = _adapter(run / f"checkpoint-{step}")
+    (ckpt / STATE_FILE).write_text("{}")
+    return ckpt
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint_else_its_newest(tmp_path):
+    run = tmp_path / "v0-20260101-000000"
+    for step in (2, 4, 6):
+        _complete(run, step)
+    (run / "checkpoint-8").mkdir()  # incomplete: never chosen
+    path, why = resolve_run_folder(run)
+    assert path == run / "checkpoint-6" and "no best checkpoint recorded" in why and "checkpoint-6" in why
+    (run / BEST_FILE).write_text(
+        json.dumps({"best_checkpoint": "checkpoint-4", "metric": "eval_loss", "value": 1.5})
+    )
+    path, why = resolve_run_folder(run)
+    assert path == run / "checkpoint-4" and "best checkpoint, checkpoint-4 (eval_loss 1.5, best.json)" in why
+    assert resolve_run_folder(run / "checkpoint-2") == (run / "checkpoint-2", None)  # a checkpoint: as given
+    (run / BEST_FILE).write_text(json.dumps({"best_checkpoint": "checkpoint-8"}))
+    path, why = choose_checkpoint(run)
+    assert path == run / "checkpoint-6" and "not a complete checkpoint" in why
+    (run / BEST_FILE).write_text("{}")
+    with pytest.raises(UserError, match="not a best-checkpoint record"):
+        read_best(run)
+    with pytest.raises(UserError, match="is an output folder of training runs: pass one of them"):
+        resolve_run_folder(tmp_path)
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        choose_checkpoint(tmp_path / "empty")
+
+
+def test_parse_adapters_takes_a_run_folder(tmp_path):
+    from mhsft.model import parse_adapters
+
+    run = tmp_path / "v3-20260101-000000"
+    _complete(run, 3)
+    _complete(run, 6)
+    (run / BEST_FILE).write_text(
+        json.dumps({"best_checkpoint": "checkpoint-3", "metric": "eval_loss", "value": 2})
+    )
+    assert parse_adapters([str(run)]) == {"default": str(run / "checkpoint-3")}
+    assert parse_adapters([f"ft={run}"]) == {"ft": str(run / "checkpoint-3")}

@@ -23,6 +23,7 @@ ALIASES = {
     "--model_id_or_path": "--model",
     "--ckpt_dir": "--adapters",
     "--model_name": "--served_model_name",
+    "--early_stop_interval": "--early_stopping_patience",  # ms-swift 3's name for the same counter
 }
 
 

@@ -4,6 +4,7 @@ a folder that is not a model) becomes a one-line UserError."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from mhsft.builtin import is_builtin, resolve_model
-from mhsft.checkpoint import base_model_of, quantization_of
+from mhsft.checkpoint import base_model_of, quantization_of, resolve_run_folder
 from mhsft.utils import UserError, get_logger, hub_reachable, scrub
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -263,20 +264,29 @@ def _random_init(path: str, kwargs: dict, device: str | None):
 
 def parse_adapters(adapters: list[str] | None) -> dict[str, str]:
     """`--adapters ckpt` or `--adapters name1=ckpt1 name2=ckpt2` -> {name: path}. An unnamed adapter is called
-    `default` (PEFT's name), or after its folder when several are given."""
+    `default` (PEFT's name), or after its folder when several are given. A training run's folder stands for its
+    best checkpoint (best.json), else its newest, said in one line."""
     out: dict[str, str] = {}
     for spec in adapters or []:
         name, eq, path = spec.partition("=")
         if not eq:
             path = spec
             name = "default" if len(adapters) == 1 else Path(spec.rstrip("/")).name
-        p = Path(path).expanduser()
+        p, note = resolve_run_folder(Path(path).expanduser())
+        if note:
+            _say_once(note)
         if not (p / "adapter_config.json").is_file():
             raise UserError(f"--adapters {spec}: no adapter_config.json in {p} (not a LoRA checkpoint)")
         if name in out:
             raise UserError(f"--adapters: the name {name!r} is used twice")
         out[name] = str(p)
     return out
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    """A stage parses its --adapters more than once (names, base model, loading): the choice is said once."""
+    get_logger().info(line)
 
 
 def base_model_for(model: str | None, adapters: dict[str, str]) -> str:

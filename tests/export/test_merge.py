@@ -110,7 +110,8 @@ def test_users_command_float32_equals_peft_and_loads_alone(sft_checkpoint, tiny_
     assert "<|im_start|>assistant" in tok.apply_chat_template(
         [{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True
     )
-    assert [p.name for p in out.parent.iterdir()] == ["qwen-sft"]  # no temp folder left beside it
+    # no temp folder left beside it, only the export's lock file (mhsft.folder_lock)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".qwen-sft.lock", "qwen-sft"]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -205,7 +206,7 @@ def test_wrong_merge_fails_verification_and_writes_nothing(tiny_model_dir, tmp_p
     monkeypatch.setattr(merge_weights.LoraDelta, "delta", lambda self: real(self) * 2)  # a wrong scale
     with pytest.raises(UserError, match="FAILED, nothing was written"):
         export_merged(None, adapter, tmp_path / "out", "float32")
-    assert list(tmp_path.iterdir()) == [tmp_path / "ad"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "ad"]
 
 
 def test_verify_on_a_layer_subset(tiny_model_dir, tmp_path):
@@ -277,16 +278,22 @@ def test_refusals(tiny_model_dir, tmp_path, sft_checkpoint):
     assert (busy / "keep.txt").is_file()
     assert main([*base_argv, "--output_dir", str(sft_checkpoint)]) == 2
     assert main([*base_argv, "--output_dir", str(sft_checkpoint.parent)]) == 2  # would replace the checkpoint
+    # a run folder stands for its newest checkpoint when it recorded no best (no validation set)
     assert (
-        main(["export", "--ckpt_dir", str(sft_checkpoint.parent), "--output_dir", str(tmp_path / "o4")]) == 2
+        main(["export", "--ckpt_dir", str(sft_checkpoint.parent), "--output_dir", str(tmp_path / "o4")]) == 0
     )
+    assert json.loads((tmp_path / "o4" / EXPORT_META).read_text())["adapter"] == str(sft_checkpoint.resolve())
     assert main([*base_argv, "--merge_lora", "false"]) == 2
     assert main([*base_argv, "--merge_dtype", "int8", "--output_dir", str(tmp_path / "o5")]) == 2
     assert main([*base_argv, "--output_dir", str(busy), "--overwrite", "true"]) == 0
     assert main(base_argv) == 0  # ms-swift's default output: CKPT-merged beside the checkpoint
     assert (sft_checkpoint.parent / f"{sft_checkpoint.name}-merged" / EXPORT_META).is_file()
     assert not (busy / "keep.txt").exists() and (busy / EXPORT_META).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # no temporary folder left; the lock files beside the outputs stay (removing a flock's file is racy)
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
+        == []
+    )
 
 
 def test_interrupted_export_leaves_nothing_complete(tiny_model_dir, tmp_path):
@@ -340,3 +347,21 @@ def test_memory_stays_near_one_shard(tmp_path):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["base_bytes"] > 200e6 and r["base_shards"] >= 10 and r["output_shards"] >= 10
     assert r["merge_added_mb"] < r["base_bytes"] / 2e6, json.dumps(r)
+
+
+def test_an_export_folder_being_written_is_refused(tiny_model_dir, tmp_path, capsys):
+    """A second export into the folder another export is writing stops with one line naming it, before it touches
+    the first one's temporary folder."""
+    from mhsft.export.merge import export_lock_file
+    from mhsft.folder_lock import hold
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "ad")
+    out = tmp_path / "out"
+    tmp = out.parent / ".out.tmp-first"  # as the running export's temporary folder
+    tmp.mkdir()
+    with hold(export_lock_file(out), "the export folder"):
+        assert (
+            main(["export", "--ckpt_dir", str(adapter), "--output_dir", str(out), "--verify", "false"]) == 2
+        )
+    assert f"the export folder {out} is being written by pid {os.getpid()}" in capsys.readouterr().err
+    assert tmp.is_dir() and not out.exists()

@@ -163,7 +163,7 @@ def test_users_examples_plan(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def test_kill_during_sft_resumes_without_redoing_data(tmp_path):
+def test_kill_during_sft_resumes_without_redoing_data(tmp_path, monkeypatch):
     exp = write_yaml(
         tmp_path / "exp.yaml",
         "exp_dir: exp\nmodel: builtin:tiny\n"
@@ -185,6 +185,14 @@ def test_kill_during_sft_resumes_without_redoing_data(tmp_path):
         assert proc.poll() is None, "mhsft run ended before its first checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # a second `mhsft run` of the same experiment while the first runs: one line naming it, nothing written
+    state_before = (X / ".mhsft" / "state.json").read_bytes()
+    monkeypatch.chdir(tmp_path)  # exp_dir is relative to the working directory
+    with pytest.raises(
+        UserError, match=f"the experiment folder {X} is being written by pid {proc.pid} on host"
+    ):
+        pipeline.main([str(exp)])
+    assert (X / ".mhsft" / "state.json").read_bytes() == state_before
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -206,8 +214,13 @@ def test_kill_during_sft_resumes_without_redoing_data(tmp_path):
     assert (X / "data" / "train.jsonl").stat().st_mtime_ns == train_mtime
     (run_dir,) = X.glob("sft/v*")  # the same run continued, no second one
     assert (run_dir / "checkpoint-40" / "adapter_model.safetensors").is_file()
-    steps = [json.loads(x)["step"] for x in (run_dir / "logging.jsonl").read_text().splitlines()]
-    assert steps == list(range(2, 41, 2))  # one uninterrupted log
+    rows = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(2, 41, 2))  # one uninterrupted log
+    assert rows[-1]["last_checkpoint"] == "checkpoint-40" and rows[-1]["best_checkpoint"] is None
+    assert (
+        f"{run_dir}: no best checkpoint recorded (no validation): taking the newest, checkpoint-40"
+        in p.stdout
+    )
     state = json.loads((X / ".mhsft" / "state.json").read_text())
     assert state["stages"]["sft"]["status"] == "done"
     assert state["stages"]["sft"]["outputs"]["checkpoint"] == str(run_dir / "checkpoint-40")
@@ -255,6 +268,9 @@ def test_whole_pipeline_with_judge_and_report(tmp_path):
     assert p.stdout.count("$ mhsft eval") == 1 and "with eval_base, in one load" in p.stdout
     assert base["model"] == ft["model"] == "builtin:tiny" and base["adapter"] is None
     assert ft["adapter"] == str(next(X.glob("sft/v*/checkpoint-6")))
+    assert re.search(
+        r"sft/v\S+: taking its best checkpoint, checkpoint-6 \(eval_loss [\d.]+, best.json\)", p.stdout
+    )
     for res in (base, ft):
         judge = res["metrics"]["test_dialogues"]["counseling"]["judge"]
         assert judge["n_judged"] == 2  # every held-out reply went to the judge

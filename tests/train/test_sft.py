@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,3 +268,179 @@ def test_deepspeed_zero2_zero3_equal_ddp(tmp_path):
         assert adapters[mode].keys() == adapters["ddp"].keys()
         for k, v in adapters["ddp"].items():
             torch.testing.assert_close(adapters[mode][k], v, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- the run folder's lock
+def test_a_running_run_folder_is_locked_and_freed_by_sigkill(tmp_path, capsys):
+    """Two processes: while `mhsft sft --add_version false` trains into a folder, a second run into it, an `auto`
+    resume and an explicit resume of its checkpoint each stop with one line naming the first process, writing
+    nothing; once the first is SIGKILLed, `--resume_from_checkpoint auto` resumes (the OS dropped the lock)."""
+    out = tmp_path / "out"
+    common = ["--model", "builtin:tiny", "--dataset", DEMO, "--report_to", "none", "--max_length", "128",
+              "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+              "--gradient_checkpointing", "false", "--output_dir", str(out), "--add_version", "false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen([sys.executable, "-m", "mhsft", "sft", *common, "--max_steps", "100000",
+                                  "--save_steps", "2"], stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint-2" / "trainer_state.json").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.1)
+        args_before = (out / "args.json").stat().st_mtime_ns
+        for extra in (
+            [],
+            ["--resume_from_checkpoint", "auto"],
+            ["--resume_from_checkpoint", str(out / "checkpoint-2")],
+        ):
+            rc = main(["sft", *common, "--max_steps", "4", *extra])
+            err = capsys.readouterr().err
+            assert rc == 2, err
+            (line,) = [ln for ln in err.splitlines() if "error:" in ln]
+            assert f"the run folder {out} is being written by pid {first.pid} on host " in line
+            assert "running: mhsft sft --model builtin:tiny" in line and "started 20" in line
+        assert (out / "args.json").stat().st_mtime_ns == args_before  # the refused runs wrote nothing
+        assert first.poll() is None  # and did not disturb the first
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    newest = max(
+        int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+    )
+    assert main(["sft", *common, "--max_steps", str(newest + 1), "--resume_from_checkpoint", "auto"]) == 0
+    assert f"resumed from {out / f'checkpoint-{newest}'} at step {newest}" in capsys.readouterr().err
+    assert (out / f"checkpoint-{newest + 1}" / "trainer_state.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def test_bf16_on_the_cpu_is_said_and_recorded(tmp_path, capsys):
+    """`--bf16 true` without a GPU trains the base in bfloat16 as asked, says so in one line, and args.json says
+    what each checkpoint holds: LoRA weights in float32 (PEFT's mixed precision), full weights in bfloat16."""
+    for train_type, saved in (("lora", "float32"), ("full", "bfloat16")):
+        run = run_sft(tmp_path / train_type, "--max_steps", "1", "--bf16", "true", "--train_type", train_type)
+        err = capsys.readouterr().err
+        assert err.count("no GPU: training on the CPU in bfloat16 as asked") == 1
+        assert f"precision: the base model in bfloat16, the trained weights in {saved}" in err
+        for args_file in (run / "args.json", run / "checkpoint-1" / "args.json"):
+            args = json.loads(args_file.read_text(encoding="utf-8"))
+            assert args["dtype"] == "bfloat16" and args["trainable_dtype"] == saved
+        (weights,) = run.glob("checkpoint-1/*model.safetensors")
+        assert {str(v.dtype).removeprefix("torch.") for v in load_file(str(weights)).values()} == {saved}
+
+
+# ----------------------------------------------------------------------------------------------- best checkpoint
+# A high constant learning rate makes the tiny model's validation loss fall, then rise (overfitting), so that early
+# stopping ends the run before max_steps and the best checkpoint is not the last one.
+BEST = ["--max_steps", "16", "--save_steps", "2", "--learning_rate", "10", "--lr_scheduler_type", "constant",
+        "--warmup_ratio", "0", "--max_grad_norm", "0", "--lora_dropout", "0", "--split_dataset_ratio", "0.2",
+        "--per_device_eval_batch_size", "8", "--early_stopping_patience", "2", "--save_total_limit", "1",
+        "--load_best_model_at_end", "true", "--logging_steps", "2"]  # fmt: skip
+
+
+def stable_log(run: Path) -> list[dict]:
+    """logging.jsonl without the timings (tokens/s, elapsed, ETA, memory), which differ from run to run."""
+    timing = ("tokens_per_s", "elapsed_s", "eta_s", "memory_gib")
+    rows = [json.loads(x) for x in (run / "logging.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def patience_counters(evals: list[float]) -> list[int]:
+    """transformers' EarlyStoppingCallback counter after each evaluation (threshold 0)."""
+    best, counter, out = None, 0, []
+    for v in evals:
+        counter = 0 if best is None or v < best else counter + 1
+        best = v if best is None or v < best else best
+        out.append(counter)
+    return out
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory) -> Path:
+    return run_sft(tmp_path_factory.mktemp("best"), *BEST)
+
+
+def test_best_checkpoint_early_stopping_and_run_folder_downstream(best_run, tmp_path, capsys):
+    run = best_run
+    rows = [json.loads(x) for x in (run / "logging.jsonl").read_text(encoding="utf-8").splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    assert [s for s, _ in evals] == list(range(2, evals[-1][0] + 1, 2))  # every save evaluated
+    counters = patience_counters([v for _, v in evals])
+    stop = next(s for (s, _), c in zip(evals, counters) if c >= 2)
+    assert stop == evals[-1][0] < 16, "the validation loss no longer rises: raise BEST's learning rate"
+    best_step = min(evals, key=lambda e: e[1])[0]
+    end = rows[-1]
+    assert end == {"step": stop, "last_checkpoint": f"checkpoint-{stop}", "best_checkpoint": f"checkpoint-{best_step}",
+                   "best_metric": min(v for _, v in evals), "metric_for_best_model": "eval_loss",
+                   "final_checkpoint": f"checkpoint-{best_step}", "early_stopped": True}  # fmt: skip
+    best = json.loads((run / "best.json").read_text(encoding="utf-8"))
+    assert best["best_checkpoint"] == f"checkpoint-{best_step}" and best["metric"] == "eval_loss"
+    assert best["value"] == end["best_metric"]
+    # --save_total_limit 1 kept the best beside the newest
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == sorted(
+        {f"checkpoint-{best_step}", f"checkpoint-{stop}"}
+    )
+    state = json.loads((run / f"checkpoint-{stop}" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == f"checkpoint-{best_step}"
+    assert state["early_stopping_patience_counter"] == 2
+    # export and infer given the run folder take the best checkpoint and say so
+    out = tmp_path / "merged"
+    assert main(["export", "--ckpt_dir", str(run), "--output_dir", str(out), "--verify", "false"]) == 0
+    err = capsys.readouterr().err
+    assert f"{run}: taking its best checkpoint, checkpoint-{best_step} (eval_loss " in err
+    meta = json.loads((out / "mhsft_export.json").read_text(encoding="utf-8"))
+    assert meta["adapter"] == str((run / f"checkpoint-{best_step}").resolve())
+    qa = tmp_path / "q.jsonl"
+    qa.write_text(json.dumps({"messages": [{"role": "user", "content": "你好"}]}, ensure_ascii=False) + "\n")
+    assert main(["infer", "--adapters", str(run), "--infer_data", str(qa), "--max_new_tokens", "2"]) == 0
+    assert list((run / f"checkpoint-{best_step}" / "infer_result").glob("*.jsonl"))
+
+
+KILL_AFTER_SAVE = """
+import os, signal, sys
+from mhsft.train import sft
+real = sft.save_checkpoint
+
+def save_then_die(*a, **k):
+    path = real(*a, **k)
+    if path.name == "checkpoint-" + os.environ["KILL_AT"]:
+        os.kill(os.getpid(), signal.SIGKILL)  # after the checkpoint, before best.json is brought up to date
+    return path
+
+sft.save_checkpoint = save_then_die
+from mhsft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_keeps_best_and_patience(best_run, tmp_path, capsys):
+    """A run SIGKILLed right after a checkpoint whose patience counter is 1 resumes with its best and its counter:
+    it stops at the same step with the same best, log and adapter as the uninterrupted run (a counter restarted
+    from 0 would train on)."""
+    rows = [json.loads(x) for x in (best_run / "logging.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    counters = patience_counters([v for _, v in evals])
+    kill_at = max(s for (s, _), c in zip(evals[:-1], counters) if c >= 1)
+    out = tmp_path / "out"
+    argv = ["sft", "--model", "builtin:tiny", "--train_type", "lora", "--dataset", DEMO, "--output_dir", str(out),
+            "--report_to", "none", "--max_length", "256", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false", *BEST]  # fmt: skip
+    env = {
+        **os.environ,
+        "KILL_AT": str(kill_at),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]),
+    }
+    p = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, *argv], capture_output=True, text=True, env=env,
+                       timeout=300)  # fmt: skip
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    (run,) = out.glob("v*")
+    assert (run / f"checkpoint-{kill_at}" / "trainer_state.json").is_file()
+    assert main([*argv, "--resume_from_checkpoint", "auto"]) == 0
+    assert f"resumed from {run / f'checkpoint-{kill_at}'} at step {kill_at}" in capsys.readouterr().err
+    assert stable_log(run) == stable_log(best_run)  # losses, evaluations and the end line
+    assert json.loads((run / "best.json").read_text()) == json.loads((best_run / "best.json").read_text())
+    best = json.loads((run / "best.json").read_text())["best_checkpoint"]
+    wa = load_file(str(run / best / "adapter_model.safetensors"))
+    wb = load_file(str(best_run / best / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)

@@ -379,7 +379,8 @@ def open_systems(a: EvalArguments, sets) -> tuple[list[System], object]:
     dtype = a.torch_dtype
     if not several:
         adapter = next(iter(named), None)
-        identity = {"model": a.model, "adapters": a.adapters, "dtype": dtype}
+        # the checkpoint's path, not the spec: a run folder's best checkpoint changes as the run goes on
+        identity = {"model": a.model, "adapters": list(named.values()), "dtype": dtype}
         target = EngineTarget(engine, adapter, a.max_length)
         return [System("model", target, identity, next(iter(named.values()), None))], engine
     base = a.model or base_model_for(None, named)

@@ -46,6 +46,7 @@ from mhsft.export.merge_weights import (
 from mhsft.export.modelcard import public_args
 from mhsft.export.upload import publish
 from mhsft.files import new_temp_dir, publish_dir, read_json, write_json
+from mhsft.folder_lock import hold
 from mhsft.model import DTYPES, parse_adapters, resolve_model_dir
 from mhsft.utils import UserError, get_logger, scrub
 
@@ -178,6 +179,11 @@ def _check_output(out: Path, overwrite: bool, sources: list[Path]) -> None:
         raise UserError(f"--output_dir {out} is not empty: pass --overwrite true to replace it")
 
 
+def export_lock_file(out: Path) -> Path:
+    """Beside the output, not in it: the output folder is replaced whole when the export is published."""
+    return out.parent / f".{out.name}.lock"
+
+
 def _clean_stale(out: Path) -> None:
     """Temp folders a killed export left beside the output (hidden, never mistaken for a model)."""
     for p in out.parent.glob(f".{out.name}.tmp-*"):
@@ -209,66 +215,70 @@ def export_merged(
     base_spec = base or _base_of(adapter_dir)
     base_dir = Path(resolve_model_dir(base_spec, use_hf=use_hf, token=token))
     out = Path(out_dir).expanduser()
-    _check_output(out, overwrite, [adapter_dir, base_dir])
-    config = read_json(base_dir / "config.json")
-    base_tensors = read_base_tensors(base_dir)
-    merge_dtype = (
-        DTYPES.get(str(dtype).lower().removeprefix("torch.")) if dtype else base_dtype(config, base_tensors)
-    )
-    if merge_dtype is None:
-        raise UserError(f"unknown --merge_dtype {dtype!r}: use float16, bfloat16 or float32")
-    trained = quantization_of(adapter_dir)
-    if trained:  # QLoRA: the base's own weights, not a 4-bit copy of them, receive the update
-        log.info(
-            f"{adapter_dir} was trained on a {trained.get('quant_bits')}-bit base: merging into the unquantized "
-            f"weights of {base_spec} (merging into quantized weights would round the update away)"
+    # one export into a folder at a time: a second one would delete the first one's temporary folder
+    with hold(export_lock_file(out), f"the export folder {out}"):
+        _check_output(out, overwrite, [adapter_dir, base_dir])
+        config = read_json(base_dir / "config.json")
+        base_tensors = read_base_tensors(base_dir)
+        merge_dtype = (
+            DTYPES.get(str(dtype).lower().removeprefix("torch."))
+            if dtype
+            else base_dtype(config, base_tensors)
         )
-    ad = load_adapter(adapter_dir)
-    plan, untie = plan_merge(base_tensors, ad, config)
-    base_bytes = sum(t.numel * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
-                     for t in base_tensors.values())  # fmt: skip
-    log.info(
-        f"merging {adapter_dir} into {base_spec} ({human_bytes(base_bytes)}, {len(ad.deltas)} LoRA modules"
-        f"{f', {len(ad.replacements)} saved modules' if ad.replacements else ''}) as {merge_dtype}"
-        + (" (untying the embeddings the adapter changed)" if untie else "")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
-    tmp = new_temp_dir(out)
-    try:
-        stats = write_weights(plan, base_tensors, tmp, merge_dtype, max_shard_size)
-        merge_peak = peak_rss_mb()
-        tok_src = write_side_files(base_dir, adapter_dir, tmp, merge_dtype, untie)
-        sizes = {t.name: base_tensors[t.source].numel for t in plan}
-        del ad, plan  # the adapter's tensors: verification loads its own copy through PEFT
-        gc.collect()
-        check = None
-        if verify:
-            check = _verify(base_dir, adapter_dir, tmp, merge_dtype, verify_layers, config, sizes)
-        lora_cfg = read_json(adapter_dir / "adapter_config.json")
-        meta = {
-            "mhsft_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "base_model": base_spec,
-            "base_model_dir": str(base_dir),
-            "adapter": str(adapter_dir.resolve()),
-            "adapter_sha256": adapter_sha256(adapter_dir),
-            "merge_dtype": merge_dtype,
-            "trained_quantization": trained or None,
-            "lora": {k: lora_cfg.get(k) for k in LORA_KEYS},
-            "untied_embeddings": untie,
-            "tokenizer_from": tok_src,
-            **stats,
-            "verify": check.__dict__ if check else None,
-            "peak_rss_mb": {"merge": round(merge_peak), "total": round(peak_rss_mb())},
-            "seconds": round(time.perf_counter() - t0, 1),
-            "training_args": public_args(read_checkpoint_args(adapter_dir)),
-        }
-        write_json(tmp / EXPORT_META, meta)  # last: its presence marks a complete export
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if merge_dtype is None:
+            raise UserError(f"unknown --merge_dtype {dtype!r}: use float16, bfloat16 or float32")
+        trained = quantization_of(adapter_dir)
+        if trained:  # QLoRA: the base's own weights, not a 4-bit copy of them, receive the update
+            log.info(
+                f"{adapter_dir} was trained on a {trained.get('quant_bits')}-bit base: merging into the unquantized "
+                f"weights of {base_spec} (merging into quantized weights would round the update away)"
+            )
+        ad = load_adapter(adapter_dir)
+        plan, untie = plan_merge(base_tensors, ad, config)
+        base_bytes = sum(t.numel * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
+                         for t in base_tensors.values())  # fmt: skip
+        log.info(
+            f"merging {adapter_dir} into {base_spec} ({human_bytes(base_bytes)}, {len(ad.deltas)} LoRA modules"
+            f"{f', {len(ad.replacements)} saved modules' if ad.replacements else ''}) as {merge_dtype}"
+            + (" (untying the embeddings the adapter changed)" if untie else "")
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(out)
+        tmp = new_temp_dir(out)
+        try:
+            stats = write_weights(plan, base_tensors, tmp, merge_dtype, max_shard_size)
+            merge_peak = peak_rss_mb()
+            tok_src = write_side_files(base_dir, adapter_dir, tmp, merge_dtype, untie)
+            sizes = {t.name: base_tensors[t.source].numel for t in plan}
+            del ad, plan  # the adapter's tensors: verification loads its own copy through PEFT
+            gc.collect()
+            check = None
+            if verify:
+                check = _verify(base_dir, adapter_dir, tmp, merge_dtype, verify_layers, config, sizes)
+            lora_cfg = read_json(adapter_dir / "adapter_config.json")
+            meta = {
+                "mhsft_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "base_model": base_spec,
+                "base_model_dir": str(base_dir),
+                "adapter": str(adapter_dir.resolve()),
+                "adapter_sha256": adapter_sha256(adapter_dir),
+                "merge_dtype": merge_dtype,
+                "trained_quantization": trained or None,
+                "lora": {k: lora_cfg.get(k) for k in LORA_KEYS},
+                "untied_embeddings": untie,
+                "tokenizer_from": tok_src,
+                **stats,
+                "verify": check.__dict__ if check else None,
+                "peak_rss_mb": {"merge": round(merge_peak), "total": round(peak_rss_mb())},
+                "seconds": round(time.perf_counter() - t0, 1),
+                "training_args": public_args(read_checkpoint_args(adapter_dir)),
+            }
+            write_json(tmp / EXPORT_META, meta)  # last: its presence marks a complete export
+            publish_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info(
         f"wrote {out} ({stats['shards']} shard(s), {human_bytes(stats['total_size'])} {merge_dtype}); peak memory "
         f"{meta['peak_rss_mb']['merge']:,} MB while merging, {meta['peak_rss_mb']['total']:,} MB overall"
@@ -369,15 +379,9 @@ def _checkpoint_dir(args: ExportArguments) -> Path:
     if len(args.adapters) > 1:
         raise UserError("mhsft export merges one adapter: give a single --ckpt_dir")
     p = Path(args.adapters[0].partition("=")[2] or args.adapters[0]).expanduser()
-    if p.is_dir() and not (p / "adapter_config.json").is_file():
-        ckpts = sorted(
-            (c for c in p.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()),
-            key=lambda c: int(c.name.split("-")[-1]),
-        )
-        if ckpts:
-            raise UserError(f"--ckpt_dir {p} is a run folder: pass one of its checkpoints, e.g. {ckpts[-1]}")
-        if (p / "config.json").is_file():
-            raise UserError(f"--ckpt_dir {p} holds full model weights, not a LoRA adapter: nothing to merge")
+    if p.is_dir() and not (p / "adapter_config.json").is_file() and (p / "config.json").is_file():
+        raise UserError(f"--ckpt_dir {p} holds full model weights, not a LoRA adapter: nothing to merge")
+    # a run folder stands for its best checkpoint (best.json), else its newest; parse_adapters says which
     return Path(next(iter(parse_adapters([str(p)]).values())))
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mhsft.args import ALIASES, parse_args
-from mhsft.checkpoint import VERSION_RE, list_checkpoints
+from mhsft.checkpoint import VERSION_RE, choose_checkpoint, list_checkpoints
 from mhsft.files import read_yaml
 from mhsft.utils import UserError
 
@@ -403,8 +403,10 @@ def outputs(st: Stage) -> dict:
     if st.name == "sft":
         runs = [p for p in st.out_dir.iterdir() if VERSION_RE.match(p.name)]
         for run in sorted(runs, key=lambda p: int(p.name[1:].split("-")[0]), reverse=True):
-            if ckpts := list_checkpoints(run):
-                return {"run_dir": str(run), "checkpoint": str(ckpts[-1])}
+            if list_checkpoints(run):  # the later stages take its best checkpoint, else its newest
+                ckpt, why = choose_checkpoint(run)
+                print(why, flush=True)
+                return {"run_dir": str(run), "checkpoint": str(ckpt)}
         raise UserError(f"sft finished but left no checkpoint in {st.out_dir}")
     if st.name == "export":
         return {"model_dir": str(st.out_dir / "merged")}

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from mhsft.client import ensure_loopback_no_proxy, free_port, stop_process, wait_for_server
 from mhsft.files import write_json, write_text
+from mhsft.folder_lock import LOCK_NAME, hold
 from mhsft.pipeline.plan import (
     Experiment,
     Stage,
@@ -280,6 +281,9 @@ def main(argv: list[str]) -> int:
         start = next((n for n in names if n.startswith("eval_")), start)
     if start is not None and start not in names:
         raise UserError(f"--from {start}: this experiment's stages are {', '.join(names)}")
+    held = contextlib.ExitStack()
+    if not dry:  # one `mhsft run` per experiment folder: a second would run the same stages into it
+        held.enter_context(hold(exp.exp_dir / ".mhsft" / LOCK_NAME, f"the experiment folder {exp.exp_dir}"))
     state, runner = State(exp.exp_dir), StageRunner(exp)
     print(f"experiment {exp.path} -> {exp.exp_dir}", flush=True)
     done: dict[str, dict] = {}
@@ -326,6 +330,7 @@ def main(argv: list[str]) -> int:
         runner.stop_judge()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+        held.close()
     if not dry:
         print(f"\nexperiment done in {time.time() - t_all:.0f}s: {exp.exp_dir}", flush=True)
         if "report" in done:

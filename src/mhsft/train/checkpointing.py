@@ -11,9 +11,11 @@ import shutil
 import time
 from pathlib import Path
 
-from mhsft.checkpoint import STATE_FILE, VERSION_RE, list_checkpoints
-from mhsft.files import new_temp_dir, publish_dir, write_json, write_text
+from mhsft.checkpoint import BEST_FILE, STATE_FILE, VERSION_RE, list_checkpoints
+from mhsft.files import new_temp_dir, publish_dir, read_json, write_json, write_text
 from mhsft.utils import UserError
+
+END_KEY = "last_checkpoint"  # marks logging.jsonl's end-of-run line (which also names the best checkpoint)
 
 
 def new_run_dir(output_dir: str | Path) -> Path:
@@ -31,13 +33,16 @@ def new_run_dir(output_dir: str | Path) -> Path:
             n += 1
 
 
-def find_resume_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
+def find_resume_checkpoint(spec: str, output_dir: str | Path, add_version: bool = True) -> Path | None:
     """`--resume_from_checkpoint auto`: the newest complete checkpoint of the newest run in output_dir that has
-    one; a path: that checkpoint (checked)."""
+    one (with `--add_version false`, of output_dir itself, where such runs write); a path: that checkpoint
+    (checked)."""
     if spec == "auto":
         out = Path(output_dir)
         if not out.is_dir():
             return None
+        if not add_version:
+            return (list_checkpoints(out) or [None])[-1]
         runs = sorted(
             (p for p in out.iterdir() if VERSION_RE.match(p.name)),
             key=lambda p: int(p.name[1:].split("-")[0]),
@@ -69,7 +74,8 @@ def atomic_checkpoint(run_dir: Path, step: int, write) -> Path:
 
 
 def rotate_checkpoints(run_dir: Path, limit: int | None, keep: Path | None = None) -> list[Path]:
-    """Delete the oldest checkpoints beyond `limit`; never the newest, never `keep` (the best or resumed one)."""
+    """Delete the oldest checkpoints beyond `limit`; never the newest, never `keep` (the best one), so that
+    `--save_total_limit 1` keeps two folders while the best is not the newest (as transformers does)."""
     for stale in [*run_dir.glob(".tmp-checkpoint-*"), *run_dir.glob(".checkpoint-*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     if not limit or limit < 1:
@@ -138,17 +144,34 @@ def load_training_state(ckpt: Path, model, optimizer, scheduler, scaler, train_t
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log reads as one uninterrupted run."""
+    """On resume, drop log lines past the checkpoint, and the end line of a run that had finished, so the log
+    reads as one uninterrupted run."""
     if not path.is_file():
         return
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and row.get("step", 0) <= step and END_KEY not in row:
+            keep.append(line)
     write_text(path, "".join(line + "\n" for line in keep))
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer_state.json: its step, and what the run's best-checkpoint and early-stopping
+    bookkeeping was at that step (restored on resume)."""
+    return read_json(ckpt / STATE_FILE)
+
+
+def sync_best_file(run_dir: Path, record: dict | None) -> None:
+    """best.json as the trainer's state says (written atomically), or none when no checkpoint is best yet (a
+    resumed run's earlier best.json may name a checkpoint it is about to overwrite)."""
+    if record is None:
+        (run_dir / BEST_FILE).unlink(missing_ok=True)
+    else:
+        write_json(run_dir / BEST_FILE, record)
 
 
 def deepspeed_state_dict(accelerator, model, wrapped, train_type: str) -> dict | None:
@@ -171,10 +194,11 @@ def deepspeed_state_dict(accelerator, model, wrapped, train_type: str) -> dict |
 
 def save_checkpoint(
     accelerator, run_dir: Path, step: int, *, model, wrapped, tokenizer, optimizer, scheduler, scaler,
-    config: dict, save_total_limit: int | None,
+    config: dict, save_total_limit: int | None, progress: dict | None = None, keep: Path | None = None,
 ) -> Path:  # fmt: skip
-    """Write `checkpoint-STEP` of a training run atomically (rank 0), then rotate old ones. `config` is the run's
-    args.json (it names the base model and the training type)."""
+    """Write `checkpoint-STEP` of a training run atomically (rank 0), then rotate old ones, never `keep` (the best).
+    `config` is the run's args.json (it names the base model and the training type); `progress` goes into the
+    state file (the best checkpoint and early-stopping counter so far)."""
     import torch
 
     accelerator.wait_for_everyone()
@@ -196,10 +220,10 @@ def save_checkpoint(
             write_json(tmp / "args.json", config)
             # Written last: a checkpoint is complete exactly when this file exists.
             state = {"global_step": step, "total_steps": config["total_steps"], "train_type": config["train_type"],
-                     "base_model": config["model"]}  # fmt: skip
+                     "base_model": config["model"], **(progress or {})}  # fmt: skip
             write_json(tmp / STATE_FILE, state)
 
         path = atomic_checkpoint(run_dir, step, write)
-        rotate_checkpoints(run_dir, save_total_limit)
+        rotate_checkpoints(run_dir, save_total_limit, keep=keep)
     accelerator.wait_for_everyone()
     return path

@@ -34,12 +34,20 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _chunk_loss_and_hits(hidden, weight, bias, target) -> torch.Tensor:
+    """Validation: [summed cross-entropy, tokens whose most likely prediction is the label] of one chunk."""
+    logits = F.linear(hidden, weight, bias).float()
+    loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.stack([loss, (logits.argmax(-1) == target).sum().float()])
+
+
 def chunked_lm_loss(
     hidden: torch.Tensor,
     lm_head: torch.nn.Module,
     labels: torch.Tensor,
     chunk_size: int = 4096,
     positions: torch.Tensor | None = None,
+    count_hits: bool = False,
 ) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over every labelled position.
 
@@ -47,6 +55,8 @@ def chunked_lm_loss(
     Returning the sum lets the caller divide by the number of labelled tokens in the whole optimizer step
     (across micro-batches and ranks), which is the token-level mean that gradient accumulation must preserve.
     `positions` are `label_positions(labels)` when the caller has them (no host-device synchronization here).
+    `count_hits` (validation, no gradient): [loss sum, correctly predicted labelled tokens] instead, for
+    eval_token_acc (ms-swift's name).
     """
     target = shift_labels(labels).reshape(-1)
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -58,6 +68,13 @@ def chunked_lm_loss(
         positions = positions.to(h.device)
         h, target = h.index_select(0, positions), target.index_select(0, positions)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if count_hits:
+        total = h.new_zeros(2, dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk_size):
+            total = total + _chunk_loss_and_hits(
+                h[i : i + chunk_size], weight, bias, target[i : i + chunk_size]
+            )
+        return total
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk_size):
         hc, tc = h[i : i + chunk_size], target[i : i + chunk_size]
@@ -78,8 +95,9 @@ class ChunkedLMLoss(torch.nn.Module):
         self.chunk_size = chunk_size
 
     def forward(
-        self, input_ids, labels, position_ids=None, attention_mask=None, label_positions=None, **kw
-    ) -> torch.Tensor:
+        self, input_ids, labels, position_ids=None, attention_mask=None, label_positions=None, count_hits=False,
+        **kw,
+    ) -> torch.Tensor:  # fmt: skip
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         kw.pop("padding_tokens", None)  # a count for tokens/s, not a model input
         if attention_mask is None and "cu_seq_lens_q" in kw:
@@ -92,5 +110,10 @@ class ChunkedLMLoss(torch.nn.Module):
             **kw,
         )
         return chunked_lm_loss(
-            out.last_hidden_state, lm.get_output_embeddings(), labels, self.chunk_size, label_positions
+            out.last_hidden_state,
+            lm.get_output_embeddings(),
+            labels,
+            self.chunk_size,
+            label_positions,
+            count_hits,
         )

@@ -28,10 +28,11 @@ from mhsft.args import (
     command_line,
     parse_args,
 )
-from mhsft.checkpoint import base_model_of
+from mhsft.checkpoint import STATE_FILE, base_model_of
 from mhsft.data.loader import load_datasets
 from mhsft.data.render import IGNORE_INDEX, render_dialogue
 from mhsft.files import write_json
+from mhsft.folder_lock import LOCK_NAME, hold
 from mhsft.model import load_model, load_tokenizer, parameter_count, quant_spec, resolve_model_dir
 from mhsft.packed_attention import choose_attention
 from mhsft.train import plan
@@ -44,13 +45,17 @@ from mhsft.train.batches import (
     real_tokens,
 )
 from mhsft.train.checkpointing import (
+    END_KEY,
     find_resume_checkpoint,
     load_training_state,
     new_run_dir,
+    read_trainer_state,
     save_checkpoint,
+    sync_best_file,
     truncate_log,
 )
 from mhsft.train.distributed import deepspeed_plugin, zero3_enabled
+from mhsft.train.early_stopping import BestTracker, check_best_flags
 from mhsft.train.loss import ChunkedLMLoss
 from mhsft.train.plan import decoder_layers, set_recompute
 from mhsft.train.progress import format_line, log_metrics
@@ -119,6 +124,29 @@ class SftArguments(ModelArguments, QuantArguments, DataArguments, TrackingArgume
     )
     eval_steps: int | None = field(
         default=None, metadata={"help": "Validate every N steps (default: save_steps)."}
+    )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Validation metric that picks the best checkpoint (best.json): eval_loss (default; `loss` "
+            "is the same) or eval_token_acc. The best is tracked whenever there is a validation set."
+        },
+    )
+    greater_is_better: bool | None = field(
+        default=None,
+        metadata={"help": "Whether a larger metric is better (default: false for *loss, else true)."},
+    )
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={"help": "The run's final adapter is its best checkpoint, not its last (said in the log)."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop after N evaluations in a row without improvement (transformers' semantics)."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={"help": "An improvement must exceed this to reset the early-stopping patience counter."},
     )
     logging_steps: int = field(default=5, metadata={"help": "One log line every N steps."})
     output_dir: str = field(default="output", metadata={"help": "Runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/."})
@@ -232,19 +260,29 @@ def render_samples(
 
 # ----------------------------------------------------------------------------------------------- model
 def choose_dtype(args: SftArguments, device) -> tuple[object, list[str]]:
+    """The base model's dtype (its weights and compute). A half precision asked for on the CPU is honoured, with
+    a line saying so: args.json records it and the dtype of the trained weights, which is what checkpoints hold."""
     notices = []
     if args.fp16:
-        return torch.float16, notices
-    if args.bf16:
+        dtype = torch.float16
+    elif args.bf16:
+        dtype = torch.bfloat16
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             notices.append("this GPU has no bfloat16: training in float16 with loss scaling instead")
             return torch.float16, notices
-        return torch.bfloat16, notices
-    if args.torch_dtype not in ("auto", None):
-        return getattr(torch, args.torch_dtype), notices
-    if device.type == "cuda":
+    elif args.torch_dtype not in ("auto", None):
+        dtype = getattr(torch, args.torch_dtype)
+    elif device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), notices
-    return torch.float32, notices
+    else:
+        return torch.float32, notices
+    if device.type == "cpu" and dtype != torch.float32:
+        notices.append(
+            f"no GPU: training on the CPU in {str(dtype).removeprefix('torch.')} as asked (the base model's "
+            "weights and compute; usually many times slower than float32 on a CPU: leave --bf16 / --fp16 / "
+            "--torch_dtype out for float32)"
+        )
+    return dtype, notices
 
 
 def build_model(args: SftArguments, model_path: str, dtype, attn_impl: str, notices: list[str], device):
@@ -351,12 +389,17 @@ def main(argv: list[str]) -> int:
 
 
 def train(args: SftArguments) -> Path:
-    """Run training; returns the final checkpoint directory."""
+    """Run training; returns the final checkpoint directory (the best one with --load_best_model_at_end)."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however training ends
+        return _train(args, held)
+
+
+def _train(args: SftArguments, held: contextlib.ExitStack) -> Path:
     notices, resume_ckpt = preflight(args)
     accelerator = make_accelerator(args, notices)
     dtype, dtype_notes = choose_dtype(args, accelerator.device)
     notices += dtype_notes
-    run_dir = prepare_run_dir(args, resume_ckpt, accelerator)
+    run_dir = prepare_run_dir(args, resume_ckpt, accelerator, held)
     model_path = resolve_model_dir(args.model, use_hf=args.use_hf, token=args.hub_token)
     tokenizer = load_tokenizer(model_path)
     train_samples, val_samples, data_counts = load_samples(args, tokenizer, run_dir, accelerator, notices)
@@ -405,12 +448,13 @@ def preflight(args: SftArguments) -> tuple[list[str], Path | None]:
     if not args.dataset:
         raise UserError("give --dataset (files, folders or hub ids; `#N` samples N records)")
     notices = check_tracking(args)
+    notices += check_best_flags(args, bool(args.val_dataset) or (args.split_dataset_ratio or 0) > 0)
     for name in ("dataloader_num_workers", "dataset_num_proc"):
         if getattr(args, name) is not None:
             notices.append(f"--{name} has no effect in mhsft (accepted for ms-swift compatibility)")
     resume_ckpt = None
     if args.resume_from_checkpoint:
-        resume_ckpt = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        resume_ckpt = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, args.add_version)
         if resume_ckpt is None:
             notices.append(
                 f"--resume_from_checkpoint auto: no checkpoint in {args.output_dir} yet, starting fresh"
@@ -440,20 +484,29 @@ def make_accelerator(args: SftArguments, notices: list[str]):
     return accelerator
 
 
-def prepare_run_dir(args: SftArguments, resume_ckpt: Path | None, accelerator) -> Path:
+def prepare_run_dir(
+    args: SftArguments, resume_ckpt: Path | None, accelerator, held: contextlib.ExitStack
+) -> Path:
     """Resuming continues the checkpoint's own run, so that its logs stay in one place; else a new vN-... folder
-    (made by the main process, its name sent to the others) or --output_dir itself with --add_version false."""
+    (made by the main process, its name sent to the others) or --output_dir itself with --add_version false.
+    The main process locks the folder (mhsft.folder_lock) before anything is written into it: a second run into
+    it stops there, naming this one."""
     if resume_ckpt is not None:
-        return resume_ckpt.parent
-    if not args.add_version:
+        run_dir = resume_ckpt.parent
+    elif not args.add_version:
         run_dir = Path(args.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-    run_dir = new_run_dir(args.output_dir) if accelerator.is_main_process else None
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    else:
+        run_dir = new_run_dir(args.output_dir) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
-        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+            run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    if accelerator.is_main_process:
+        held.enter_context(hold(run_dir / LOCK_NAME, f"the run folder {run_dir}"))
+        if resume_ckpt is not None and not (resume_ckpt / STATE_FILE).is_file():
+            raise UserError(
+                f"{resume_ckpt} was removed (by the run that held the folder?): run the command again"
+            )
     return run_dir
 
 
@@ -558,6 +611,10 @@ def describe_run(args, model, model_path, run_dir, dtype, attn_impl, world, tota
         "trainable_parameters": sum(parameter_count(p) for p in model.parameters() if p.requires_grad),
         "total_parameters": sum(parameter_count(p) for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),
+        # what the checkpoints store: LoRA weights stay float32 under a half-precision base (PEFT's mixed precision)
+        "trainable_dtype": ",".join(
+            sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+        ),
         "attention": attn_impl,
         "world_size": world,
         "total_steps": total_steps,
@@ -579,6 +636,10 @@ def start_logging(
     for n in notices:
         log.info(n)
     log.info(f"run directory: {run_dir}")
+    log.info(
+        f"precision: the base model in {config['dtype']}, the trained weights in {config['trainable_dtype']} "
+        "(as each checkpoint saves them)"
+    )
     n_train, n_total = config["trainable_parameters"], config["total_parameters"]
     log.info(
         f"{config['train_samples']:,} training samples, {config['val_samples']:,} validation; {n_train:,} trainable "
@@ -595,8 +656,9 @@ def run_loop(
     train_samples: list, val_samples: list, run_dir: Path, tracker, total_steps: int, per_epoch: int, config: dict,
     micro_batch: int,
 ) -> Path:  # fmt: skip
-    """Optimizer steps from `step` to `total_steps`: a logging line every --logging_steps, validation every
-    --eval_steps, a checkpoint every --save_steps and at the end. Returns the last checkpoint."""
+    """Optimizer steps from `step` to `total_steps` (or an early stop): a logging line every --logging_steps,
+    validation every --eval_steps, a checkpoint every --save_steps and at the end. Returns the final checkpoint
+    (the best with --load_best_model_at_end)."""
     from tqdm import tqdm
 
     is_main = accelerator.is_main_process
@@ -606,11 +668,12 @@ def run_loop(
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr, disable=quiet)
     window = _new_window()
     t_start, step_at_start = time.perf_counter(), step
-    last_ckpt, grad_norm = None, float("nan")
+    last_ckpt, grad_norm = (run_dir / f"checkpoint-{step}" if step else None), float("nan")
+    best = resume_best(args, run_dir, last_ckpt, is_main)
     flops_per_token = (6 if args.train_type == "full" else 4) * config["total_parameters"]
     model.train()
     plans: dict[int, list] = {}  # the epoch's plan, computed once (packing a large dataset takes a while)
-    while step < total_steps:
+    while step < total_steps and not best.should_stop:
         epoch, in_epoch = divmod(step, per_epoch)
         if epoch not in plans:
             plans = {epoch: epoch_plan(train_samples, epoch, args)}
@@ -634,22 +697,74 @@ def run_loop(
                 bar.write(format_line(metrics, total_steps))
                 tracker.log(metrics, step)
             window = _new_window()
+        evals = None
         if val_samples and (step % args.eval_steps == 0 or step == total_steps):
-            eval_loss = evaluate(args, wrapped, model, val_samples, pad_id, accelerator)
+            evals = evaluate(args, wrapped, model, val_samples, pad_id, accelerator)
+            best.observe(evals[best.metric])
             if is_main:
-                bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
-                tracker.log({"eval_loss": eval_loss, "step": step, "epoch": round(step / per_epoch, 4)}, step)
+                bar.write(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+                tracker.log({**evals, "step": step, "epoch": round(step / per_epoch, 4)}, step)
             model.train()
-        if step % args.save_steps == 0 or step == total_steps:
+        if step % args.save_steps == 0 or step == total_steps or best.should_stop:
+            if evals is not None:  # an evaluation at a save competes for the best checkpoint
+                best.consider(evals[best.metric], step)
+            keep = run_dir / best.best_checkpoint if best.best_checkpoint else None
             last_ckpt = save_checkpoint(accelerator, run_dir, step, model=model, wrapped=wrapped, tokenizer=tokenizer,
                                         optimizer=optimizer, scheduler=scheduler, scaler=scaler, config=config,
-                                        save_total_limit=args.save_total_limit)  # fmt: skip
+                                        save_total_limit=args.save_total_limit, progress=best.state(), keep=keep)  # fmt: skip
             if is_main:
+                sync_best_file(run_dir, best.record())  # after the checkpoint it names exists
                 bar.write(f"saved {last_ckpt}")
     bar.close()
+    return finish_run(args, run_dir, step, total_steps, last_ckpt, best, tracker if is_main else None)
+
+
+def resume_best(args: SftArguments, run_dir: Path, resumed: Path | None, is_main: bool) -> BestTracker:
+    """The best checkpoint and early-stopping counter as the resumed checkpoint saved them (fresh otherwise), and
+    best.json rewritten to match: a kill between a checkpoint and its best.json, or a resume from an older
+    checkpoint, must not leave best.json naming another state."""
+    best = BestTracker.from_args(args)
+    if resumed is not None:
+        best.restore(read_trainer_state(resumed))
+        if best.best_checkpoint and not (run_dir / best.best_checkpoint / STATE_FILE).is_file():
+            log.info(f"the best checkpoint so far, {best.best_checkpoint}, is gone: the best starts afresh")
+            best.best_value = best.best_step = None
     if is_main:
-        log.info(f"done: {step} steps; final checkpoint {last_ckpt}")
-    return last_ckpt
+        sync_best_file(run_dir, best.record())
+    return best
+
+
+def finish_run(args: SftArguments, run_dir: Path, step: int, total_steps: int, last_ckpt: Path | None,
+               best: BestTracker, tracker) -> Path | None:  # fmt: skip
+    """The run's final adapter (the best with --load_best_model_at_end), said in the log, and logging.jsonl's
+    end line naming the last, best and final checkpoints (`tracker` None: not the main process)."""
+    final = (
+        run_dir / best.best_checkpoint if args.load_best_model_at_end and best.best_checkpoint else last_ckpt
+    )
+    if tracker is None:
+        return final
+    if best.should_stop:
+        log.info(
+            f"early stopping: {best.metric} did not improve by more than {args.early_stopping_threshold} for "
+            f"{best.patience} evaluations in a row; stopped at step {step} of {total_steps}"
+        )
+    if best.best_checkpoint:
+        said = f"{best.best_checkpoint} ({best.metric} {best.best_value:.6g} at step {best.best_step}; best.json)"
+        if not args.load_best_model_at_end:
+            log.info(f"best checkpoint: {said}")
+        elif final != last_ckpt:
+            log.info(f"load_best_model_at_end: the final adapter is the best checkpoint, {said}, not the last one, "
+                     f"{last_ckpt.name}")  # fmt: skip
+        else:
+            log.info(f"load_best_model_at_end: the last checkpoint is also the best, {said}")
+    elif args.load_best_model_at_end:
+        log.info("load_best_model_at_end: no checkpoint was evaluated (an empty validation set?): the final adapter "
+                 "is the last checkpoint")  # fmt: skip
+    tracker.log({END_KEY: last_ckpt.name if last_ckpt else None, "best_checkpoint": best.best_checkpoint,
+                 "best_metric": best.best_value, "metric_for_best_model": best.metric if best.best_step else None,
+                 "final_checkpoint": final.name if final else None, "early_stopped": best.should_stop}, step)  # fmt: skip
+    log.info(f"done: {step} steps; final checkpoint {final}")
+    return final
 
 
 def _new_window() -> dict:
@@ -732,19 +847,21 @@ def optimizer_step(model, optimizer, scheduler, scaler, accelerator, max_grad_no
     return grad_norm
 
 
-def evaluate(args, wrapped, model, val_samples, pad_id, accelerator) -> float:
-    """Token-mean validation loss."""
+def evaluate(args, wrapped, model, val_samples, pad_id, accelerator) -> dict[str, float]:
+    """Validation over every rank's share: eval_loss (the token mean) and eval_token_acc (the share of labelled
+    tokens whose most likely prediction is the label; ms-swift's metric)."""
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, hits, labelled tokens
     bs = args.per_device_eval_batch_size
     mine = list(range(len(val_samples)))[rank::world]
     with torch.no_grad():
         for i in range(0, len(mine), bs):
             b = collate_padded([val_samples[j] for j in mine[i : i + bs]], pad_id)
-            total[1] += count_label_tokens(b["labels"])
+            total[2] += count_label_tokens(b["labels"])
             b = batch_to_device(b, accelerator.device)
-            total[0] += wrapped(**b).double()
+            total[:2] += wrapped(**b, count_hits=True).double()
     if world > 1:
         total = accelerator.reduce(total, reduction="sum")
-    return float(total[0] / max(total[1], 1))
+    n = max(float(total[2]), 1.0)
+    return {"eval_loss": float(total[0]) / n, "eval_token_acc": float(total[1]) / n}
