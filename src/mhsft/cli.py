@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     register_env_secrets()
     # transformers 5.x deprecation notices raised inside PEFT and transformers: nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+    # bitsandbytes' CPU backend (imported by PEFT wherever bitsandbytes is installed) tries to fetch an optional
+    # kernel from a hub at import, warns on every command when it cannot, and falls back to its own code
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     module = importlib.import_module(STAGES[stage][0])
     try:
         return int(module.main(rest) or 0)
