@@ -170,7 +170,12 @@ def worker(args) -> dict:
         model = prepare_model(model, mhsft_args, notes)
         for n in notes:
             print(n, file=sys.stderr)
-        wrapped = ChunkedLMLoss(model, mhsft_args.loss_chunk_size)
+        from mhsft.train.loss import liger_fused_loss
+
+        fused = (
+            liger_fused_loss if "flce" in variant.split("+") else None
+        )  # the +flce variant: Liger's fused loss
+        wrapped = ChunkedLMLoss(model, mhsft_args.loss_chunk_size, fused)
     else:
         from peft import LoraConfig, get_peft_model
 

@@ -30,7 +30,9 @@ def _rand(*shape, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=g) * rows * scale).to(DEVICE, DTYPE)
 
 
-def test_quantize_rows_keeps_each_row_within_e4m3s_precision():
+@pytest.mark.parametrize("one_pass", [True, False])  # on a GPU: the one-read kernel and the two-pass one
+def test_quantize_rows_keeps_each_row_within_e4m3s_precision(monkeypatch, one_pass):
+    monkeypatch.setattr(fp8, "one_pass", one_pass)
     x = _rand(37, 300)
     x[5] = 0  # an all-zero row must not divide by zero
     q, s = fp8.quantize_rows(x)

@@ -4,6 +4,7 @@ mapping (instead of transformers detecting packing from the position ids), `batc
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mhsft.packed_attention import register_packed_attention
@@ -68,3 +69,23 @@ def test_batch_to_device_keeps_values_and_adds_positions():
     for k, v in host.items():
         assert torch.equal(moved[k], v) if isinstance(v, torch.Tensor) else moved[k] == v
     assert torch.equal(moved["label_positions"], label_positions(host["labels"]))
+
+
+def test_liger_fused_loss_equals_the_chunked_loss():
+    """The +flce candidate (Liger's fused linear cross-entropy; Triton's interpreter on the CPU): the same summed
+    loss and input gradient as the chunked loss over the same labelled positions."""
+    pytest.importorskip("liger_kernel", reason="needs liger-kernel")
+    from mhsft.train.loss import chunked_lm_loss, liger_fused_loss
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(32, 120, bias=False)
+    labels = torch.randint(0, 120, (1, 50))
+    labels[0, :10] = -100
+    grads = []
+    for fused in (None, liger_fused_loss):
+        hidden = torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        loss = chunked_lm_loss(hidden, lm_head, labels, chunk_size=16, fused=fused)
+        loss.backward()
+        grads.append((loss.detach(), hidden.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)

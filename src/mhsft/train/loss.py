@@ -48,6 +48,7 @@ def chunked_lm_loss(
     chunk_size: int = 4096,
     positions: torch.Tensor | None = None,
     count_hits: bool = False,
+    fused=None,
 ) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over every labelled position.
 
@@ -56,7 +57,8 @@ def chunked_lm_loss(
     (across micro-batches and ranks), which is the token-level mean that gradient accumulation must preserve.
     `positions` are `label_positions(labels)` when the caller has them (no host-device synchronization here).
     `count_hits` (validation, no gradient): [loss sum, correctly predicted labelled tokens] instead, for
-    eval_token_acc (ms-swift's name).
+    eval_token_acc (ms-swift's name). `fused(h, weight, bias, target)` (`liger_fused_loss`) replaces the chunks
+    in training: the LM head and loss in one pass whose input gradient is computed in the forward.
     """
     target = shift_labels(labels).reshape(-1)
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -68,6 +70,8 @@ def chunked_lm_loss(
         positions = positions.to(h.device)
         h, target = h.index_select(0, positions), target.index_select(0, positions)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if fused is not None and torch.is_grad_enabled() and not count_hits:
+        return fused(h, weight, bias, target)
     if count_hits:
         total = h.new_zeros(2, dtype=torch.float32)
         for i in range(0, h.shape[0], chunk_size):
@@ -85,14 +89,25 @@ def chunked_lm_loss(
     return total
 
 
+def liger_fused_loss(h: torch.Tensor, weight: torch.Tensor, bias, target: torch.Tensor) -> torch.Tensor:
+    """Liger's fused linear cross-entropy over the labelled positions (summed): the logits of a chunk are made,
+    reduced and differentiated in the forward, so the backward has no LM-head GEMM to redo (the chunked loss runs
+    it three times: forward, recomputed forward, input gradient) and no float32 copy of the logits exists.
+    A candidate for the trainer's default (benchmarks/train_throughput.py's `+flce` variant A/Bs it)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(h, weight, target, bias, reduction="sum")
+
+
 class ChunkedLMLoss(torch.nn.Module):
     """The model plus its loss as one module, so that DDP / DeepSpeed see a single forward that returns the summed
     token loss of the batch, and the full logits tensor is never built."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 4096):
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 4096, fused=None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.fused = fused
 
     def forward(
         self, input_ids, labels, position_ids=None, attention_mask=None, label_positions=None, count_hits=False,
@@ -116,4 +131,5 @@ class ChunkedLMLoss(torch.nn.Module):
             self.chunk_size,
             label_positions,
             count_hits,
+            self.fused,
         )
