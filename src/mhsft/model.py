@@ -178,12 +178,10 @@ def load_model(
     except UserError:
         raise
     except Exception as e:  # OSError (no weights), ValueError (unknown architecture), ImportError (kernels)
-        hint = (
-            f" (bitsandbytes {quant['bits']}-bit on {device or 'cpu'}: `python -m bitsandbytes` diagnoses it)"
-        )
-        raise UserError(
-            f"cannot load a causal LM from {path}: {_first_line(e)}{hint if quant else ''}"
-        ) from e
+        hint = ""
+        if quant:
+            hint = f" (bitsandbytes {quant['bits']}-bit on {device or 'cpu'}: `python -m bitsandbytes` diagnoses it)"
+        raise UserError(f"cannot load a causal LM from {path}: {_first_line(e)}{hint}") from e
     if quant:
         return m  # placed by bitsandbytes; an 8-bit model refuses `.to`
     if device:
@@ -325,9 +323,10 @@ def model_ids(model: str, adapters: list[str], served_model_name: str | None) ->
 def inference_quant(args, adapters: dict[str, str]) -> dict | None:
     """How infer, deploy and eval load the base: as --quant_bits says when given (0: not quantized), else as the
     (first) adapter was trained, said in one line."""
-    if args.quant_bits == 0:
+    bits = getattr(args, "quant_bits", None)
+    if bits == 0:
         return None
-    if args.quant_bits is not None or args.quant_method:
+    if bits is not None or getattr(args, "quant_method", None):
         return quant_spec(args)
     for path in adapters.values():
         trained = quantization_of(path)
