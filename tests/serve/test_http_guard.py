@@ -108,25 +108,12 @@ def _request(port, method, path, body=None, headers=None):
     return out
 
 
-def _trickle(port, data: bytes, every: float = 0.1) -> tuple[float, bytes]:
-    """Send `data` a byte at a time; (seconds until the server answered or closed, what it sent)."""
+def _trickle(port, data: bytes) -> tuple[float, bytes]:
+    """Send `data` a byte at a time on a new connection; (seconds until the server answered or closed, what it
+    sent)."""
     s = socket.create_connection(("127.0.0.1", port))
     s.settimeout(10)
-    t0 = time.monotonic()
-    try:
-        for b in data:
-            s.sendall(bytes([b]))
-            time.sleep(every)
-    except OSError:  # the server closed the connection: expected
-        pass
-    got = b""
-    try:
-        while chunk := s.recv(65536):
-            got += chunk
-    except OSError:
-        pass
-    s.close()
-    return time.monotonic() - t0, got
+    return _trickle_on(s, data)
 
 
 def _status_and_error(raw: bytes) -> tuple[int, dict]:
@@ -159,6 +146,7 @@ def test_slow_body_is_cut_with_408(server):
 
 
 def _trickle_on(s, data: bytes) -> tuple[float, bytes]:
+    """Send `data` a byte every 0.1 s on an open socket, then read until the server closes; closes the socket."""
     t0 = time.monotonic()
     try:
         for b in data:
