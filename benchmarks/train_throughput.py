@@ -88,15 +88,23 @@ def padded_rows(rows, seq: int, pad_id: int):
 
 def load_bnb4(model_dir: str, dev, checkpointing: bool):
     """The QLoRA anchor's stack: NF4 with double quantization, bf16 compute, then PEFT's k-bit preparation (which
-    upcasts the unquantized parameters to float32 and turns checkpointing on)."""
+    upcasts the unquantized parameters to float32 and turns checkpointing on). A config-only folder
+    (random_model.py --random_init) is quantized by mhsft's loader into the same model from_pretrained would give
+    for those weights saved (tests/train/test_qlora.py), without 15 GB written and read back."""
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": str(dev)}, attn_implementation="sdpa")  # fmt: skip
+    from mhsft.model import RANDOM_INIT, load_model
+
+    if (Path(model_dir) / RANDOM_INIT).is_file():
+        quant = {"method": "bnb", "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": None}
+        model = load_model(model_dir, "bfloat16", "sdpa", device=str(dev), quant=quant)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
+                                                     device_map={"": str(dev)}, attn_implementation="sdpa")  # fmt: skip
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=checkpointing,

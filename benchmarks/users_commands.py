@@ -15,10 +15,12 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
   mhsft_cli_written  the same with --auto_plan false (runs as written, Liger on by default)
   mhsft_cli_fp8      the same with --fp8 true
   mhsft_cli_80gb     the same with --plan_memory_gib 78 (the plan, and an allocator limit, of an 80 GB card)
-  mhsft_cli_qlora    the same with --quant_method bnb --quant_bits 4 (QLoRA; _16gb / _24gb: with --plan_memory_gib)
+  mhsft_cli_qlora    the same with --quant_method bnb --quant_bits 4 (QLoRA; _16gb / _24gb: with --plan_memory_gib;
+                     _written: --auto_plan false). Models 7b, 32b, 32b_qlora (the 32B at 1 x 2048 x 8), tiny
   hf_peft_bnb        HF + PEFT + bitsandbytes NF4 (double quantization, bf16 compute, PEFT's k-bit preparation);
                      --micro_batch N for the largest micro-batch it fits (the same rows, regrouped)
-  The QLoRA stacks need saved weights: the script also writes the random weights (--weights_dir; 15 GB at 7B).
+  The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
+  random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
 tokens/s is the CLI's own per-step figure (real tokens, padding excluded), averaged over the steps after the first
 (the first holds the plan's probes and the kernels' compilation); peak GiB is the CLI's logged peak of allocated
@@ -49,6 +51,9 @@ COMMANDS = {
                           "--max_length", "3072"]),
     "32b": ("qwen2.5-32b", ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8",
                             "--max_length", "4096"]),
+    # QLoRA of the 32B for a 24 GB card (the issue's shape: one 2048-token row per micro-batch, recompute)
+    "32b_qlora": ("qwen2.5-32b", ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "8",
+                                  "--max_length", "2048"]),
     "tiny": ("tiny", ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                       "--max_length", "256"]),
 }  # fmt: skip
@@ -61,9 +66,8 @@ STACK_FLAGS = {
     "mhsft_cli_qlora": ["--quant_method", "bnb", "--quant_bits", "4"],
     "mhsft_cli_qlora_16gb": ["--quant_method", "bnb", "--quant_bits", "4", "--plan_memory_gib", "16"],
     "mhsft_cli_qlora_24gb": ["--quant_method", "bnb", "--quant_bits", "4", "--plan_memory_gib", "24"],
+    "mhsft_cli_qlora_written": ["--quant_method", "bnb", "--quant_bits", "4", "--auto_plan", "false"],
 }
-# stacks that need saved weights (bitsandbytes quantizes them as they load; a random-init folder has none)
-SAVED_WEIGHTS = ("hf_peft_bnb", "mhsft_cli_qlora", "mhsft_cli_qlora_16gb", "mhsft_cli_qlora_24gb")
 
 
 def users_command(
@@ -141,7 +145,7 @@ def cli_batches(
 def run_hf(
     config: str, batches: str, rows: int, seq: int, device: str, log: Path, model_dir: str | None = None
 ) -> dict:
-    """HF + PEFT (with `model_dir`: HF + PEFT + bitsandbytes 4-bit from those saved weights) on the CLI's batches."""
+    """HF + PEFT (with `model_dir`: HF + PEFT + bitsandbytes 4-bit of that folder) on the CLI's batches."""
     worker = "hf:bnb4" if model_dir else "hf"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--worker", worker, "--batches", batches,
            "--config", config, "--micro_batch", str(rows), "--seq", str(seq), "--warmup", "2", "--device", device,
@@ -167,13 +171,11 @@ def main() -> None:
     ap.add_argument("--models", default="7b,32b")
     ap.add_argument("--stacks", default="hf_peft,mhsft_cli,mhsft_cli_written,mhsft_cli_fp8")
     ap.add_argument("--stacks_32b", default="hf_peft,mhsft_cli,mhsft_cli_80gb")
+    ap.add_argument("--stacks_32b_qlora", default="mhsft_cli_qlora_24gb,mhsft_cli_qlora_written")
     ap.add_argument(
         "--steps", type=int, default=6, help="optimizer steps per CLI run (the first is not timed)"
     )
     ap.add_argument("--device", default="cuda")
-    ap.add_argument(
-        "--weights_dir", help="where the QLoRA stacks' saved random weights go (default: the workdir)"
-    )
     ap.add_argument(
         "--micro_batch", type=int, help="HF stacks: rows per micro-batch (default: the command's)"
     )
@@ -190,18 +192,15 @@ def main() -> None:
     for name in args.models.split(","):
         config, shape = COMMANDS[name]
         model_dir = str(random_model.build(config, work / f"model-{name}", args.device, random_init=True))
-        stacks = (args.stacks_32b if name == "32b" else args.stacks).split(",")
-        if any(s in SAVED_WEIGHTS for s in stacks):
-            saved = str(random_model.build(config, args.weights_dir or work / f"weights-{name}", args.device))
+        stacks = {"32b": args.stacks_32b, "32b_qlora": args.stacks_32b_qlora}.get(name, args.stacks).split(",")
         result[name] = {"command": users_command(model_dir, args.data, shape, "OUT", args.steps, cuda)}
         for stack in stacks:
             out = work / f"{name}-{stack}"
-            folder = saved if stack in SAVED_WEIGHTS else model_dir
-            argv = users_command(folder, args.data, shape, str(out), args.steps, cuda)
+            argv = users_command(model_dir, args.data, shape, str(out), args.steps, cuda)
             if stack in ("hf_peft", "hf_peft_bnb"):
                 batches, rows, seq = cli_batches(model_dir, argv, args.steps, work / f"batches-{name}.pt",
                                                  args.micro_batch)  # fmt: skip
-                bnb = folder if stack == "hf_peft_bnb" else None
+                bnb = model_dir if stack == "hf_peft_bnb" else None
                 r = run_hf(config, batches, rows, seq, args.device, work / f"{name}-{stack}.log", bnb)
             else:
                 subprocess.run(["rm", "-rf", str(out)], check=True)

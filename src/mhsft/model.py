@@ -168,11 +168,9 @@ def load_model(
         kwargs["device_map"] = {"": device or "cpu"}  # bitsandbytes quantizes each weight where it lands
     try:
         if (Path(path) / RANDOM_INIT).is_file():
-            if quant:
-                raise UserError(
-                    f"{path}: a random-weight folder cannot be loaded quantized (save its weights)"
-                )
             m = _random_init(path, kwargs, device)
+            if quant:
+                _quantize_random(m, quant, kwargs["quantization_config"], device)
         else:
             m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except UserError:
@@ -249,7 +247,7 @@ def _random_init(path: str, kwargs: dict, device: str | None):
 
     seed = json.loads((Path(path) / RANDOM_INIT).read_text(encoding="utf-8")).get("seed", 0)
     config = AutoConfig.from_pretrained(path)
-    kwargs = {k: v for k, v in kwargs.items() if k != "device_map"}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("device_map", "quantization_config")}
     if kwargs.get("dtype", kwargs.get("torch_dtype")) == "auto":
         kwargs["dtype" if "dtype" in kwargs else "torch_dtype"] = (
             getattr(config, "torch_dtype", None) or "float32"
@@ -257,7 +255,40 @@ def _random_init(path: str, kwargs: dict, device: str | None):
     devices = [torch.device(device)] if device and str(device).startswith("cuda") else []
     with torch.random.fork_rng(devices=devices), torch.device(device or "cpu"):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        return AutoModelForCausalLM.from_config(config, **kwargs).eval()  # as from_pretrained returns it
+
+
+def _quantize_random(model, quant: dict, config, device: str | None) -> None:
+    """A random-weight model (benchmarks only) made 4-bit as from_pretrained would: each decoder Linear becomes
+    bitsandbytes' Linear4bit holding the drawn weight quantized by Params4bit, the LM head stays as it is, and the
+    model carries transformers' quantization attributes (PEFT's k-bit preparation and LoRA dispatch read them).
+    The bf16 model was held whole for this (61 GiB at 32B); a saved checkpoint's load never holds more than one
+    bf16 tensor, so the peak counter restarts here and the run's logged peak is its own."""
+    import bitsandbytes as bnb
+    import torch
+
+    if quant["bits"] != 4:
+        raise UserError("a random-weight folder loads quantized in 4 bits only (--quant_bits 4)")
+    dev = torch.device(device or "cpu")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or child is model.get_output_embeddings():
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=config.bnb_4bit_compute_dtype, compress_statistics=quant["double_quant"],
+                                  quant_type=quant["quant_type"], device="meta")  # fmt: skip
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=quant["double_quant"],
+                                         quant_type=quant["quant_type"], module=q).to(dev)  # fmt: skip
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, q.train(child.training))
+            del child
+    model.config.quantization_config = config
+    model.is_quantized = model.is_loaded_in_4bit = True
+    model.quantization_method = config.quant_method
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
 
 
 def parse_adapters(adapters: list[str] | None) -> dict[str, str]:

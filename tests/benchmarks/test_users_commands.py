@@ -3,6 +3,7 @@ on the CLI's own first micro-batches, with the JSON layout the GPU runs commit."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,16 +11,20 @@ import sys
 from helpers import DEMO, REPO
 
 
+# the QLoRA stacks where bitsandbytes is installed (the test extra has it): a random-weight folder loaded in 4 bits
+STACKS = "hf_peft,mhsft_cli" + (",mhsft_cli_qlora,hf_peft_bnb" if importlib.util.find_spec("bitsandbytes") else "")
+
+
 def test_users_commands_on_cpu_tiny(tmp_path):
     out = tmp_path / "uc.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "users_commands.py"), "--device", "cpu", "--models", "tiny",
-           "--steps", "2", "--stacks", "hf_peft,mhsft_cli", "--data", DEMO + "#16", "--workdir", str(tmp_path),
+           "--steps", "2", "--stacks", STACKS, "--data", DEMO + "#16", "--workdir", str(tmp_path),
            "--out", str(out)]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text(encoding="utf-8"))
     assert r["card"] == "cpu"
-    for stack in ("hf_peft", "mhsft_cli"):
+    for stack in STACKS.split(","):
         assert r["tiny"][stack]["tokens_per_s"] > 0 and "error" not in r["tiny"][stack]
     cli = r["tiny"]["mhsft_cli"]
     assert len(cli["losses"]) == 2 and cli["plan"].startswith("plan: 2 x 256 x 2 accumulation")

@@ -133,3 +133,30 @@ def test_missing_bitsandbytes_names_the_fix(tmp_path, capsys, monkeypatch):
     )
     rc, text, _ = _sft(tmp_path, capsys, "--quant_bits", "4")
     assert rc == 2 and "pip install bitsandbytes" in text
+
+
+def test_a_random_weight_folder_loads_quantized_as_its_saved_weights_would(tmp_path):
+    """The benchmarks' config-only folders (random_model.py --random_init) in 4 bits: the same packed weights,
+    quantization statistics and logits as from_pretrained quantizing the same weights saved to disk."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import random_model
+
+    folder = random_model.build("tiny", tmp_path / "rand", "cpu", random_init=True)
+    saved = tmp_path / "saved"
+    load_model(str(folder), dtype="bfloat16").save_pretrained(saved)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (folder / name).is_file():
+            (saved / name).write_bytes((folder / name).read_bytes())
+    a = load_model(str(folder), dtype="bfloat16", quant=QUANT4)
+    b = load_model(str(saved), dtype="bfloat16", quant=QUANT4)
+    assert a.is_loaded_in_4bit and type(a.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    wa, wb = a.model.layers[1].mlp.down_proj.weight, b.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(wa.data, wb.data) and wa.quant_state.shape == wb.quant_state.shape
+    assert torch.equal(wa.quant_state.absmax, wb.quant_state.absmax)
+    assert type(a.lm_head) is torch.nn.Linear
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
