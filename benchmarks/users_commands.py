@@ -192,7 +192,9 @@ def main() -> None:
     for name in args.models.split(","):
         config, shape = COMMANDS[name]
         model_dir = str(random_model.build(config, work / f"model-{name}", args.device, random_init=True))
-        stacks = {"32b": args.stacks_32b, "32b_qlora": args.stacks_32b_qlora}.get(name, args.stacks).split(",")
+        stacks = {"32b": args.stacks_32b, "32b_qlora": args.stacks_32b_qlora}.get(name, args.stacks).split(
+            ","
+        )
         result[name] = {"command": users_command(model_dir, args.data, shape, "OUT", args.steps, cuda)}
         for stack in stacks:
             out = work / f"{name}-{stack}"

@@ -10,9 +10,10 @@ import sys
 
 from helpers import DEMO, REPO
 
-
 # the QLoRA stacks where bitsandbytes is installed (the test extra has it): a random-weight folder loaded in 4 bits
-STACKS = "hf_peft,mhsft_cli" + (",mhsft_cli_qlora,hf_peft_bnb" if importlib.util.find_spec("bitsandbytes") else "")
+STACKS = "hf_peft,mhsft_cli" + (
+    ",mhsft_cli_qlora,hf_peft_bnb" if importlib.util.find_spec("bitsandbytes") else ""
+)
 
 
 def test_users_commands_on_cpu_tiny(tmp_path):
