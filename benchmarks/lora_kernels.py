@@ -23,7 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mhsft.train import fused_lora  # noqa: E402
 
-TILES = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (32, 128, 4), (64, 128, 8), (128, 128, 8)]
+# (rows, columns, warps[, pipeline stages]); the first is the trainer's default
+TILES = [(64, 128, 4), (64, 64, 4), (128, 64, 4), (32, 128, 4), (64, 128, 8), (128, 128, 8), (64, 128, 4, 2),
+         (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 4), (32, 256, 4, 4), (128, 256, 8, 3), (64, 64, 4, 5)]  # fmt: skip
 
 
 def cuda_time(fn, iters: int = 20) -> float:

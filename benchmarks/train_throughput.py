@@ -143,6 +143,10 @@ def worker(args) -> dict:
         backend, _ = select_attn_backend(dev, "flash_attn")
         attn = register_packed_attention(backend)
         opts = set(variant.split("+")) if variant else set()
+        if "twopass" in opts:  # the FP8 quantization's two-pass kernel, for the one-read kernel's A/B
+            import mhsft.train.fp8
+
+            mhsft.train.fp8.one_pass = False
         mhsft_args = SftArguments(model="bench", dataset=["bench"], lora_dropout=args.lora_dropout,
                                   gradient_checkpointing=not args.no_gc, max_length=args.seq,
                                   use_liger_kernel="liger" in opts, torch_compile="compile" in opts,

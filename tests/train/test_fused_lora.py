@@ -57,6 +57,21 @@ def test_kernels_equal_dropout_then_matmul_with_the_same_mask(m, k, r):
     )
 
 
+@pytest.mark.parametrize("tile", [(32, 64, 4, 2), (64, 32, 4, 4)])
+def test_a_tile_with_pipeline_stages_gives_the_same_result(tile):
+    """benchmarks/lora_kernels.py's tiles name their pipeline stages: the same sums (up to the order of the
+    float32 partial sums) and the same mask whatever the tile."""
+    g = torch.Generator().manual_seed(1)
+    x, a, dh = (torch.randn(s, generator=g).to(DEVICE, DTYPE) for s in ((130, 200), (8, 200), (130, 8)))
+    ref = fused_lora.dropout_matmul(x, a, 0.3, 5, tile=(64, 128, 4))
+    torch.testing.assert_close(fused_lora.dropout_matmul(x, a, 0.3, 5, tile=tile), ref, **TOL)
+    dx, dx_ref = torch.zeros_like(x), torch.zeros_like(x)
+    da_ref = fused_lora.dropout_matmul_backward(x, dh, a, dx_ref, 0.3, 5, tile=(64, 128, 4))
+    da = fused_lora.dropout_matmul_backward(x, dh, a, dx, 0.3, 5, tile=tile)
+    torch.testing.assert_close(da, da_ref, **TOL)
+    torch.testing.assert_close(dx, dx_ref, **TOL)
+
+
 def test_mask_keeps_one_minus_p_and_depends_on_the_seed_only():
     keep = _mask(7, 256, 192, 0.25)
     assert abs(keep.float().mean().item() - 0.75) < 0.01

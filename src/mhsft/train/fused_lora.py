@@ -132,8 +132,8 @@ def _programs(device: torch.device) -> int:
     return 4
 
 
-# (rows, columns, warps) of a program's tile, forward and backward: from benchmarks/lora_kernels.py on an H100 at
-# rank 8. Larger ranks need more shared memory; `_fitting` shrinks the tile until the kernel compiles.
+# (rows, columns, warps[, pipeline stages]) of a program's tile, forward and backward: from benchmarks/lora_kernels.py
+# on an H100 at rank 8. Larger ranks need more shared memory; `_fitting` shrinks the tile until the kernel compiles.
 FWD_TILE = (64, 128, 4)
 BWD_TILE = (64, 128, 4)
 _fitted: dict[tuple[str, int], tuple[int, int, int]] = {}
@@ -146,13 +146,17 @@ def _fitting(kind: str, rb: int, tile, attempt):
         try:
             out = attempt(tile)
         except triton.runtime.errors.OutOfResources:  # raised when compiling, before anything is written
-            bm, bk, warps = tile
+            bm, bk, *rest = tile
             if bk == 32 and bm == 16:
                 raise
-            tile = (bm, bk // 2, warps) if bk > 32 else (bm // 2, bk, warps)
+            tile = (bm, bk // 2, *rest) if bk > 32 else (bm // 2, bk, *rest)
             continue
         _fitted[(kind, rb)] = tile
         return out
+
+
+def _stages(stages: list) -> dict:
+    return {"num_stages": stages[0]} if stages else {}  # else Triton's default
 
 
 def dropout_matmul(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, tile=None) -> torch.Tensor:
@@ -170,7 +174,7 @@ def dropout_matmul_backward(x, dh, a, dx, p: float, seed: int, tile=None) -> tor
 def _dropout_matmul(x, a, p, seed, tile):
     fwd, _ = _kernels()
     (m, k), r = x.shape, a.shape[0]
-    (bm, bk, warps), rb = tile, _rank_block(r)
+    (bm, bk, warps, *stages), rb = tile, _rank_block(r)
     m_blocks = triton.cdiv(m, bm)
     k_blocks = triton.cdiv(k, bk)
     splits = max(1, min(k_blocks, _programs(x.device) // m_blocks))
@@ -179,14 +183,14 @@ def _dropout_matmul(x, a, p, seed, tile):
     # a split of its own writes the result's dtype directly; several write float32 partial sums
     part = torch.empty(splits, m, rb, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
     fwd[(m_blocks, splits)](x, a, part, m, k, r, k_per_split, seed, *_threshold(p),
-                            BM=bm, BK=bk, R=rb, num_warps=warps)  # fmt: skip
+                            BM=bm, BK=bk, R=rb, num_warps=warps, **_stages(stages))  # fmt: skip
     return (part[0] if splits == 1 else part.sum(0).to(x.dtype))[:, :r]
 
 
 def _dropout_matmul_backward(x, dh, a, dx, p, seed, tile):
     _, bwd = _kernels()
     (m, k), r = x.shape, a.shape[0]
-    (bm, bk, warps), rb = tile, _rank_block(r)
+    (bm, bk, warps, *stages), rb = tile, _rank_block(r)
     dh = dh.contiguous()
     k_blocks = triton.cdiv(k, bk)
     m_blocks = triton.cdiv(m, bm)
@@ -195,7 +199,7 @@ def _dropout_matmul_backward(x, dh, a, dx, p, seed, tile):
     splits = triton.cdiv(m, m_per_split)
     part = torch.empty(splits, rb, k, device=x.device, dtype=torch.float32)
     bwd[(k_blocks, splits)](x, dh, a, x if dx is None else dx, part, m, k, r, m_per_split, seed, *_threshold(p),
-                            HAS_DX=dx is not None, BM=bm, BK=bk, R=rb, num_warps=warps)  # fmt: skip
+                            HAS_DX=dx is not None, BM=bm, BK=bk, R=rb, num_warps=warps, **_stages(stages))  # fmt: skip
     return part[0, :r].to(a.dtype) if splits == 1 else part[:, :r].sum(0).to(a.dtype)
 
 
