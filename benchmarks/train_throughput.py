@@ -143,6 +143,10 @@ def worker(args) -> dict:
         backend, _ = select_attn_backend(dev, "flash_attn")
         attn = register_packed_attention(backend)
         opts = set(variant.split("+")) if variant else set()
+        if "noshare" in opts:  # one input gradient per linear, autograd adding them (the sharing's A/B)
+            import mhsft.train.fused_lora
+
+            mhsft.train.fused_lora.share_input_grad = False
         if "twopass" in opts:  # the FP8 quantization's two-pass kernel, for the one-read kernel's A/B
             import mhsft.train.fp8
 

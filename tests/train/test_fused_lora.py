@@ -121,6 +121,32 @@ def test_checkpointing_regenerates_the_same_masks():
     assert not torch.equal(la, lc)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_siblings_share_one_input_gradient(monkeypatch, checkpointing):
+    """q/k/v and gate/up read one input: their input gradients accumulate in one buffer handed to autograd by the
+    last of them. Same gradients as one input gradient per linear (with dropout, with and without recompute), and
+    the sharing really happened (members that handed nothing over)."""
+    base = _model(0.2)
+    lora_forward.fast_lora_forward(base, fused=fused_lora)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    ids = torch.randint(0, 300, (2, 17), device=DEVICE)
+    handed = []
+    hand_over = fused_lora._hand_over
+    monkeypatch.setattr(fused_lora, "_hand_over", lambda g, dx: (r := hand_over(g, dx), handed.append(r))[0])
+    la, ga = _loss_and_grads(copy.deepcopy(base), ids, seed=5)
+    monkeypatch.setattr(fused_lora, "share_input_grad", False)
+    lb, gb = _loss_and_grads(copy.deepcopy(base), ids, seed=5)
+    torch.testing.assert_close(la, lb, **TOL)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], **TOL)
+    # 2 layers: gate/up of both (one member each hands nothing) and q/k/v of the second (two members); of the
+    # first too under recompute, whose embeddings need a gradient then
+    shared = sum(r is None for r in handed[:14])
+    assert shared == (6 if checkpointing else 4)
+
+
 def test_fused_layers_store_no_dropout_copy():
     """What autograd keeps for the backward: with dropout on, PEFT's dropout keeps a copy of every adapted
     layer's input and its mask on top of what the layers keep without dropout; the fused layers keep exactly

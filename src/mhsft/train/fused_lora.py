@@ -23,6 +23,7 @@ skinny matmul with the mask recomputed in the backward (Unsloth and Liger skip d
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -215,18 +216,71 @@ def _base_input_grad(g: torch.Tensor, weight) -> torch.Tensor:
     return g @ weight if isinstance(weight, torch.Tensor) else weight.input_grad(g)
 
 
+class _Siblings:
+    """The LoRA linears that read one input tensor (q/k/v; gate/up) in one forward: their input gradients go into
+    one buffer (cuBLAS accumulating into it, the LoRA kernels adding in place) and the last of them to run its
+    backward hands it to autograd; the others return none. Autograd would otherwise write one gradient per linear
+    and add them (24 ms of a 7B 8 x 3072 step on an H200: benchmarks/NOTES.md). Every member is in the graph in
+    the models this trains (attention uses q, k and v; the MLP gate and up), so the count reaches zero."""
+
+    __slots__ = ("x", "pending", "dx", "__weakref__")
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.pending, self.dx = weakref.ref(x), 0, None
+
+
+_last: list = [None]  # the _Siblings of the latest forward call, weakly
+
+
+def _siblings(x: torch.Tensor) -> _Siblings | None:
+    """The group `x` joins: the previous call's when it read this same tensor, else a new one (none without a
+    gradient to compute). Checkpointing's recompute makes new input tensors, so its calls never join the
+    original forward's groups, which the backward uses."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    group = _last[0]() if _last[0] is not None else None
+    if group is None or group.x() is not x:
+        group = _Siblings(x)
+        _last[0] = weakref.ref(group)
+    group.pending += 1
+    return group
+
+
+def _accumulate_input_grad(group: _Siblings | None, g: torch.Tensor, weight) -> torch.Tensor:
+    """The group's buffer with this linear's base input gradient g @ W added (created by the first member)."""
+    if group is None or group.dx is None:
+        dx = _base_input_grad(g, weight)
+        if group is not None:
+            group.dx = dx
+        return dx
+    if isinstance(weight, torch.Tensor):
+        return group.dx.addmm_(g, weight)
+    return group.dx.add_(weight.input_grad(g))
+
+
+def _hand_over(group: _Siblings | None, dx: torch.Tensor) -> torch.Tensor | None:
+    """dx for autograd from the group's last member to run, none from the others."""
+    if group is None:
+        return dx
+    group.pending -= 1
+    if group.pending:
+        return None
+    group.dx = None
+    return dx
+
+
 class _LoRALinear(torch.autograd.Function):
     """base(x) + (dropout(x) @ a.T) @ bt for a frozen base (`_base_linear`); gradients for x, a and bt."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, bt, p, seed):
+    def forward(ctx, x, weight, bias, a, bt, p, seed, group):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         out = _base_linear(x2, weight, bias)
         h = dropout_matmul(x2, a, p, seed) if p > 0 else x2 @ a.t()
         out.addmm_(h, bt)
         ctx.save_for_backward(x2, a, bt, h)
         ctx.weight = weight  # frozen: kept by reference, not as a saved tensor (it may be a quantized weight)
-        ctx.p, ctx.seed, ctx.x_shape = p, seed, x.shape
+        ctx.p, ctx.seed, ctx.x_shape, ctx.group = p, seed, x.shape, group
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -235,19 +289,26 @@ class _LoRALinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         dbt = h.t() @ g if ctx.needs_input_grad[4] else None
         dh = g @ bt.t()
-        dx = _base_input_grad(g, ctx.weight) if ctx.needs_input_grad[0] else None
+        group = ctx.group if ctx.needs_input_grad[0] else None
+        dx = _accumulate_input_grad(group, g, ctx.weight) if ctx.needs_input_grad[0] else None
         if ctx.p > 0:
             da = dropout_matmul_backward(x2, dh, a, dx, ctx.p, ctx.seed)
         else:
             da = dh.t() @ x2
             if dx is not None:
                 dx.addmm_(dh, a)
-        return None if dx is None else dx.view(ctx.x_shape), None, None, da, dbt, None, None
+        dx = None if dx is None else _hand_over(group, dx)
+        return None if dx is None else dx.view(ctx.x_shape), None, None, da, dbt, None, None, None
+
+
+# Tests switch the sharing off to compare against one input gradient per linear
+share_input_grad = True
 
 
 def lora_linear(x, weight, bias, a, bt, p: float) -> torch.Tensor:
     seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
-    return _LoRALinear.apply(x, weight, bias, a, bt, p, seed)
+    group = _siblings(x) if share_input_grad else None
+    return _LoRALinear.apply(x, weight, bias, a, bt, p, seed, group)
 
 
 class _Bnb4bitBase:
