@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from mhsft.lora_forward import fast_lora_forward
 from mhsft.train.speedups import compile_layers
 from tiny import loss_and_grads as _loss_and_grads
@@ -27,3 +29,21 @@ def test_compiled_layers_match_eager_without_graph_breaks():
     torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_liger_brings_its_fused_loss_when_it_is_chosen(monkeypatch, fused_loss):
+    """With Liger's kernels on, the trainer's loss module takes Liger's fused linear cross-entropy exactly when
+    loss.FUSED_LOSS says so (the GPU A/B decides it), and the plan's kernel list names it."""
+    from types import SimpleNamespace
+
+    from mhsft.train import loss, speedups
+    from mhsft.train.sft import training_loss
+
+    monkeypatch.setattr(speedups, "apply_liger", lambda model: None)  # Liger itself needs a GPU
+    monkeypatch.setattr(loss, "FUSED_LOSS", fused_loss)
+    args = SimpleNamespace(train_type="lora", torch_compile=False, lora_dropout=0.0, fp8=False,
+                           use_liger_kernel=True, loss_chunk_size=64)  # fmt: skip
+    model = speedups.speedups(_model(0.0), args, [])
+    assert ("Liger fused loss" in model.mhsft_kernels) == fused_loss
+    assert training_loss(model, args).fused is (loss.liger_fused_loss if fused_loss else None)

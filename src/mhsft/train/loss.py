@@ -89,6 +89,11 @@ def chunked_lm_loss(
     return total
 
 
+# Training through Liger's fused linear cross-entropy wherever Liger's kernels run (speedups.py); decided by the
+# `+flce` A/B on the GPU (benchmarks/NOTES.md)
+FUSED_LOSS = False
+
+
 def liger_fused_loss(h: torch.Tensor, weight: torch.Tensor, bias, target: torch.Tensor) -> torch.Tensor:
     """Liger's fused linear cross-entropy over the labelled positions (summed): the logits of a chunk are made,
     reduced and differentiated in the forward, so the backward has no LM-head GEMM to redo (the chunked loss runs

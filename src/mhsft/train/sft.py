@@ -570,15 +570,18 @@ def decide_plan(
     # AdamW's two states per trainable parameter, and DDP's gradient buckets, exist only from the first real step
     extra = sum(p.numel() * p.element_size() for p in trainable) * (2 + (world > 1))
     model.train()
-    chosen, why = plan.choose(
-        args, model, fullest, ChunkedLMLoss(model, args.loss_chunk_size), device, agree, extra
-    )
+    chosen, why = plan.choose(args, model, fullest, training_loss(model, args), device, agree, extra)
     kernels = " + ".join(getattr(model, "mhsft_kernels", [])) or "no fused kernels"
     asked = plan.as_written(args.per_device_train_batch_size, args.gradient_accumulation_steps,
                             args.gradient_checkpointing, args.gradient_checkpointing_ratio, chosen.layers)  # fmt: skip
     line = plan.describe(chosen, asked, world, args.max_length, kernels) + f"; {why}"
     notices.append(line)
     return chosen, line
+
+
+def training_loss(model, args: SftArguments) -> ChunkedLMLoss:
+    """The model inside its loss: chunked, or Liger's fused loss where speedups() chose it."""
+    return ChunkedLMLoss(model, args.loss_chunk_size, getattr(model, "mhsft_fused_loss", None))
 
 
 def make_optimization(args: SftArguments, model, accelerator, dtype, total_steps: int):
@@ -595,7 +598,7 @@ def make_optimization(args: SftArguments, model, accelerator, dtype, total_steps
     use_ds = accelerator.state.deepspeed_plugin is not None
     # DeepSpeed scales fp16 losses itself (its config's fp16 section)
     scaler = torch.amp.GradScaler(accelerator.device.type) if dtype == torch.float16 and not use_ds else None
-    wrapped = ChunkedLMLoss(model, args.loss_chunk_size)
+    wrapped = training_loss(model, args)
     wrapped.config = model.config  # accelerate sizes DeepSpeed's "auto" buckets from model.config.hidden_size
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     return wrapped, optimizer, scheduler, scaler

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mhsft.lora_forward import fast_lora_forward
-from mhsft.train import fp8, fused_lora
+from mhsft.train import fp8, fused_lora, loss
 from mhsft.utils import UserError
 
 
@@ -94,6 +94,9 @@ def speedups(model: torch.nn.Module, args, notices: list[str]) -> torch.nn.Modul
             notices.append(msg)
         else:
             kernels.append("Liger")
+            if loss.FUSED_LOSS and not any(hasattr(p, "ds_id") for p in model.parameters()):
+                model.mhsft_fused_loss = loss.liger_fused_loss  # ChunkedLMLoss takes it (sft.py)
+                kernels.append("Liger fused loss")
     if args.torch_compile:
         compile_layers(model)
         kernels.append("torch.compile")
