@@ -14,6 +14,11 @@ where the device time goes (benchmarks/profile_summary.py): the top kernels, ker
 time against the step's wall time, launches, idle gaps and the ops that synchronized the host; the same goes into
 each stack's JSON under "profile". --trace_dir DIR also writes DIR/STACK.json.gz (a chrome trace). --device cpu
 --config tiny is the smoke test (tests/test_train_throughput.py).
+
+mhsft's stack takes variants after a colon, joined by +: `mhsft:liger` (Liger's kernels, with the trainer's loss:
+Liger's fused linear cross-entropy), `+fp8`, `+compile`; the A/B switches `+chunked` (the chunked loss instead) or
+`+flce` (the fused loss), `+noshare` (one input gradient per q/k/v and gate/up linear), `+twopass` (FP8's
+two-pass quantization).
 """
 
 from __future__ import annotations
@@ -188,9 +193,10 @@ def worker(args) -> dict:
             print(n, file=sys.stderr)
         from mhsft.train.loss import liger_fused_loss
 
-        fused = (
-            liger_fused_loss if "flce" in variant.split("+") else None
-        )  # the +flce variant: Liger's fused loss
+        # the trainer's loss (Liger's fused loss where Liger runs); +chunked / +flce force one side of the A/B
+        fused = getattr(model, "mhsft_fused_loss", None)
+        if "chunked" in opts or "flce" in opts:
+            fused = liger_fused_loss if "flce" in opts else None
         wrapped = ChunkedLMLoss(model, mhsft_args.loss_chunk_size, fused)
     else:
         from peft import LoraConfig, get_peft_model

@@ -89,16 +89,17 @@ def chunked_lm_loss(
     return total
 
 
-# Training through Liger's fused linear cross-entropy wherever Liger's kernels run (speedups.py); decided by the
-# `+flce` A/B on the GPU (benchmarks/NOTES.md)
-FUSED_LOSS = False
+# Training through Liger's fused linear cross-entropy wherever Liger's kernels run (speedups.py): on an H100 at the
+# 7B's 2 x 3072 it gave 14,972 tokens/s at 40.9 GiB against the chunked loss's 14,818 at 44.2 GiB, the same losses
+# to bf16 rounding (benchmarks/NOTES.md, session 7); the memory it saves goes to the plan
+FUSED_LOSS = True
 
 
 def liger_fused_loss(h: torch.Tensor, weight: torch.Tensor, bias, target: torch.Tensor) -> torch.Tensor:
     """Liger's fused linear cross-entropy over the labelled positions (summed): the logits of a chunk are made,
     reduced and differentiated in the forward, so the backward has no LM-head GEMM to redo (the chunked loss runs
     it three times: forward, recomputed forward, input gradient) and no float32 copy of the logits exists.
-    A candidate for the trainer's default (benchmarks/train_throughput.py's `+flce` variant A/Bs it)."""
+    The trainer's loss where Liger runs (FUSED_LOSS); benchmarks/train_throughput.py's `+flce` variant A/Bs it."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return liger_fused_linear_cross_entropy(h, weight, target, bias, reduction="sum")
