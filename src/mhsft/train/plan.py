@@ -283,7 +283,11 @@ def choose(
     chosen = search(s)
     if chosen is None:
         set_recompute(model, asked.recompute_layers)
-        return asked, f"nothing fits {budget / GIB:.1f} GiB, not even as written"
+        # the budget keeps a margin for the allocator's cache, so the command as written may still run in the rest
+        return asked, (
+            f"no split fits the plan's {budget / GIB:.1f} GiB (the card's memory less a margin), "
+            "not even as written: running as written"
+        )
     set_recompute(model, chosen.recompute_layers)
     peak = next(p for plan, p, ok in s.tried if plan == chosen and ok)
     return chosen, f"measured peak {(peak + extra) / GIB:.1f} of {budget / GIB:.1f} GiB, {len(s.tried)} tries"
