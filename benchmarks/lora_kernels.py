@@ -9,11 +9,19 @@ What is timed, per (tokens M, input width K), rank 8, dropout 0.05, bf16:
   dropout's backward and the add of that input gradient into the base's (what autograd does when it sums them);
 - fused: `dropout_matmul` and `dropout_matmul_backward` (the add happens inside, in place).
 The base matmuls are the same in both and left out.
+
+--adopt writes the fastest tiles (by group size, summed over the widths at the largest token count) into
+mhsft/train/fused_lora.py's FWD_TILES / BWD_TILES: how the trainer's defaults are chosen on a new card.
+
+--groups 2,3 also times the group kernels (gate/up: 2 members, q/k/v: 3 reading one [M, 3584] input) against
+their members' kernels one at a time, over the same tiles (`dropout_matmul_group` and its backward).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import json
 import sys
 from pathlib import Path
@@ -24,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mhsft.train import fused_lora  # noqa: E402
 
 # (rows, columns, warps[, pipeline stages]); the first is the trainer's default
-TILES = [(64, 128, 4), (64, 64, 4), (128, 64, 4), (32, 128, 4), (64, 128, 8), (128, 128, 8), (64, 128, 4, 2),
-         (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 4), (32, 256, 4, 4), (128, 256, 8, 3), (64, 64, 4, 5)]  # fmt: skip
+TILES = [(64, 128, 4), (32, 128, 4), (32, 256, 4, 4), (16, 128, 4), (16, 256, 4), (16, 64, 4), (64, 64, 4),
+         (16, 128, 8), (32, 128, 8), (16, 256, 8), (32, 64, 4)]  # fmt: skip
 
 
 def cuda_time(fn, iters: int = 20) -> float:
@@ -76,12 +84,90 @@ def measure(m: int, k: int, r: int, p: float) -> dict:
     return row
 
 
+def measure_group(m: int, k: int, r: int, p: float, g: int) -> dict:
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    a = torch.randn(g, r, k, device=dev, dtype=dt) / k**0.5
+    dh = torch.randn(g, m, r, device=dev, dtype=dt)
+    dx = torch.randn(m, k, device=dev, dtype=dt)
+    seeds = tuple(range(7, 7 + g))
+    single_f = cuda_time(lambda: [fused_lora.dropout_matmul(x, a[j], p, seeds[j]) for j in range(g)])
+    single_b = cuda_time(
+        lambda: [fused_lora.dropout_matmul_backward(x, dh[j], a[j], dx, p, seeds[j]) for j in range(g)]
+    )
+    fwd_t = {t: cuda_time(lambda t=t: fused_lora.dropout_matmul_group(x, a, p, seeds, tile=t)) for t in TILES}
+    bwd_t = {t: cuda_time(lambda t=t: fused_lora.dropout_matmul_backward_group(x, dh, a, dx, p, seeds, tile=t))
+             for t in TILES}  # fmt: skip
+    bf, bb = min(fwd_t, key=fwd_t.get), min(bwd_t, key=bwd_t.get)
+    return {"M": m, "K": k, "G": g, "singles_fwd_ms": single_f, "singles_bwd_ms": single_b,
+            "group_fwd_ms": fwd_t[bf], "group_bwd_ms": bwd_t[bb], "best_fwd_tile": bf, "best_bwd_tile": bb,
+            "fwd_ms_by_tile": {str(t): v for t, v in fwd_t.items()},
+            "bwd_ms_by_tile": {str(t): v for t, v in bwd_t.items()}}  # fmt: skip
+
+
+def measure_rounds(m: int, r: int, p: float, rounds: int) -> dict:
+    """The trainer's default tiles with `rounds` Philox rounds: per-layer kernel time of a 7B layer (q/k/v and
+    gate/up as groups, o and down alone)."""
+    fused_lora.PHILOX_ROUNDS = rounds
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    times = {}
+    for g, k in ((3, 3584), (2, 3584), (1, 3584), (1, 18944)):
+        x, dx = torch.randn(m, k, device=dev, dtype=dt), torch.randn(m, k, device=dev, dtype=dt)
+        a = torch.randn(g, r, k, device=dev, dtype=dt) / k**0.5
+        dh = torch.randn(g, m, r, device=dev, dtype=dt)
+        seeds = tuple(range(7, 7 + g))
+        fwd = functools.partial(fused_lora.dropout_matmul_group, x, a, p, seeds)
+        bwd = functools.partial(fused_lora.dropout_matmul_backward_group, x, dh, a, dx, p, seeds)
+        times[f"G{g}_K{k}_fwd_ms"], times[f"G{g}_K{k}_bwd_ms"] = cuda_time(fwd), cuda_time(bwd)
+    layer = sum(times.values())  # q/k/v, gate/up, o (the single at K = 3584) and down
+    return {"M": m, "rounds": rounds, **times, "layer_ms": layer}
+
+
+def best_tiles(rows: list[dict], groups: list[dict]) -> tuple[dict, dict]:
+    """{group size: fastest tile} forward and backward, at the largest token count measured."""
+    m = max(row["M"] for row in rows + groups)
+    by_g = {1: [row for row in rows if row["M"] == m]}
+    for row in groups:
+        if row["M"] == m:
+            by_g.setdefault(row["G"], []).append(row)
+    picked = ({}, {})
+    for g, measured in sorted(by_g.items()):
+        for kind, out in zip(("fwd", "bwd"), picked):
+            total = {
+                t: sum(row[f"{kind}_ms_by_tile"][t] for row in measured)
+                for t in measured[0][f"{kind}_ms_by_tile"]
+            }
+            out[g] = ast.literal_eval(min(total, key=total.get))  # the key is str(tuple)
+    return picked
+
+
+def adopt(fwd: dict, bwd: dict) -> None:
+    path = Path(fused_lora.__file__)
+    text = path.read_text()
+    for name, tiles in (("FWD_TILES", fwd), ("BWD_TILES", bwd)):
+        start = text.index(f"{name} = {{")
+        end = text.index("\n", start)
+        text = text[:start] + f"{name} = {dict(sorted(tiles.items()))}" + text[end:]
+    path.write_text(text)
+    fused_lora.FWD_TILES.update(fwd)  # and in this process (the rounds' timings use the defaults)
+    fused_lora.BWD_TILES.update(bwd)
+    fused_lora._fitted.clear()
+    print(f"adopted in {path}: FWD_TILES = {fwd}, BWD_TILES = {bwd}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default="6144,12288,24576")
     ap.add_argument("--widths", default="3584,18944")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--p", type=float, default=0.05)
+    ap.add_argument(
+        "--groups", default="", help="e.g. 2,3: group kernels against their members one at a time"
+    )
+    ap.add_argument(
+        "--rounds", default="", help="e.g. 10,7: a 7B layer's kernels at the default tiles per Philox rounds"
+    )
+    ap.add_argument("--adopt", action="store_true", help="write the fastest tiles into fused_lora.py")
     ap.add_argument("--out", default="lora_kernels.json")
     args = ap.parse_args()
     r, p = args.rank, args.p
@@ -91,7 +177,7 @@ def main() -> None:
         f"{'M':>6}{'K':>7}{'unfused fwd':>13}{'bwd':>8}{'fused fwd':>11}{'bwd':>8}  best tiles (fwd / bwd)  GB/s"
     )
     for m in map(int, args.tokens.split(",")):
-        for k in map(int, args.widths.split(",")):
+        for k in [int(v) for v in args.widths.split(",") if v]:
             row = measure(m, k, r, p)
             rows.append(row)
             bf, bb, gbs_f, gbs_b = (
@@ -116,7 +202,31 @@ def main() -> None:
                 f"per 7B layer at {m} tokens: unfused {layer['unfused']:.2f} ms, fused {layer['fused']:.2f} ms; "
                 f"x 28 layers: {28 * (layer['unfused'] - layer['fused']):.0f} ms saved per micro-batch"
             )
-    out = {"device": torch.cuda.get_device_name(), "rank": r, "p": p, "rows": rows}
+    groups = []
+    for m in map(int, args.tokens.split(",")):
+        for g in [int(v) for v in args.groups.split(",") if v]:
+            row = measure_group(m, 3584, r, p, g)
+            groups.append(row)
+            print(
+                f"group of {g} at [{m}, 3584]: one at a time {row['singles_fwd_ms']:.3f} / {row['singles_bwd_ms']:.3f} "
+                f"ms, grouped {row['group_fwd_ms']:.3f} / {row['group_bwd_ms']:.3f} ms (fwd / bwd); best tiles "
+                f"{row['best_fwd_tile']} / {row['best_bwd_tile']}",
+                flush=True,
+            )
+    adopted = None
+    if args.adopt and rows:
+        adopted = best_tiles(rows, groups)
+        adopt({**fused_lora.FWD_TILES, **adopted[0]}, {**fused_lora.BWD_TILES, **adopted[1]})
+    by_rounds = []
+    for m in map(int, args.tokens.split(",")):
+        for n in [int(v) for v in args.rounds.split(",") if v]:
+            row = measure_rounds(m, r, p, n)
+            by_rounds.append(row)
+            print(
+                f"Philox {n} rounds, {m} tokens, default tiles: a 7B layer's LoRA kernels {row['layer_ms']:.3f} ms"
+            )
+    out = {"device": torch.cuda.get_device_name(), "rank": r, "p": p, "rows": rows, "groups": groups,
+           "rounds": by_rounds, "adopted": adopted}  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 

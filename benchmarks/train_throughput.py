@@ -17,8 +17,9 @@ each stack's JSON under "profile". --trace_dir DIR also writes DIR/STACK.json.gz
 
 mhsft's stack takes variants after a colon, joined by +: `mhsft:liger` (Liger's kernels, with the trainer's loss:
 Liger's fused linear cross-entropy), `+fp8`, `+compile`; the A/B switches `+chunked` (the chunked loss instead) or
-`+flce` (the fused loss), `+noshare` (one input gradient per q/k/v and gate/up linear), `+twopass` (FP8's
-two-pass quantization).
+`+flce` (the fused loss), `+nogroup` (q/k/v and gate/up one linear at a time: a kernel and an input gradient
+each), `+nofold` (the LoRA update added into the base's output after its GEMM), `+twopass` (FP8's two-pass
+quantization).
 """
 
 from __future__ import annotations
@@ -148,10 +149,14 @@ def worker(args) -> dict:
         backend, _ = select_attn_backend(dev, "flash_attn")
         attn = register_packed_attention(backend)
         opts = set(variant.split("+")) if variant else set()
-        if "noshare" in opts:  # one input gradient per linear, autograd adding them (the sharing's A/B)
+        if "nogroup" in opts:  # one linear at a time, autograd adding the input gradients (the groups' A/B)
             import mhsft.train.fused_lora
 
-            mhsft.train.fused_lora.share_input_grad = False
+            mhsft.train.fused_lora.group_siblings = False
+        if "nofold" in opts:  # the update added after the base GEMM (the fold's A/B)
+            import mhsft.train.fused_lora
+
+            mhsft.train.fused_lora.fold_update = False
         if "twopass" in opts:  # the FP8 quantization's two-pass kernel, for the one-read kernel's A/B
             import mhsft.train.fp8
 

@@ -116,12 +116,14 @@ def _train_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> tor
 def fast_lora_forward(model: torch.nn.Module, fused=None) -> int:
     """Switch every plain LoRA linear of `model` to the bf16 training update; returns how many were switched.
     Layers with a LoRA variant (DoRA, ...) or bias keep PEFT's forward. `fused` (mhsft.train.fused_lora, or any
-    module with `usable(layer, x)` and `forward(layer, x)`) runs instead wherever it is usable."""
-    n = 0
-    for module in _plain_lora_linears(model):
+    module with `usable(layer, x)` and `forward(layer, x)`) runs instead wherever it is usable; its
+    `link_siblings(model, layers)`, where it has one, is told which layers were switched."""
+    switched = list(_plain_lora_linears(model))
+    for module in switched:
         _switch_forward(module, _train_update, fused)
-        n += 1
-    return n
+    if fused is not None and hasattr(fused, "link_siblings"):
+        fused.link_siblings(model, switched)
+    return len(switched)
 
 
 def _infer_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -72,6 +72,30 @@ def test_a_tile_with_pipeline_stages_gives_the_same_result(tile):
     torch.testing.assert_close(dx, dx_ref, **TOL)
 
 
+@pytest.mark.parametrize(("g", "m", "k"), [(2, 70, 300), (3, 130, 100), (3, 200, 40)])
+def test_group_kernels_equal_their_members_one_at_a_time(g, m, k):
+    """q/k/v (3) and gate/up (2) read one input: one kernel for all gives each member what its own kernel gives
+    (its own mask), and the input gradient is the sum of the members' updates."""
+    p, seeds = 0.3, (11, 22, 33)[:g]
+    gen = torch.Generator().manual_seed(2)
+    x, a, dh, dx0 = (
+        torch.randn(s, generator=gen).to(DEVICE, DTYPE) for s in ((m, k), (g, 8, k), (g, m, 8), (m, k))
+    )
+    scale = fused_lora._threshold(p)[1]
+    hs = fused_lora.dropout_matmul_group(x, a, p, seeds)
+    dx = dx0.clone()
+    da = fused_lora.dropout_matmul_backward_group(x, dh, a, dx, p, seeds)
+    dx_ref = dx0.float()  # in float32: the group adds every member's update before rounding once
+    for j in range(g):
+        torch.testing.assert_close(hs[j], fused_lora.dropout_matmul(x, a[j], p, seeds[j]), **TOL)
+        torch.testing.assert_close(
+            da[j], fused_lora.dropout_matmul_backward(x, dh[j], a[j], None, p, seeds[j]), **TOL
+        )
+        dx_ref += (dh[j].float() @ a[j].float()) * _mask(seeds[j], m, k, p) * scale
+    torch.testing.assert_close(dx.float(), dx_ref, **TOL)
+    assert not torch.equal(hs[0], hs[1])  # each member its own mask
+
+
 def test_mask_keeps_one_minus_p_and_depends_on_the_seed_only():
     keep = _mask(7, 256, 192, 0.25)
     assert abs(keep.float().mean().item() - 0.75) < 0.01
@@ -87,17 +111,26 @@ def _model(dropout: float):
     return tiny_lora(dropout).to(DEVICE, DTYPE if DEVICE == "cuda" else torch.float32)
 
 
+def _count_groups(monkeypatch) -> list[int]:
+    """The group size of every `_LoRAGroup` call from now on."""
+    sizes = []
+    apply = fused_lora._LoRAGroup.apply
+    monkeypatch.setattr(
+        fused_lora._LoRAGroup, "apply", lambda *a: (sizes.append(len(a[5:]) // 2), apply(*a))[1]
+    )
+    return sizes
+
+
 def test_fused_layers_equal_peft_without_dropout(monkeypatch):
-    calls = []
-    apply = fused_lora._LoRALinear.apply
-    monkeypatch.setattr(fused_lora._LoRALinear, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    sizes = _count_groups(monkeypatch)
     peft_model = _model(0.0)
     fused = copy.deepcopy(peft_model)
     lora_forward.fast_lora_forward(fused, fused=fused_lora)
     ids = torch.randint(0, 300, (2, 17), device=DEVICE)
     la, ga = _loss_and_grads(peft_model, ids)
     lb, gb = _loss_and_grads(fused, ids)
-    assert len(calls) == 14  # every adapted linear went through the fused layer
+    # every adapted linear went through the fused layer: q/k/v and gate/up as groups, o and down alone
+    assert sizes == [3, 1, 2, 1] * 2
     torch.testing.assert_close(la, lb, **TOL)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], **TOL)
@@ -122,29 +155,45 @@ def test_checkpointing_regenerates_the_same_masks():
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_siblings_share_one_input_gradient(monkeypatch, checkpointing):
-    """q/k/v and gate/up read one input: their input gradients accumulate in one buffer handed to autograd by the
-    last of them. Same gradients as one input gradient per linear (with dropout, with and without recompute), and
-    the sharing really happened (members that handed nothing over)."""
+def test_sibling_groups_equal_one_linear_at_a_time(monkeypatch, checkpointing):
+    """q/k/v and gate/up run as groups (one kernel reads their input, one input gradient): the same loss and
+    gradients as each linear on its own (with dropout, with and without recompute)."""
     base = _model(0.2)
     lora_forward.fast_lora_forward(base, fused=fused_lora)
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     ids = torch.randint(0, 300, (2, 17), device=DEVICE)
-    handed = []
-    hand_over = fused_lora._hand_over
-    monkeypatch.setattr(fused_lora, "_hand_over", lambda g, dx: (r := hand_over(g, dx), handed.append(r))[0])
+    sizes = _count_groups(monkeypatch)
     la, ga = _loss_and_grads(copy.deepcopy(base), ids, seed=5)
-    monkeypatch.setattr(fused_lora, "share_input_grad", False)
+    assert sizes[:4] == [3, 1, 2, 1] and max(sizes) == 3
+    monkeypatch.setattr(fused_lora, "group_siblings", False)
     lb, gb = _loss_and_grads(copy.deepcopy(base), ids, seed=5)
     torch.testing.assert_close(la, lb, **TOL)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], **TOL)
-    # 2 layers: gate/up of both (one member each hands nothing) and q/k/v of the second (two members); of the
-    # first too under recompute, whose embeddings need a gradient then
-    shared = sum(r is None for r in handed[:14])
-    assert shared == (6 if checkpointing else 4)
+
+
+def test_a_siblings_output_is_used_only_for_the_input_it_was_computed_from():
+    """q computes k's output too; k called on another input computes its own."""
+    m = _model(0.0)
+    lora_forward.fast_lora_forward(m, fused=fused_lora)
+    attn = m.get_base_model().model.layers[0].self_attn
+    width = attn.q_proj.base_layer.in_features
+    x1, x2 = (
+        torch.randn(5, width, device=DEVICE, dtype=attn.q_proj.base_layer.weight.dtype) for _ in range(2)
+    )
+    with torch.no_grad():
+        attn.q_proj(x1)  # leaves k's and v's outputs for x1
+        assert attn.k_proj.__dict__["_mhsft_ready"][0]() is x1
+        k2 = attn.k_proj(x2)
+        fused_lora.group_siblings = False
+        try:
+            ref = attn.k_proj(x2)
+        finally:
+            fused_lora.group_siblings = True
+    torch.testing.assert_close(k2, ref, **TOL)
+    assert "_mhsft_ready" not in attn.k_proj.__dict__
 
 
 def test_fused_layers_store_no_dropout_copy():

@@ -12,8 +12,11 @@ where it is needed instead of stored:
 - forward: one kernel reads x once and computes dropout(x) @ A^T (the [tokens, r] LoRA hidden);
 - backward: one kernel reads x and the base's input gradient once, regenerates the mask, adds
   (dh @ A) * mask * scale into that gradient in place and accumulates dA = dh^T @ dropout(x).
-The base matmuls and the rank-r matmuls with B stay with cuBLAS. Only x, the [tokens, r] hidden and a seed
-are kept for the backward. Seeds come from torch's CPU generator, so `torch.manual_seed` reproduces a run and
+The linears that read one input (q/k/v, gate/up: `SIBLINGS`) run as one group: the kernels read x (and, in the
+backward, the shared input gradient) once for all members, each with its own mask, instead of once per member,
+and the base GEMMs accumulate their input gradients into that one buffer. The base matmuls and the rank-r
+matmuls with B stay with cuBLAS; the base GEMM accumulates onto the rank-r update (`fold_update`). Only x, the
+[tokens, r] hiddens and the seeds are kept for the backward. Seeds come from torch's CPU generator, so `torch.manual_seed` reproduces a run and
 activation checkpointing (which restores the RNG state before recomputing) regenerates the same masks.
 
 Triton is not a hand-written replacement for a library here: no library ships dropout fused into a
@@ -52,73 +55,136 @@ if triton is not None:
     # threshold = round(p * 65536), so the kept fraction is exactly 1 - threshold / 65536 and the scale is its
     # inverse. The uint32 counter m * ceil(K / 8) + k // 8 is distinct for the first 2^35 elements.
     @triton.jit
-    def _keep(seed, rows, k0, K, threshold, BM: tl.constexpr, BK: tl.constexpr):
+    def _keep(seed, rows, k0, K, threshold, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
         groups = (k0 // 8 + tl.arange(0, BK // 8)).to(tl.uint32)
         counter = rows[:, None].to(tl.uint32) * ((K + 7) // 8).to(tl.uint32) + groups[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, counter)
+        r0, r1, r2, r3 = tl.randint4x(seed, counter, ROUNDS)
         bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))
         draws = tl.join(bits & 0xFFFF, bits >> 16)  # [BM, BK / 8, 2, 2, 2]
         return tl.reshape(draws, (BM, BK)) >= threshold
 
-    @triton.jit(do_not_specialize=["seed", "M"])
-    def _fwd(x_ptr, a_ptr, part_ptr, M, K, r, k_per_split, seed, threshold, scale,
-             BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr):  # fmt: skip
-        # part[split, m, :r] = sum over this split's K range of (x * keep * scale)[m, k] * A[:, k]
+    @triton.jit
+    def _dropped(
+        x, seed, rows, k0, K, threshold, scale, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr
+    ):
+        # (keep, dropout(x)) of one member's mask over the [BM, BK] tile x
+        keep = _keep(seed, rows, k0, K, threshold, BM, BK, ROUNDS)
+        return keep, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+
+    @triton.jit
+    def _a_t(a_ptr, g, r, K, ranks, cols):
+        # member g's A^T tile [BK, R] (A stacked as [G, r, K])
+        at = a_ptr + g * r * K + ranks[None, :] * K + cols[:, None]
+        return tl.load(at, mask=(ranks[None, :] < r) & (cols[:, None] < K), other=0.0)
+
+    @triton.jit(do_not_specialize=["s0", "s1", "s2", "M"])
+    def _fwd(x_ptr, a_ptr, part_ptr, M, K, r, k_per_split, s0, s1, s2, threshold, scale,
+             G: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+        # part[split, g, m, :r] = sum over this split's K range of (x * keep_g * scale)[m, k] * A_g[:, k], for the
+        # G (<= 3) linears that read x: x is read once for all of them, each member has its own mask (seed s_g)
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
         rows = pid_m * BM + tl.arange(0, BM)
         ranks = tl.arange(0, R)
-        acc = tl.zeros((BM, R), dtype=tl.float32)
+        acc0 = tl.zeros((BM, R), dtype=tl.float32)
+        acc1 = tl.zeros((BM, R), dtype=tl.float32)
+        acc2 = tl.zeros((BM, R), dtype=tl.float32)
         k_start = split * k_per_split
         for k0 in range(k_start, k_start + k_per_split, BK):
             cols = k0 + tl.arange(0, BK)
             inside = (rows[:, None] < M) & (cols[None, :] < K)
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0)
-            keep = _keep(seed, rows, k0, K, threshold, BM, BK)
-            xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
-            a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None],
-                        mask=(ranks[None, :] < r) & (cols[:, None] < K), other=0.0)  # fmt: skip
-            acc += tl.dot(xd, a)
-        out = part_ptr + split.to(tl.int64) * M * R + rows[:, None].to(tl.int64) * R + ranks[None, :]
-        tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=rows[:, None] < M)
+            _, xd = _dropped(x, s0, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+            acc0 += tl.dot(xd, _a_t(a_ptr, 0, r, K, ranks, cols))
+            if G > 1:
+                _, xd = _dropped(x, s1, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+                acc1 += tl.dot(xd, _a_t(a_ptr, 1, r, K, ranks, cols))
+            if G > 2:
+                _, xd = _dropped(x, s2, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+                acc2 += tl.dot(xd, _a_t(a_ptr, 2, r, K, ranks, cols))
+        member = M.to(tl.int64) * R  # elements between two members' partial sums
+        out = part_ptr + split.to(tl.int64) * G * member + rows[:, None].to(tl.int64) * R + ranks[None, :]
+        ty = part_ptr.dtype.element_ty
+        tl.store(out, acc0.to(ty), mask=rows[:, None] < M)
+        if G > 1:
+            tl.store(out + member, acc1.to(ty), mask=rows[:, None] < M)
+        if G > 2:
+            tl.store(out + 2 * member, acc2.to(ty), mask=rows[:, None] < M)
 
-    @triton.jit(do_not_specialize=["seed", "M"])
-    def _bwd(x_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, K, r, m_per_split, seed, threshold, scale,
-             HAS_DX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr):  # fmt: skip
-        # dx[m, k] += (dh @ A)[m, k] * keep * scale;  part[split, :, k] = sum over this split's rows of
-        # dh[m, :]^T (x * keep * scale)[m, k]. One mask serves both.
+    @triton.jit
+    def _a(a_ptr, g, r, K, ranks, cols):
+        # member g's A tile [R, BK]
+        at = a_ptr + g * r * K + ranks[:, None] * K + cols[None, :]
+        return tl.load(at, mask=(ranks[:, None] < r) & (cols[None, :] < K), other=0.0)
+
+    @triton.jit
+    def _dh(dh_ptr, g, M, r, rows, ranks):
+        # member g's [BM, R] rows of dh (stacked as [G, M, r])
+        at = dh_ptr + g * M.to(tl.int64) * r + rows[:, None] * r + ranks[None, :]
+        return tl.load(at, mask=(rows[:, None] < M) & (ranks[None, :] < r), other=0.0)
+
+    @triton.jit(do_not_specialize=["s0", "s1", "s2", "M"])
+    def _bwd(x_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, K, r, m_per_split, s0, s1, s2, threshold, scale,
+             G: tl.constexpr, HAS_DX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr,
+             ROUNDS: tl.constexpr):  # fmt: skip
+        # dx[m, k] += sum over members g of (dh_g @ A_g)[m, k] * keep_g * scale;  part[split, g, :, k] = sum over
+        # this split's rows of dh_g[m, :]^T (x * keep_g * scale)[m, k]. x and dx are read once for all members.
         pid_k = tl.program_id(0)
         split = tl.program_id(1)
         k0 = pid_k * BK
         cols = k0 + tl.arange(0, BK)
         ranks = tl.arange(0, R)
-        a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :],
-                    mask=(ranks[:, None] < r) & (cols[None, :] < K), other=0.0)  # fmt: skip
-        acc = tl.zeros((R, BK), dtype=tl.float32)
+        a0 = _a(a_ptr, 0, r, K, ranks, cols)
+        a1 = _a(a_ptr, 1 if G > 1 else 0, r, K, ranks, cols)
+        a2 = _a(a_ptr, 2 if G > 2 else 0, r, K, ranks, cols)
+        acc0 = tl.zeros((R, BK), dtype=tl.float32)
+        acc1 = tl.zeros((R, BK), dtype=tl.float32)
+        acc2 = tl.zeros((R, BK), dtype=tl.float32)
         m_start = split * m_per_split
         for m0 in range(m_start, m_start + m_per_split, BM):
             rows = m0 + tl.arange(0, BM)
             inside = (rows[:, None] < M) & (cols[None, :] < K)
             at = rows[:, None].to(tl.int64) * K + cols[None, :]
-            keep = _keep(seed, rows, k0, K, threshold, BM, BK)
-            dh = tl.load(dh_ptr + rows[:, None] * r + ranks[None, :],
-                         mask=(rows[:, None] < M) & (ranks[None, :] < r), other=0.0)  # fmt: skip
             x = tl.load(x_ptr + at, mask=inside, other=0.0)
-            xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
-            acc += tl.dot(tl.trans(dh), xd)
+            keep, xd = _dropped(x, s0, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+            dh = _dh(dh_ptr, 0, M, r, rows, ranks)
+            acc0 += tl.dot(tl.trans(dh), xd)
             if HAS_DX:
-                ddx = tl.dot(dh, a)
+                ddx = tl.where(keep, tl.dot(dh, a0), 0.0)
+            if G > 1:
+                keep, xd = _dropped(x, s1, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+                dh = _dh(dh_ptr, 1, M, r, rows, ranks)
+                acc1 += tl.dot(tl.trans(dh), xd)
+                if HAS_DX:
+                    ddx += tl.where(keep, tl.dot(dh, a1), 0.0)
+            if G > 2:
+                keep, xd = _dropped(x, s2, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+                dh = _dh(dh_ptr, 2, M, r, rows, ranks)
+                acc2 += tl.dot(tl.trans(dh), xd)
+                if HAS_DX:
+                    ddx += tl.where(keep, tl.dot(dh, a2), 0.0)
+            if HAS_DX:
                 dx = tl.load(dx_ptr + at, mask=inside, other=0.0)
-                dx = dx.to(tl.float32) + tl.where(keep, ddx * scale, 0.0)
+                dx = dx.to(tl.float32) + ddx * scale
                 tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=inside)
-        out = part_ptr + split.to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :]
-        tl.store(out, acc, mask=cols[None, :] < K)
+        member = R * K
+        out = part_ptr + split.to(tl.int64) * G * member + ranks[:, None] * K + cols[None, :]
+        tl.store(out, acc0, mask=cols[None, :] < K)
+        if G > 1:
+            tl.store(out + member, acc1, mask=cols[None, :] < K)
+        if G > 2:
+            tl.store(out + 2 * member, acc2, mask=cols[None, :] < K)
 
 
 def _threshold(p: float) -> tuple[int, float]:
     """The mask's 16-bit threshold for dropout `p`, and the scale that keeps the expectation."""
     t = min(65535, round(p * 65536))
     return t, 65536 / (65536 - t)
+
+
+# Philox rounds per draw: 10 is the Random123 default; 7 already passes TestU01's BigCrush (Salmon et al., 2011).
+# The kernels are bound by this arithmetic, not by memory, once x is read for a group (benchmarks/NOTES.md).
+PHILOX_ROUNDS = 10
 
 
 def _rank_block(r: int) -> int:
@@ -133,16 +199,21 @@ def _programs(device: torch.device) -> int:
     return 4
 
 
-# (rows, columns, warps[, pipeline stages]) of a program's tile, forward and backward: from benchmarks/lora_kernels.py
-# on an H100 at rank 8. Larger ranks need more shared memory; `_fitting` shrinks the tile until the kernel compiles.
-FWD_TILE = (64, 128, 4)
-BWD_TILE = (64, 128, 4)
-_fitted: dict[tuple[str, int], tuple[int, int, int]] = {}
+# (rows, columns, warps[, pipeline stages]) of a program's tile, forward and backward, by group size: the fastest of
+# benchmarks/lora_kernels.py's sweep on an H100 at rank 8 and 24,576 tokens (results/lora_kernels_groups_7b_h100.json;
+# a group's backward holds a dA accumulator per member: larger tiles spill registers, 4-10x slower). Larger ranks need
+# more shared memory; `_fitting` shrinks the tile until the kernel compiles.
+FWD_TILES = {1: (32, 128, 4), 2: (64, 64, 4), 3: (32, 128, 4)}
+BWD_TILES = {1: (32, 256, 4, 4), 2: (64, 64, 4), 3: (32, 128, 4)}
+_fitted: dict[tuple[str, int, int], tuple] = {}
 
 
-def _fitting(kind: str, rb: int, tile, attempt):
-    """attempt(tile) with the first tile that fits the GPU's shared memory, remembered per (kind, rank)."""
-    tile = tile or _fitted.get((kind, rb)) or (FWD_TILE if kind == "fwd" else BWD_TILE)
+def _fitting(kind: str, g: int, rb: int, tile, attempt):
+    """attempt(tile) with the given tile, else with the default tile for (kind, members, rank) shrunk until it fits
+    the GPU's shared memory (what fits is remembered)."""
+    if tile is not None:
+        return attempt(tile)
+    tile = _fitted.get((kind, g, rb)) or (FWD_TILES if kind == "fwd" else BWD_TILES)[g]
     while True:
         try:
             out = attempt(tile)
@@ -152,7 +223,7 @@ def _fitting(kind: str, rb: int, tile, attempt):
                 raise
             tile = (bm, bk // 2, *rest) if bk > 32 else (bm // 2, bk, *rest)
             continue
-        _fitted[(kind, rb)] = tile
+        _fitted[(kind, g, rb)] = tile
         return out
 
 
@@ -160,21 +231,40 @@ def _stages(stages: list) -> dict:
     return {"num_stages": stages[0]} if stages else {}  # else Triton's default
 
 
+def _seeds(seeds) -> tuple[int, int, int]:
+    if not 1 <= len(seeds) <= 3:
+        raise ValueError(f"the fused LoRA kernels take 1 to 3 linears reading one input, not {len(seeds)}")
+    return (*seeds, *[0] * (3 - len(seeds)))
+
+
+def dropout_matmul_group(x: torch.Tensor, a: torch.Tensor, p: float, seeds, tile=None) -> list[torch.Tensor]:
+    """[dropout_g(x, p) @ a[g].T for each g] for x [M, K] and a [G, r, K] (G <= 3), member g's mask given by
+    seeds[g]; x is read once. Returns G tensors [M, r] in x's dtype."""
+    attempt = lambda t: _dropout_matmul(x, a, p, seeds, t)  # noqa: E731
+    return _fitting("fwd", a.shape[0], _rank_block(a.shape[1]), tile, attempt)
+
+
+def dropout_matmul_backward_group(x, dh, a, dx, p: float, seeds, tile=None) -> torch.Tensor:
+    """The backward of `dropout_matmul_group`: adds every member's d(x) into `dx` in place (when given) and returns
+    dA [G, r, K] in a's dtype. `dh` [G, M, r] stacks the gradients of the members' results."""
+    attempt = lambda t: _dropout_matmul_backward(x, dh, a, dx, p, seeds, t)  # noqa: E731
+    return _fitting("bwd", a.shape[0], _rank_block(a.shape[1]), tile, attempt)
+
+
 def dropout_matmul(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, tile=None) -> torch.Tensor:
     """dropout(x, p) @ a.T for x [M, K], a [r, K], with the mask given by `seed`; returns [M, r] in x's dtype."""
-    return _fitting("fwd", _rank_block(a.shape[0]), tile, lambda t: _dropout_matmul(x, a, p, seed, t))
+    return dropout_matmul_group(x, a[None], p, (seed,), tile)[0]
 
 
 def dropout_matmul_backward(x, dh, a, dx, p: float, seed: int, tile=None) -> torch.Tensor:
     """The backward of `dropout_matmul`: adds d(x) into `dx` in place (when given) and returns dA [r, K] in
     a's dtype. `dh` is the [M, r] gradient of the result."""
-    attempt = lambda t: _dropout_matmul_backward(x, dh, a, dx, p, seed, t)  # noqa: E731
-    return _fitting("bwd", _rank_block(a.shape[0]), tile, attempt)
+    return dropout_matmul_backward_group(x, dh[None], a[None], dx, p, (seed,), tile)[0]
 
 
-def _dropout_matmul(x, a, p, seed, tile):
+def _dropout_matmul(x, a, p, seeds, tile):
     fwd, _ = _kernels()
-    (m, k), r = x.shape, a.shape[0]
+    (m, k), (g, r, _) = x.shape, a.shape
     (bm, bk, warps, *stages), rb = tile, _rank_block(r)
     m_blocks = triton.cdiv(m, bm)
     k_blocks = triton.cdiv(k, bk)
@@ -182,15 +272,16 @@ def _dropout_matmul(x, a, p, seed, tile):
     k_per_split = triton.cdiv(k_blocks, splits) * bk
     splits = triton.cdiv(k, k_per_split)
     # a split of its own writes the result's dtype directly; several write float32 partial sums
-    part = torch.empty(splits, m, rb, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
-    fwd[(m_blocks, splits)](x, a, part, m, k, r, k_per_split, seed, *_threshold(p),
-                            BM=bm, BK=bk, R=rb, num_warps=warps, **_stages(stages))  # fmt: skip
-    return (part[0] if splits == 1 else part.sum(0).to(x.dtype))[:, :r]
+    part = torch.empty(splits, g, m, rb, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
+    fwd[(m_blocks, splits)](x, a.contiguous(), part, m, k, r, k_per_split, *_seeds(seeds), *_threshold(p),
+                            G=g, BM=bm, BK=bk, R=rb, ROUNDS=PHILOX_ROUNDS, num_warps=warps, **_stages(stages))  # fmt: skip
+    h = part[0] if splits == 1 else part.sum(0).to(x.dtype)
+    return list(h[:, :, :r].unbind(0))
 
 
-def _dropout_matmul_backward(x, dh, a, dx, p, seed, tile):
+def _dropout_matmul_backward(x, dh, a, dx, p, seeds, tile):
     _, bwd = _kernels()
-    (m, k), r = x.shape, a.shape[0]
+    (m, k), (g, r, _) = x.shape, a.shape
     (bm, bk, warps, *stages), rb = tile, _rank_block(r)
     dh = dh.contiguous()
     k_blocks = triton.cdiv(k, bk)
@@ -198,10 +289,11 @@ def _dropout_matmul_backward(x, dh, a, dx, p, seed, tile):
     splits = max(1, min(m_blocks, _programs(x.device) // k_blocks))
     m_per_split = triton.cdiv(m_blocks, splits) * bm
     splits = triton.cdiv(m, m_per_split)
-    part = torch.empty(splits, rb, k, device=x.device, dtype=torch.float32)
-    bwd[(k_blocks, splits)](x, dh, a, x if dx is None else dx, part, m, k, r, m_per_split, seed, *_threshold(p),
-                            HAS_DX=dx is not None, BM=bm, BK=bk, R=rb, num_warps=warps, **_stages(stages))  # fmt: skip
-    return part[0, :r].to(a.dtype) if splits == 1 else part[:, :r].sum(0).to(a.dtype)
+    part = torch.empty(splits, g, rb, k, device=x.device, dtype=torch.float32)
+    bwd[(k_blocks, splits)](x, dh, a.contiguous(), x if dx is None else dx, part, m, k, r, m_per_split,
+                            *_seeds(seeds), *_threshold(p), G=g, HAS_DX=dx is not None, BM=bm, BK=bk, R=rb, ROUNDS=PHILOX_ROUNDS,
+                            num_warps=warps, **_stages(stages))  # fmt: skip
+    return (part[0] if splits == 1 else part.sum(0))[:, :r].to(a.dtype)
 
 
 def _base_linear(x2: torch.Tensor, weight, bias) -> torch.Tensor:
@@ -212,103 +304,86 @@ def _base_linear(x2: torch.Tensor, weight, bias) -> torch.Tensor:
     return weight.linear(x2, bias)
 
 
-def _base_input_grad(g: torch.Tensor, weight) -> torch.Tensor:
-    return g @ weight if isinstance(weight, torch.Tensor) else weight.input_grad(g)
+# The base GEMM adds into the LoRA update (cuBLAS reads the output it accumulates into while it writes it) instead of
+# the update adding into the base's output afterwards, a read and a write of [tokens, out] less per linear (for
+# gate/up at 8 x 3072: 42 ms of a 1.39 s step went to that update, benchmarks/NOTES.md). Benchmarks switch it off
+# for the A/B.
+fold_update = True
 
 
-class _Siblings:
-    """The LoRA linears that read one input tensor (q/k/v; gate/up) in one forward: their input gradients go into
-    one buffer (cuBLAS accumulating into it, the LoRA kernels adding in place) and the last of them to run its
-    backward hands it to autograd; the others return none. Autograd would otherwise write one gradient per linear
-    and add them (24 ms of a 7B 8 x 3072 step on an H200: benchmarks/NOTES.md). Every member is in the graph in
-    the models this trains (attention uses q, k and v; the MLP gate and up), so the count reaches zero."""
-
-    __slots__ = ("x", "pending", "dx", "__weakref__")
-
-    def __init__(self, x: torch.Tensor):
-        self.x, self.pending, self.dx = weakref.ref(x), 0, None
+def _base_plus_update(x2: torch.Tensor, weight, bias, h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """base(x2) + h @ bt, as one accumulating base GEMM where the base is a plain weight."""
+    if fold_update and isinstance(weight, torch.Tensor):
+        out = torch.mm(h, bt) if bias is None else torch.addmm(bias, h, bt)
+        return out.addmm_(x2, weight.t())
+    return _base_linear(x2, weight, bias).addmm_(h, bt)
 
 
-_last: list = [None]  # the _Siblings of the latest forward call, weakly
-
-
-def _siblings(x: torch.Tensor) -> _Siblings | None:
-    """The group `x` joins: the previous call's when it read this same tensor, else a new one (none without a
-    gradient to compute). Checkpointing's recompute makes new input tensors, so its calls never join the
-    original forward's groups, which the backward uses."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return None
-    group = _last[0]() if _last[0] is not None else None
-    if group is None or group.x() is not x:
-        group = _Siblings(x)
-        _last[0] = weakref.ref(group)
-    group.pending += 1
-    return group
-
-
-def _accumulate_input_grad(group: _Siblings | None, g: torch.Tensor, weight) -> torch.Tensor:
-    """The group's buffer with this linear's base input gradient g @ W added (created by the first member)."""
-    if group is None or group.dx is None:
-        dx = _base_input_grad(g, weight)
-        if group is not None:
-            group.dx = dx
-        return dx
+def _add_input_grad(dx: torch.Tensor | None, g: torch.Tensor, weight) -> torch.Tensor:
+    """dx + g @ W (the base's input gradient), accumulated into dx by cuBLAS where the base is a plain weight."""
+    if dx is None:
+        return g @ weight if isinstance(weight, torch.Tensor) else weight.input_grad(g)
     if isinstance(weight, torch.Tensor):
-        return group.dx.addmm_(g, weight)
-    return group.dx.add_(weight.input_grad(g))
+        return dx.addmm_(g, weight)
+    return dx.add_(weight.input_grad(g))
 
 
-def _hand_over(group: _Siblings | None, dx: torch.Tensor) -> torch.Tensor | None:
-    """dx for autograd from the group's last member to run, none from the others."""
-    if group is None:
-        return dx
-    group.pending -= 1
-    if group.pending:
-        return None
-    group.dx = None
-    return dx
-
-
-class _LoRALinear(torch.autograd.Function):
-    """base(x) + (dropout(x) @ a.T) @ bt for a frozen base (`_base_linear`); gradients for x, a and bt."""
+class _LoRAGroup(torch.autograd.Function):
+    """base_g(x) + (dropout_g(x) @ a_g.T) @ bt_g for the G linears that read x (q/k/v, or gate/up, or one linear),
+    frozen bases (`_base_linear`); gradients for x, every a_g and bt_g. The LoRA kernels read x once for all
+    members, and the members' input gradients accumulate into one buffer (cuBLAS with beta = 1, the backward
+    kernel in place) instead of one gradient per linear that autograd adds (24 ms of a 7B 8 x 3072 step on an
+    H200, benchmarks/NOTES.md)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, bt, p, seed, group):
+    def forward(ctx, x, weights, biases, p, seeds, *ab):
+        a, bts = ab[0::2], ab[1::2]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out = _base_linear(x2, weight, bias)
-        h = dropout_matmul(x2, a, p, seed) if p > 0 else x2 @ a.t()
-        out.addmm_(h, bt)
-        ctx.save_for_backward(x2, a, bt, h)
-        ctx.weight = weight  # frozen: kept by reference, not as a saved tensor (it may be a quantized weight)
-        ctx.p, ctx.seed, ctx.x_shape, ctx.group = p, seed, x.shape, group
-        return out.view(*x.shape[:-1], out.shape[-1])
+        a_all = torch.stack(a)
+        if p > 0:
+            hs = dropout_matmul_group(x2, a_all, p, seeds)
+        else:  # one skinny GEMM reads x for every member
+            hs = (x2 @ a_all.flatten(0, 1).t()).split(a_all.shape[1], dim=1)
+        outs = [_base_plus_update(x2, w, b, h, bt) for w, b, h, bt in zip(weights, biases, hs, bts)]
+        ctx.save_for_backward(x2, a_all, *bts, *hs)
+        # frozen: kept by reference, not as saved tensors (they may be quantized weights)
+        ctx.weights, ctx.p, ctx.seeds, ctx.x_shape = weights, p, seeds, x.shape
+        return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
 
     @staticmethod
-    def backward(ctx, grad):
-        x2, a, bt, h = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        dbt = h.t() @ g if ctx.needs_input_grad[4] else None
-        dh = g @ bt.t()
-        group = ctx.group if ctx.needs_input_grad[0] else None
-        dx = _accumulate_input_grad(group, g, ctx.weight) if ctx.needs_input_grad[0] else None
+    def backward(ctx, *grads):
+        x2, a_all, *rest = ctx.saved_tensors
+        n = len(grads)
+        bts, hs = rest[:n], rest[n:]
+        dh = torch.empty(n, x2.shape[0], a_all.shape[1], device=x2.device, dtype=grads[0].dtype)
+        dx, dbts = None, []
+        for j, (grad, weight, bt, h) in enumerate(zip(grads, ctx.weights, bts, hs)):
+            g = grad.reshape(-1, grad.shape[-1])
+            dbts.append(h.t() @ g if ctx.needs_input_grad[6 + 2 * j] else None)
+            torch.mm(g, bt.t(), out=dh[j])
+            if ctx.needs_input_grad[0]:
+                dx = _add_input_grad(dx, g, weight)
         if ctx.p > 0:
-            da = dropout_matmul_backward(x2, dh, a, dx, ctx.p, ctx.seed)
+            da = dropout_matmul_backward_group(x2, dh, a_all, dx, ctx.p, ctx.seeds)
         else:
-            da = dh.t() @ x2
+            dh_all = dh.transpose(0, 1).flatten(1)  # [M, n * r]: one GEMM each way for every member
+            da = (dh_all.t() @ x2).view(a_all.shape)
             if dx is not None:
-                dx.addmm_(dh, a)
-        dx = None if dx is None else _hand_over(group, dx)
-        return None if dx is None else dx.view(ctx.x_shape), None, None, da, dbt, None, None, None
+                dx.addmm_(dh_all, a_all.flatten(0, 1))
+        dx = None if dx is None else dx.view(ctx.x_shape)
+        return (dx, None, None, None, None, *[t for j in range(n) for t in (da[j], dbts[j])])
 
 
-# Tests switch the sharing off to compare against one input gradient per linear
-share_input_grad = True
+def lora_group(x, weights, biases, a, bts, p: float) -> tuple[torch.Tensor, ...]:
+    """The outputs of the LoRA linears (frozen bases `weights`/`biases`, adapters `a`/`bts`, dropout p) reading x."""
+    seeds = tuple(int(s) for s in torch.randint(0, 2**31 - 1, (len(a),))) if p > 0 else (0,) * len(a)
+    return _LoRAGroup.apply(
+        x, tuple(weights), tuple(biases), p, seeds, *[t for ab in zip(a, bts) for t in ab]
+    )
 
 
 def lora_linear(x, weight, bias, a, bt, p: float) -> torch.Tensor:
-    seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
-    group = _siblings(x) if share_input_grad else None
-    return _LoRALinear.apply(x, weight, bias, a, bt, p, seed, group)
+    return lora_group(x, (weight,), (bias,), (a,), (bt,), p)[0]
 
 
 class _Bnb4bitBase:
@@ -358,8 +433,8 @@ def usable(module: torch.nn.Module, x: torch.Tensor) -> bool:
     return (x.is_cuda or on_cpu) and triton is not None
 
 
-def forward(module, x: torch.Tensor) -> torch.Tensor:
-    """The LoRA linear's training forward through `lora_linear` (the caller checked `usable`)."""
+def _parts(module, x: torch.Tensor):
+    """(frozen base, bias, a, bt, dropout p) of a usable LoRA linear for input x."""
     name = module.active_adapters[0]
     drop = module.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and module.training else 0.0
@@ -367,4 +442,44 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     bt = (module.lora_B[name].weight * module.scaling[name]).to(x.dtype).t()
     base = module.base_layer
     bias = None if _is_bnb_4bit(base) else base.bias  # the 4-bit layer's own forward adds it
-    return lora_linear(x, frozen_base(base), bias, a, bt, p)
+    return frozen_base(base), bias, a, bt, p
+
+
+# Linears of one parent module that models call on the same input, by name (Qwen2, Llama, Mistral, ...)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+group_siblings = True  # tests and benchmarks switch it off to compare against one linear at a time
+
+
+def link_siblings(model: torch.nn.Module, switched) -> int:
+    """Mark the switched LoRA linears that read one input (`SIBLINGS`): the first of a group to be called computes
+    every member's output in one `_LoRAGroup`, the others pick theirs up (`forward`). Returns the groups linked."""
+    switched = set(map(id, switched))
+    n = 0
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SIBLINGS:
+            members = [children[c] for c in names if c in children and id(children[c]) in switched]
+            if len(members) < 2 or len({m.base_layer.in_features for m in members}) > 1:
+                continue
+            for m in members:
+                m._mhsft_siblings = members  # a plain list: not submodules, copied along by deepcopy
+            n += 1
+    return n
+
+
+def forward(module, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA linear's training forward (the caller checked `usable`): with its siblings in one `_LoRAGroup`
+    when they all take the fused path with the same dropout, else alone."""
+    ready = module.__dict__.pop("_mhsft_ready", None)
+    if ready is not None and ready[0]() is x:  # a sibling computed this output from this same input
+        return ready[1]
+    members = module.__dict__.get("_mhsft_siblings") if group_siblings else None
+    if members and all(m is module or usable(m, x) for m in members):
+        bases, biases, a, bts, ps = zip(*[_parts(m, x) for m in members])
+        if len(set(ps)) == 1:
+            outs = lora_group(x, bases, biases, a, bts, ps[0])
+            for m, out in zip(members, outs):
+                if m is not module:
+                    m._mhsft_ready = (weakref.ref(x), out)
+            return outs[members.index(module)]
+    return lora_linear(x, *_parts(module, x))
