@@ -167,10 +167,13 @@ def main() -> None:
     ap.add_argument(
         "--rounds", default="", help="e.g. 10,7: a 7B layer's kernels at the default tiles per Philox rounds"
     )
+    ap.add_argument("--tiles", default="", help="only these tiles, e.g. '32,128,4;16,64,4' (default: TILES)")
     ap.add_argument("--adopt", action="store_true", help="write the fastest tiles into fused_lora.py")
     ap.add_argument("--out", default="lora_kernels.json")
     args = ap.parse_args()
     r, p = args.rank, args.p
+    if args.tiles:
+        TILES[:] = [tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";")]
     rows = []
     print(f"{torch.cuda.get_device_name()}; rank {r}, dropout {p}, bf16; milliseconds (median of 20)")
     print(
