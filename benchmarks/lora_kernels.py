@@ -141,14 +141,18 @@ def best_tiles(rows: list[dict], groups: list[dict]) -> tuple[dict, dict]:
     return picked
 
 
+def with_tiles(source: str, fwd: dict, bwd: dict) -> str:
+    """fused_lora.py's source with its FWD_TILES / BWD_TILES lines set to these tiles."""
+    for name, tiles in (("FWD_TILES", fwd), ("BWD_TILES", bwd)):
+        start = source.index(f"\n{name} = {{") + 1
+        end = source.index("\n", start)
+        source = source[:start] + f"{name} = {dict(sorted(tiles.items()))}" + source[end:]
+    return source
+
+
 def adopt(fwd: dict, bwd: dict) -> None:
     path = Path(fused_lora.__file__)
-    text = path.read_text()
-    for name, tiles in (("FWD_TILES", fwd), ("BWD_TILES", bwd)):
-        start = text.index(f"{name} = {{")
-        end = text.index("\n", start)
-        text = text[:start] + f"{name} = {dict(sorted(tiles.items()))}" + text[end:]
-    path.write_text(text)
+    path.write_text(with_tiles(path.read_text(), fwd, bwd))
     fused_lora.FWD_TILES.update(fwd)  # and in this process (the rounds' timings use the defaults)
     fused_lora.BWD_TILES.update(bwd)
     fused_lora._fitted.clear()
