@@ -85,8 +85,8 @@ def main() -> None:
                 row = {"kernel": kind, "members": g, "tile": tile, **usage(kind, g, tile)}
                 rows.append(row)
                 spill = "  spills" if row["stack"] else ""
-                print(f"{kind:<8}{g:>8}  {str(tile):<18}{row['registers']:>10}{row['stack']:>9}{row['shared']:>10}{spill}",
-                      flush=True)  # fmt: skip
+                usage_text = f"{row['registers']:>10}{row['stack']:>9}{row['shared']:>10}{spill}"
+                print(f"{kind:<8}{g:>8}  {str(tile):<18}{usage_text}", flush=True)
     Path(args.out).write_text(json.dumps({"target": "sm_90", "rows": rows}, indent=1))
 
 

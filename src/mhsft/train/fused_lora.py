@@ -14,10 +14,13 @@ where it is needed instead of stored:
   (dh @ A) * mask * scale into that gradient in place and accumulates dA = dh^T @ dropout(x).
 The linears that read one input (q/k/v, gate/up: `SIBLINGS`) run as one group: the kernels read x (and, in the
 backward, the shared input gradient) once for all members, each with its own mask, instead of once per member,
-and the base GEMMs accumulate their input gradients into that one buffer. The base matmuls and the rank-r
-matmuls with B stay with cuBLAS; the base GEMM accumulates onto the rank-r update (`fold_update`). Only x, the
-[tokens, r] hiddens and the seeds are kept for the backward. Seeds come from torch's CPU generator, so `torch.manual_seed` reproduces a run and
-activation checkpointing (which restores the RNG state before recomputing) regenerates the same masks.
+and the base GEMMs accumulate their input gradients into that one buffer (on an H100 at 24,576 tokens x 3584 the
+3-member kernels take 0.32 / 0.70 ms forward / backward against 3 x 0.13 / 3 x 0.29 one member at a time; they
+are bound by the Philox arithmetic and registers, not memory). The base matmuls and the rank-r matmuls with B
+stay with cuBLAS; the base GEMM accumulates onto the rank-r update (`fold_update`). Only x, the [tokens, r]
+hiddens and the seeds are kept for the backward. Seeds come from torch's CPU generator, so `torch.manual_seed`
+reproduces a run and activation checkpointing (which restores the RNG state before recomputing) regenerates the
+same masks.
 
 Triton is not a hand-written replacement for a library here: no library ships dropout fused into a
 skinny matmul with the mask recomputed in the backward (Unsloth and Liger skip dropout instead).
@@ -274,7 +277,8 @@ def _dropout_matmul(x, a, p, seeds, tile):
     # a split of its own writes the result's dtype directly; several write float32 partial sums
     part = torch.empty(splits, g, m, rb, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
     fwd[(m_blocks, splits)](x, a.contiguous(), part, m, k, r, k_per_split, *_seeds(seeds), *_threshold(p),
-                            G=g, BM=bm, BK=bk, R=rb, ROUNDS=PHILOX_ROUNDS, num_warps=warps, **_stages(stages))  # fmt: skip
+                            G=g, BM=bm, BK=bk, R=rb, ROUNDS=PHILOX_ROUNDS, num_warps=warps,
+                            **_stages(stages))  # fmt: skip
     h = part[0] if splits == 1 else part.sum(0).to(x.dtype)
     return list(h[:, :, :r].unbind(0))
 
@@ -291,8 +295,8 @@ def _dropout_matmul_backward(x, dh, a, dx, p, seeds, tile):
     splits = triton.cdiv(m, m_per_split)
     part = torch.empty(splits, g, rb, k, device=x.device, dtype=torch.float32)
     bwd[(k_blocks, splits)](x, dh, a.contiguous(), x if dx is None else dx, part, m, k, r, m_per_split,
-                            *_seeds(seeds), *_threshold(p), G=g, HAS_DX=dx is not None, BM=bm, BK=bk, R=rb, ROUNDS=PHILOX_ROUNDS,
-                            num_warps=warps, **_stages(stages))  # fmt: skip
+                            *_seeds(seeds), *_threshold(p), G=g, HAS_DX=dx is not None, BM=bm, BK=bk, R=rb,
+                            ROUNDS=PHILOX_ROUNDS, num_warps=warps, **_stages(stages))  # fmt: skip
     return (part[0] if splits == 1 else part.sum(0))[:, :r].to(a.dtype)
 
 
