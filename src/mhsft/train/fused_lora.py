@@ -126,6 +126,17 @@ if triton is not None:
         at = dh_ptr + g * M.to(tl.int64) * r + rows[:, None] * r + ranks[None, :]
         return tl.load(at, mask=(rows[:, None] < M) & (ranks[None, :] < r), other=0.0)
 
+    @triton.jit
+    def _bwd_add(acc, ddx, x, dh_ptr, g, a, seed, M, r, rows, ranks, k0, K, threshold, scale,
+                 HAS_DX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+        # member g (> 0) added to a [BM, BK] tile's dA accumulator and, where kept, to the input gradient's update
+        keep, xd = _dropped(x, seed, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+        dh = _dh(dh_ptr, g, M, r, rows, ranks)
+        acc += tl.dot(tl.trans(dh), xd)
+        if HAS_DX:
+            ddx += tl.where(keep, tl.dot(dh, a), 0.0)
+        return acc, ddx
+
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "M"])
     def _bwd(x_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, K, r, m_per_split, s0, s1, s2, threshold, scale,
              G: tl.constexpr, HAS_DX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr,
@@ -154,18 +165,14 @@ if triton is not None:
             acc0 += tl.dot(tl.trans(dh), xd)
             if HAS_DX:
                 ddx = tl.where(keep, tl.dot(dh, a0), 0.0)
+            else:
+                ddx = 0.0  # unused: the members after the first take it along
             if G > 1:
-                keep, xd = _dropped(x, s1, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
-                dh = _dh(dh_ptr, 1, M, r, rows, ranks)
-                acc1 += tl.dot(tl.trans(dh), xd)
-                if HAS_DX:
-                    ddx += tl.where(keep, tl.dot(dh, a1), 0.0)
+                acc1, ddx = _bwd_add(acc1, ddx, x, dh_ptr, 1, a1, s1, M, r, rows, ranks, k0, K, threshold, scale,
+                                     HAS_DX, BM, BK, ROUNDS)  # fmt: skip
             if G > 2:
-                keep, xd = _dropped(x, s2, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
-                dh = _dh(dh_ptr, 2, M, r, rows, ranks)
-                acc2 += tl.dot(tl.trans(dh), xd)
-                if HAS_DX:
-                    ddx += tl.where(keep, tl.dot(dh, a2), 0.0)
+                acc2, ddx = _bwd_add(acc2, ddx, x, dh_ptr, 2, a2, s2, M, r, rows, ranks, k0, K, threshold, scale,
+                                     HAS_DX, BM, BK, ROUNDS)  # fmt: skip
             if HAS_DX:
                 dx = tl.load(dx_ptr + at, mask=inside, other=0.0)
                 dx = dx.to(tl.float32) + ddx * scale
