@@ -11,7 +11,9 @@ What is timed, per (tokens M, input width K), rank 8, dropout 0.05, bf16:
 The base matmuls are the same in both and left out.
 
 --adopt writes the fastest tiles (by group size, summed over the widths at the largest token count) into
-mhsft/train/fused_lora.py's FWD_TILES / BWD_TILES: how the trainer's defaults are chosen on a new card.
+mhsft/train/fused_lora.py's FWD_TILES / BWD_TILES: how the trainer's defaults are chosen on a new card. With
+--rounds 10,7 it also writes PHILOX_ROUNDS when fewer rounds make a 7B layer's kernels at least 3% faster (7 is
+the floor: Philox4x32-7 is the fewest rounds that pass TestU01's BigCrush, Salmon et al. 2011).
 
 --groups 2,3 also times the group kernels (gate/up: 2 members, q/k/v: 3 reading one [M, 3584] input) against
 their members' kernels one at a time, over the same tiles (`dropout_matmul_group` and its backward).
@@ -34,6 +36,7 @@ from mhsft.train import fused_lora  # noqa: E402
 # (rows, columns, warps[, pipeline stages]); the first is the trainer's default
 TILES = [(64, 128, 4), (32, 128, 4), (32, 256, 4, 4), (16, 128, 4), (16, 256, 4), (16, 64, 4), (64, 64, 4),
          (16, 128, 8), (32, 128, 8), (16, 256, 8), (32, 64, 4)]  # fmt: skip
+MIN_ROUNDS = 7
 
 
 def cuda_time(fn, iters: int = 20) -> float:
@@ -150,6 +153,24 @@ def with_tiles(source: str, fwd: dict, bwd: dict) -> str:
     return source
 
 
+def fastest_rounds(by_rounds: list[dict], current: int, margin: float = 0.03) -> int:
+    """The Philox rounds to keep: the fastest measured, when its 7B layer is `margin` faster than `current`'s (a
+    smaller difference is within the card's noise, and more rounds are the safer mask)."""
+    m = max(row["M"] for row in by_rounds)
+    layer = {row["rounds"]: row["layer_ms"] for row in by_rounds if row["M"] == m}
+    best = min(layer, key=layer.get)
+    if current in layer and layer[best] > (1 - margin) * layer[current]:
+        return current
+    return best
+
+
+def with_rounds(source: str, rounds: int) -> str:
+    """fused_lora.py's source with PHILOX_ROUNDS set."""
+    start = source.index("\nPHILOX_ROUNDS = ") + 1
+    end = source.index("\n", start)
+    return source[:start] + f"PHILOX_ROUNDS = {rounds}" + source[end:]
+
+
 def adopt(fwd: dict, bwd: dict) -> None:
     path = Path(fused_lora.__file__)
     path.write_text(with_tiles(path.read_text(), fwd, bwd))
@@ -172,9 +193,15 @@ def main() -> None:
         "--rounds", default="", help="e.g. 10,7: a 7B layer's kernels at the default tiles per Philox rounds"
     )
     ap.add_argument("--tiles", default="", help="only these tiles, e.g. '32,128,4;16,64,4' (default: TILES)")
-    ap.add_argument("--adopt", action="store_true", help="write the fastest tiles into fused_lora.py")
+    ap.add_argument(
+        "--adopt",
+        action="store_true",
+        help="write the fastest tiles (and, with --rounds, rounds 3%% faster than the current) into fused_lora.py",
+    )
     ap.add_argument("--out", default="lora_kernels.json")
     args = ap.parse_args()
+    if any(int(v) < MIN_ROUNDS for v in args.rounds.split(",") if v):
+        ap.error(f"--rounds: at least {MIN_ROUNDS} (fewer Philox4x32 rounds fail TestU01's BigCrush)")
     r, p = args.rank, args.p
     if args.tiles:
         TILES[:] = [tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";")]
@@ -224,7 +251,7 @@ def main() -> None:
     if args.adopt and rows:
         adopted = best_tiles(rows, groups)
         adopt({**fused_lora.FWD_TILES, **adopted[0]}, {**fused_lora.BWD_TILES, **adopted[1]})
-    by_rounds = []
+    by_rounds, current = [], fused_lora.PHILOX_ROUNDS
     for m in map(int, args.tokens.split(",")):
         for n in [int(v) for v in args.rounds.split(",") if v]:
             row = measure_rounds(m, r, p, n)
@@ -232,8 +259,13 @@ def main() -> None:
             print(
                 f"Philox {n} rounds, {m} tokens, default tiles: a 7B layer's LoRA kernels {row['layer_ms']:.3f} ms"
             )
+    kept = fused_lora.PHILOX_ROUNDS = fastest_rounds(by_rounds, current) if by_rounds else current
+    if args.adopt and kept != current:
+        path = Path(fused_lora.__file__)
+        path.write_text(with_rounds(path.read_text(), kept))
+        print(f"adopted in {path}: PHILOX_ROUNDS = {kept}")
     out = {"device": torch.cuda.get_device_name(), "rank": r, "p": p, "rows": rows, "groups": groups,
-           "rounds": by_rounds, "adopted": adopted}  # fmt: skip
+           "rounds": by_rounds, "adopted": adopted, "philox_rounds": kept}  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 

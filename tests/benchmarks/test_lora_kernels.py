@@ -43,3 +43,23 @@ def test_adopt_rewrites_only_the_two_tile_lines():
               if isinstance(t, ast.Assign) and getattr(t.targets[0], "id", "").endswith("_TILES")}  # fmt: skip
     assert values == {"FWD_TILES": fwd, "BWD_TILES": bwd}
     assert set(fused_lora.FWD_TILES) == set(fwd)  # every group size the trainer runs has a tile
+
+
+def test_fewer_rounds_are_kept_only_when_measurably_faster():
+    rows = [
+        {"M": 24576, "rounds": 10, "layer_ms": 10.0},
+        {"M": 24576, "rounds": 7, "layer_ms": 9.8},  # 2%: within the noise
+        {"M": 6144, "rounds": 7, "layer_ms": 1.0},  # fewer tokens: not counted
+    ]
+    assert lora_kernels.fastest_rounds(rows, current=10) == 10
+    rows[1]["layer_ms"] = 8.5
+    assert lora_kernels.fastest_rounds(rows, current=10) == 7
+    assert lora_kernels.fastest_rounds(rows, current=7) == 7
+
+
+def test_adopt_rewrites_only_the_rounds_line():
+    source = (REPO / "src" / "mhsft" / "train" / "fused_lora.py").read_text()
+    new = lora_kernels.with_rounds(source, 7)
+    changed = [n for o, n in zip(source.splitlines(), new.splitlines()) if o != n]
+    assert changed == (["PHILOX_ROUNDS = 7"] if fused_lora.PHILOX_ROUNDS != 7 else [])
+    assert len(new.splitlines()) == len(source.splitlines())
