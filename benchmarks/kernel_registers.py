@@ -27,17 +27,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 SIGNATURES = {
-    "fwd": {"x_ptr": "*bf16", "a_ptr": "*bf16", "part_ptr": "*bf16", "M": "i32", "K": "i32", "r": "i32",
+    "fwd": {"x_ptr": "*bf16", "a_ptr": "*bf16", "part_ptr": "*bf16", "mask_ptr": "*u8", "M": "i32", "K": "i32", "r": "i32",
             "k_per_split": "i32", "s0": "i32", "s1": "i32", "s2": "i32", "threshold": "i32", "scale": "fp32"},
     "bwd": {"x_ptr": "*bf16", "dh_ptr": "*bf16", "a_ptr": "*bf16", "dx_ptr": "*bf16", "part_ptr": "*fp32",
-            "M": "i32", "K": "i32", "r": "i32", "m_per_split": "i32", "s0": "i32", "s1": "i32", "s2": "i32",
+            "mask_ptr": "*u8", "M": "i32", "K": "i32", "r": "i32", "m_per_split": "i32", "s0": "i32", "s1": "i32", "s2": "i32",
             "threshold": "i32", "scale": "fp32"},
 }  # fmt: skip
-MULTIPLES_OF_16 = ("x_ptr", "dh_ptr", "a_ptr", "dx_ptr", "part_ptr", "K", "m_per_split", "k_per_split")
+MULTIPLES_OF_16 = (
+    "x_ptr",
+    "dh_ptr",
+    "a_ptr",
+    "dx_ptr",
+    "part_ptr",
+    "mask_ptr",
+    "K",
+    "m_per_split",
+    "k_per_split",
+)
 
 
-def usage(kind: str, members: int, tile: tuple, rounds: int = 10) -> dict:
-    """{registers, stack, shared} of one kernel at one tile, compiled for sm_90."""
+def usage(kind: str, members: int, tile: tuple, rounds: int = 10, stored: bool = False) -> dict:
+    """{registers, stack, shared} of one kernel at one tile, compiled for sm_90; `stored`: the forward storing its
+    masks as bits and the backward reading them (`fused_lora.store_masks`)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -46,7 +57,9 @@ def usage(kind: str, members: int, tile: tuple, rounds: int = 10) -> dict:
     bm, bk, warps, *stages = tile
     consts = {"G": members, "BM": bm, "BK": bk, "R": 16, "ROUNDS": rounds}
     if kind == "bwd":
-        consts["HAS_DX"] = True
+        consts.update(HAS_DX=True, LOAD=stored)
+    else:
+        consts["STORE"] = stored
     signature = {**SIGNATURES[kind], **{name: "constexpr" for name in consts}}
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in MULTIPLES_OF_16 if n in names}
@@ -72,6 +85,9 @@ def main() -> None:
     ap.add_argument("--tiles", default="64,128,4;32,128,4;32,256,4,4;16,128,4;16,256,4;16,64,4;64,64,4")
     ap.add_argument("--groups", default="1,2,3")
     ap.add_argument("--kinds", default="fwd,bwd")
+    ap.add_argument(
+        "--stored_masks", action="store_true", help="the kernels that store / read the masks as bits"
+    )
     ap.add_argument("--out", default="kernel_registers.json")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is what runs
@@ -82,7 +98,12 @@ def main() -> None:
     for kind in args.kinds.split(","):
         for g in map(int, args.groups.split(",")):
             for tile in tiles:
-                row = {"kernel": kind, "members": g, "tile": tile, **usage(kind, g, tile)}
+                row = {
+                    "kernel": kind,
+                    "members": g,
+                    "tile": tile,
+                    **usage(kind, g, tile, stored=args.stored_masks),
+                }
                 rows.append(row)
                 spill = "  spills" if row["stack"] else ""
                 usage_text = f"{row['registers']:>10}{row['stack']:>9}{row['shared']:>10}{spill}"

@@ -113,17 +113,22 @@ def measure_rounds(m: int, r: int, p: float, rounds: int) -> dict:
     gate/up as groups, o and down alone)."""
     fused_lora.PHILOX_ROUNDS = rounds
     dev, dt = torch.device("cuda"), torch.bfloat16
-    times = {}
+    times, stored = {}, {}
     for g, k in ((3, 3584), (2, 3584), (1, 3584), (1, 18944)):
         x, dx = torch.randn(m, k, device=dev, dtype=dt), torch.randn(m, k, device=dev, dtype=dt)
         a = torch.randn(g, r, k, device=dev, dtype=dt) / k**0.5
         dh = torch.randn(g, m, r, device=dev, dtype=dt)
         seeds = tuple(range(7, 7 + g))
+        masks = fused_lora.mask_buffer(x, g)
         fwd = functools.partial(fused_lora.dropout_matmul_group, x, a, p, seeds)
         bwd = functools.partial(fused_lora.dropout_matmul_backward_group, x, dh, a, dx, p, seeds)
         times[f"G{g}_K{k}_fwd_ms"], times[f"G{g}_K{k}_bwd_ms"] = cuda_time(fwd), cuda_time(bwd)
+        # the masks stored as bits by the forward and read by the backward (`store_masks`)
+        stored[f"G{g}_K{k}_fwd_ms"] = cuda_time(functools.partial(fwd, masks=masks))
+        stored[f"G{g}_K{k}_bwd_ms"] = cuda_time(functools.partial(bwd, masks=masks))
     layer = sum(times.values())  # q/k/v, gate/up, o (the single at K = 3584) and down
-    return {"M": m, "rounds": rounds, **times, "layer_ms": layer}
+    return {"M": m, "rounds": rounds, **times, "layer_ms": layer, "stored_masks": stored,
+            "layer_stored_ms": sum(stored.values())}  # fmt: skip
 
 
 def best_tiles(rows: list[dict], groups: list[dict]) -> tuple[dict, dict]:
@@ -258,6 +263,7 @@ def main() -> None:
             by_rounds.append(row)
             print(
                 f"Philox {n} rounds, {m} tokens, default tiles: a 7B layer's LoRA kernels {row['layer_ms']:.3f} ms"
+                f" ({row['layer_stored_ms']:.3f} with the masks stored as bits)"
             )
     kept = fused_lora.PHILOX_ROUNDS = fastest_rounds(by_rounds, current) if by_rounds else current
     if args.adopt and kept != current:

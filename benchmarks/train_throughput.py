@@ -19,7 +19,8 @@ mhsft's stack takes variants after a colon, joined by +: `mhsft:liger` (Liger's 
 Liger's fused linear cross-entropy), `+fp8`, `+compile`; the A/B switches `+chunked` (the chunked loss instead) or
 `+flce` (the fused loss), `+nogroup` (q/k/v and gate/up one linear at a time: a kernel and an input gradient
 each), `+nofold` (the LoRA update added into the base's output after its GEMM), `+twopass` (FP8's two-pass
-quantization), `+philox7` (the dropout masks from 7 Philox rounds instead of 10).
+quantization), `+philox7` (the dropout masks from 7 Philox rounds instead of 10), `+maskbits` / `+nomaskbits` (the
+masks stored as bits for the backward, or drawn again there).
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ def worker(args) -> dict:
             import mhsft.train.fused_lora
 
             mhsft.train.fused_lora.PHILOX_ROUNDS = 7
+        if opts & {"maskbits", "nomaskbits"}:  # the masks stored as bits, or drawn again (the A/B)
+            import mhsft.train.fused_lora
+
+            mhsft.train.fused_lora.store_masks = "maskbits" in opts
         if "twopass" in opts:  # the FP8 quantization's two-pass kernel, for the one-read kernel's A/B
             import mhsft.train.fp8
 

@@ -96,6 +96,34 @@ def test_group_kernels_equal_their_members_one_at_a_time(g, m, k):
     assert not torch.equal(hs[0], hs[1])  # each member its own mask
 
 
+@pytest.mark.parametrize(
+    ("g", "m", "k", "tile"), [(3, 130, 100, None), (2, 70, 300, None), (1, 200, 44, (64, 32, 4))]
+)
+def test_stored_masks_are_the_drawn_masks(g, m, k, tile):
+    """`store_masks`: the forward packs each member's mask 8 elements a byte and the backward reads them; the
+    bits are the mask drawn from the seed, so the backward is the same bit for bit (K not a multiple of 8 or of
+    the tile, rows not a multiple of the tile)."""
+    p, seeds = 0.3, (5, 6, 7)[:g]
+    gen = torch.Generator().manual_seed(3)
+    x, a, dh, dx0 = (
+        torch.randn(s, generator=gen).to(DEVICE, DTYPE) for s in ((m, k), (g, 8, k), (g, m, 8), (m, k))
+    )
+    masks = fused_lora.mask_buffer(x, g)
+    hs = fused_lora.dropout_matmul_group(x, a, p, seeds, tile, masks=masks)
+    for j in range(g):
+        assert torch.equal(hs[j], fused_lora.dropout_matmul_group(x, a, p, seeds, tile)[j])
+        bits = (masks[j].long()[:, :, None] >> torch.arange(8, device=DEVICE)) & 1
+        assert torch.equal(bits.flatten(1)[:, :k].bool(), _mask(seeds[j], m, k, p))
+    dx, dx_drawn = dx0.clone(), dx0.clone()
+    da = fused_lora.dropout_matmul_backward_group(x, dh, a, dx, p, seeds, tile, masks=masks)
+    da_drawn = fused_lora.dropout_matmul_backward_group(x, dh, a, dx_drawn, p, seeds, tile)
+    assert torch.equal(da, da_drawn) and torch.equal(dx, dx_drawn)
+    masks[0] ^= 0xFF  # the backward reads the bits: other bits, other gradients
+    assert not torch.equal(
+        fused_lora.dropout_matmul_backward_group(x, dh, a, None, p, seeds, tile, masks=masks), da
+    )
+
+
 def test_mask_keeps_one_minus_p_and_depends_on_the_seed_only():
     keep = _mask(7, 256, 192, 0.25)
     assert abs(keep.float().mean().item() - 0.75) < 0.01
@@ -228,3 +256,26 @@ def test_zero3_partitioned_weights_keep_the_module_path():
     assert fused_lora.usable(layer, x)
     layer.base_layer.weight.ds_id = 0  # what deepspeed.zero.Init sets on a partitioned parameter
     assert not fused_lora.usable(layer, x)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stored_masks_give_the_drawn_masks_gradients(monkeypatch, checkpointing):
+    """`store_masks`: a model's loss and gradients with the masks stored as bits equal those with the masks
+    drawn again in the backward, with and without recompute (which stores them again in its forward)."""
+    base = _model(0.2)
+    lora_forward.fast_lora_forward(base, fused=fused_lora)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    ids = torch.randint(0, 300, (2, 17), device=DEVICE)
+    monkeypatch.setattr(fused_lora, "store_masks", False)
+    la, ga = _loss_and_grads(copy.deepcopy(base), ids, seed=6)
+    stored = []
+    monkeypatch.setattr(fused_lora, "store_masks", True)
+    buffer = fused_lora.mask_buffer
+    monkeypatch.setattr(fused_lora, "mask_buffer", lambda *a: stored.append(buffer(*a)) or stored[-1])
+    lb, gb = _loss_and_grads(copy.deepcopy(base), ids, seed=6)
+    assert stored  # the stored path ran
+    assert torch.equal(la, lb)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n

@@ -58,10 +58,15 @@ if triton is not None:
     # threshold = round(p * 65536), so the kept fraction is exactly 1 - threshold / 65536 and the scale is its
     # inverse. The uint32 counter m * ceil(K / 8) + k // 8 is distinct for the first 2^35 elements.
     @triton.jit
-    def _keep(seed, rows, k0, K, threshold, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+    def _randoms(seed, rows, k0, K, BK: tl.constexpr, ROUNDS: tl.constexpr):
+        # 4 x [BM, BK / 8] uint32: the random bits of the tile's groups of 8 elements
         groups = (k0 // 8 + tl.arange(0, BK // 8)).to(tl.uint32)
         counter = rows[:, None].to(tl.uint32) * ((K + 7) // 8).to(tl.uint32) + groups[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, counter, ROUNDS)
+        return tl.randint4x(seed, counter, ROUNDS)
+
+    @triton.jit
+    def _keep(r0, r1, r2, r3, threshold, BM: tl.constexpr, BK: tl.constexpr):
+        # element 8 n + e of a row draws half e % 2 of r_(e // 4 + 2 (e // 2 % 2)) of group n (as join lays out)
         bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))
         draws = tl.join(bits & 0xFFFF, bits >> 16)  # [BM, BK / 8, 2, 2, 2]
         return tl.reshape(draws, (BM, BK)) >= threshold
@@ -71,8 +76,52 @@ if triton is not None:
         x, seed, rows, k0, K, threshold, scale, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr
     ):
         # (keep, dropout(x)) of one member's mask over the [BM, BK] tile x
-        keep = _keep(seed, rows, k0, K, threshold, BM, BK, ROUNDS)
+        r0, r1, r2, r3 = _randoms(seed, rows, k0, K, BK, ROUNDS)
+        keep = _keep(r0, r1, r2, r3, threshold, BM, BK)
         return keep, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+
+    # Stored masks (`store_masks`): the forward packs member g's keep bits 8 to a byte, [G, M, ceil(K / 8)] uint8,
+    # bit e of byte n = element 8 n + e, and the backward unpacks them instead of running Philox again (a read of
+    # 1/16 of x's bytes per member).
+    @triton.jit
+    def _mask_at(mask_ptr, g, M, KB, rows, k0, BK: tl.constexpr):
+        bytes_ = k0 // 8 + tl.arange(0, BK // 8)
+        at = mask_ptr + g * M.to(tl.int64) * KB + rows[:, None].to(tl.int64) * KB + bytes_[None, :]
+        return at, (rows[:, None] < M) & (bytes_[None, :] < KB)
+
+    @triton.jit
+    def _bit(r, half: tl.constexpr, threshold, e: tl.constexpr):
+        draw = (r >> 16) if half else (r & 0xFFFF)
+        return (draw >= threshold).to(tl.uint32) << e
+
+    @triton.jit
+    def _dropped_stored(x, seed, mask_ptr, g, M, rows, k0, K, threshold, scale,
+                        BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+        # dropout(x) of member g, its mask stored as bits: packed from the random words, in `_keep`'s order, on
+        # [BM, BK / 8] (packing the [BM, BK] mask took twice the registers and spilled)
+        r0, r1, r2, r3 = _randoms(seed, rows, k0, K, BK, ROUNDS)
+        packed = _bit(r0, 0, threshold, 0) | _bit(r0, 1, threshold, 1) | _bit(r2, 0, threshold, 2)
+        packed |= _bit(r2, 1, threshold, 3) | _bit(r1, 0, threshold, 4) | _bit(r1, 1, threshold, 5)
+        packed |= _bit(r3, 0, threshold, 6) | _bit(r3, 1, threshold, 7)
+        at, inside = _mask_at(mask_ptr, g, M, (K + 7) // 8, rows, k0, BK)
+        tl.store(at, packed.to(tl.uint8), mask=inside)
+        keep = _keep(r0, r1, r2, r3, threshold, BM, BK)
+        return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+
+    @triton.jit
+    def _load_mask(mask_ptr, g, M, KB, rows, k0, BM: tl.constexpr, BK: tl.constexpr):
+        at, inside = _mask_at(mask_ptr, g, M, KB, rows, k0, BK)
+        packed = tl.load(at, mask=inside, other=0)
+        bits = (packed[:, :, None] >> tl.arange(0, 8).to(tl.uint8)[None, None, :]) & 1
+        return tl.reshape(bits, (BM, BK)) != 0
+
+    @triton.jit
+    def _member(x, seed, mask_ptr, g, M, rows, k0, K, threshold, scale,
+                STORE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+        # dropout(x) of member g in the forward, its mask stored when STORE
+        if STORE:
+            return _dropped_stored(x, seed, mask_ptr, g, M, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+        return _dropped(x, seed, rows, k0, K, threshold, scale, BM, BK, ROUNDS)[1]
 
     @triton.jit
     def _a_t(a_ptr, g, r, K, ranks, cols):
@@ -81,8 +130,9 @@ if triton is not None:
         return tl.load(at, mask=(ranks[None, :] < r) & (cols[:, None] < K), other=0.0)
 
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "M"])
-    def _fwd(x_ptr, a_ptr, part_ptr, M, K, r, k_per_split, s0, s1, s2, threshold, scale,
-             G: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+    def _fwd(x_ptr, a_ptr, part_ptr, mask_ptr, M, K, r, k_per_split, s0, s1, s2, threshold, scale,
+             G: tl.constexpr, STORE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr,
+             ROUNDS: tl.constexpr):  # fmt: skip
         # part[split, g, m, :r] = sum over this split's K range of (x * keep_g * scale)[m, k] * A_g[:, k], for the
         # G (<= 3) linears that read x: x is read once for all of them, each member has its own mask (seed s_g)
         pid_m = tl.program_id(0)
@@ -97,13 +147,13 @@ if triton is not None:
             cols = k0 + tl.arange(0, BK)
             inside = (rows[:, None] < M) & (cols[None, :] < K)
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0)
-            _, xd = _dropped(x, s0, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+            xd = _member(x, s0, mask_ptr, 0, M, rows, k0, K, threshold, scale, STORE, BM, BK, ROUNDS)
             acc0 += tl.dot(xd, _a_t(a_ptr, 0, r, K, ranks, cols))
             if G > 1:
-                _, xd = _dropped(x, s1, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+                xd = _member(x, s1, mask_ptr, 1, M, rows, k0, K, threshold, scale, STORE, BM, BK, ROUNDS)
                 acc1 += tl.dot(xd, _a_t(a_ptr, 1, r, K, ranks, cols))
             if G > 2:
-                _, xd = _dropped(x, s2, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+                xd = _member(x, s2, mask_ptr, 2, M, rows, k0, K, threshold, scale, STORE, BM, BK, ROUNDS)
                 acc2 += tl.dot(xd, _a_t(a_ptr, 2, r, K, ranks, cols))
         member = M.to(tl.int64) * R  # elements between two members' partial sums
         out = part_ptr + split.to(tl.int64) * G * member + rows[:, None].to(tl.int64) * R + ranks[None, :]
@@ -127,10 +177,20 @@ if triton is not None:
         return tl.load(at, mask=(rows[:, None] < M) & (ranks[None, :] < r), other=0.0)
 
     @triton.jit
-    def _bwd_add(acc, ddx, x, dh_ptr, g, a, seed, M, r, rows, ranks, k0, K, threshold, scale,
-                 HAS_DX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+    def _kept(x, seed, mask_ptr, g, M, rows, k0, K, threshold, scale,
+              LOAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+        # (keep, dropout(x)) of member g: the forward's stored bits, or the mask drawn again
+        if LOAD:
+            keep = _load_mask(mask_ptr, g, M, (K + 7) // 8, rows, k0, BM, BK)
+            return keep, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        return _dropped(x, seed, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+
+    @triton.jit
+    def _bwd_add(acc, ddx, x, dh_ptr, g, a, seed, mask_ptr, M, r, rows, ranks, k0, K, threshold, scale,
+                 HAS_DX: tl.constexpr, LOAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                 ROUNDS: tl.constexpr):  # fmt: skip
         # member g (> 0) added to a [BM, BK] tile's dA accumulator and, where kept, to the input gradient's update
-        keep, xd = _dropped(x, seed, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+        keep, xd = _kept(x, seed, mask_ptr, g, M, rows, k0, K, threshold, scale, LOAD, BM, BK, ROUNDS)
         dh = _dh(dh_ptr, g, M, r, rows, ranks)
         acc += tl.dot(tl.trans(dh), xd)
         if HAS_DX:
@@ -138,9 +198,9 @@ if triton is not None:
         return acc, ddx
 
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "M"])
-    def _bwd(x_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, K, r, m_per_split, s0, s1, s2, threshold, scale,
-             G: tl.constexpr, HAS_DX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R: tl.constexpr,
-             ROUNDS: tl.constexpr):  # fmt: skip
+    def _bwd(x_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, mask_ptr, M, K, r, m_per_split, s0, s1, s2, threshold,
+             scale, G: tl.constexpr, HAS_DX: tl.constexpr, LOAD: tl.constexpr, BM: tl.constexpr,
+             BK: tl.constexpr, R: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
         # dx[m, k] += sum over members g of (dh_g @ A_g)[m, k] * keep_g * scale;  part[split, g, :, k] = sum over
         # this split's rows of dh_g[m, :]^T (x * keep_g * scale)[m, k]. x and dx are read once for all members.
         pid_k = tl.program_id(0)
@@ -160,7 +220,7 @@ if triton is not None:
             inside = (rows[:, None] < M) & (cols[None, :] < K)
             at = rows[:, None].to(tl.int64) * K + cols[None, :]
             x = tl.load(x_ptr + at, mask=inside, other=0.0)
-            keep, xd = _dropped(x, s0, rows, k0, K, threshold, scale, BM, BK, ROUNDS)
+            keep, xd = _kept(x, s0, mask_ptr, 0, M, rows, k0, K, threshold, scale, LOAD, BM, BK, ROUNDS)
             dh = _dh(dh_ptr, 0, M, r, rows, ranks)
             acc0 += tl.dot(tl.trans(dh), xd)
             if HAS_DX:
@@ -168,11 +228,11 @@ if triton is not None:
             else:
                 ddx = 0.0  # unused: the members after the first take it along
             if G > 1:
-                acc1, ddx = _bwd_add(acc1, ddx, x, dh_ptr, 1, a1, s1, M, r, rows, ranks, k0, K, threshold, scale,
-                                     HAS_DX, BM, BK, ROUNDS)  # fmt: skip
+                acc1, ddx = _bwd_add(acc1, ddx, x, dh_ptr, 1, a1, s1, mask_ptr, M, r, rows, ranks, k0, K, threshold,
+                                     scale, HAS_DX, LOAD, BM, BK, ROUNDS)  # fmt: skip
             if G > 2:
-                acc2, ddx = _bwd_add(acc2, ddx, x, dh_ptr, 2, a2, s2, M, r, rows, ranks, k0, K, threshold, scale,
-                                     HAS_DX, BM, BK, ROUNDS)  # fmt: skip
+                acc2, ddx = _bwd_add(acc2, ddx, x, dh_ptr, 2, a2, s2, mask_ptr, M, r, rows, ranks, k0, K, threshold,
+                                     scale, HAS_DX, LOAD, BM, BK, ROUNDS)  # fmt: skip
             if HAS_DX:
                 dx = tl.load(dx_ptr + at, mask=inside, other=0.0)
                 dx = dx.to(tl.float32) + ddx * scale
@@ -247,17 +307,27 @@ def _seeds(seeds) -> tuple[int, int, int]:
     return (*seeds, *[0] * (3 - len(seeds)))
 
 
-def dropout_matmul_group(x: torch.Tensor, a: torch.Tensor, p: float, seeds, tile=None) -> list[torch.Tensor]:
+def mask_buffer(x: torch.Tensor, members: int) -> torch.Tensor:
+    """Room for `members` masks over x [M, K], 8 elements a byte (`dropout_matmul_group(masks=...)`)."""
+    m, k = x.shape
+    return torch.empty(members, m, (k + 7) // 8, device=x.device, dtype=torch.uint8)
+
+
+def dropout_matmul_group(
+    x: torch.Tensor, a: torch.Tensor, p: float, seeds, tile=None, masks: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """[dropout_g(x, p) @ a[g].T for each g] for x [M, K] and a [G, r, K] (G <= 3), member g's mask given by
-    seeds[g]; x is read once. Returns G tensors [M, r] in x's dtype."""
-    attempt = lambda t: _dropout_matmul(x, a, p, seeds, t)  # noqa: E731
+    seeds[g]; x is read once. Returns G tensors [M, r] in x's dtype. With `masks` (`mask_buffer`) the masks are
+    also written there, for the backward to read instead of drawing them again."""
+    attempt = lambda t: _dropout_matmul(x, a, p, seeds, t, masks)  # noqa: E731
     return _fitting("fwd", a.shape[0], _rank_block(a.shape[1]), tile, attempt)
 
 
-def dropout_matmul_backward_group(x, dh, a, dx, p: float, seeds, tile=None) -> torch.Tensor:
+def dropout_matmul_backward_group(x, dh, a, dx, p: float, seeds, tile=None, masks=None) -> torch.Tensor:
     """The backward of `dropout_matmul_group`: adds every member's d(x) into `dx` in place (when given) and returns
-    dA [G, r, K] in a's dtype. `dh` [G, M, r] stacks the gradients of the members' results."""
-    attempt = lambda t: _dropout_matmul_backward(x, dh, a, dx, p, seeds, t)  # noqa: E731
+    dA [G, r, K] in a's dtype. `dh` [G, M, r] stacks the gradients of the members' results; `masks` are the
+    forward's stored masks (else they are drawn again from the seeds)."""
+    attempt = lambda t: _dropout_matmul_backward(x, dh, a, dx, p, seeds, t, masks)  # noqa: E731
     return _fitting("bwd", a.shape[0], _rank_block(a.shape[1]), tile, attempt)
 
 
@@ -272,7 +342,7 @@ def dropout_matmul_backward(x, dh, a, dx, p: float, seed: int, tile=None) -> tor
     return dropout_matmul_backward_group(x, dh[None], a[None], dx, p, (seed,), tile)[0]
 
 
-def _dropout_matmul(x, a, p, seeds, tile):
+def _dropout_matmul(x, a, p, seeds, tile, masks):
     fwd, _ = _kernels()
     (m, k), (g, r, _) = x.shape, a.shape
     (bm, bk, warps, *stages), rb = tile, _rank_block(r)
@@ -283,14 +353,14 @@ def _dropout_matmul(x, a, p, seeds, tile):
     splits = triton.cdiv(k, k_per_split)
     # a split of its own writes the result's dtype directly; several write float32 partial sums
     part = torch.empty(splits, g, m, rb, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
-    fwd[(m_blocks, splits)](x, a.contiguous(), part, m, k, r, k_per_split, *_seeds(seeds), *_threshold(p),
-                            G=g, BM=bm, BK=bk, R=rb, ROUNDS=PHILOX_ROUNDS, num_warps=warps,
-                            **_stages(stages))  # fmt: skip
+    fwd[(m_blocks, splits)](x, a.contiguous(), part, x if masks is None else masks, m, k, r, k_per_split,
+                            *_seeds(seeds), *_threshold(p), G=g, STORE=masks is not None, BM=bm, BK=bk, R=rb,
+                            ROUNDS=PHILOX_ROUNDS, num_warps=warps, **_stages(stages))  # fmt: skip
     h = part[0] if splits == 1 else part.sum(0).to(x.dtype)
     return list(h[:, :, :r].unbind(0))
 
 
-def _dropout_matmul_backward(x, dh, a, dx, p, seeds, tile):
+def _dropout_matmul_backward(x, dh, a, dx, p, seeds, tile, masks):
     _, bwd = _kernels()
     (m, k), (g, r, _) = x.shape, a.shape
     (bm, bk, warps, *stages), rb = tile, _rank_block(r)
@@ -301,9 +371,10 @@ def _dropout_matmul_backward(x, dh, a, dx, p, seeds, tile):
     m_per_split = triton.cdiv(m_blocks, splits) * bm
     splits = triton.cdiv(m, m_per_split)
     part = torch.empty(splits, g, rb, k, device=x.device, dtype=torch.float32)
-    bwd[(k_blocks, splits)](x, dh, a.contiguous(), x if dx is None else dx, part, m, k, r, m_per_split,
-                            *_seeds(seeds), *_threshold(p), G=g, HAS_DX=dx is not None, BM=bm, BK=bk, R=rb,
-                            ROUNDS=PHILOX_ROUNDS, num_warps=warps, **_stages(stages))  # fmt: skip
+    bwd[(k_blocks, splits)](x, dh, a.contiguous(), x if dx is None else dx, part, x if masks is None else masks, m,
+                            k, r, m_per_split, *_seeds(seeds), *_threshold(p), G=g, HAS_DX=dx is not None,
+                            LOAD=masks is not None, BM=bm, BK=bk, R=rb, ROUNDS=PHILOX_ROUNDS, num_warps=warps,
+                            **_stages(stages))  # fmt: skip
     return (part[0] if splits == 1 else part.sum(0))[:, :r].to(a.dtype)
 
 
@@ -339,6 +410,13 @@ def _add_input_grad(dx: torch.Tensor | None, g: torch.Tensor, weight) -> torch.T
     return dx.add_(weight.input_grad(g))
 
 
+# The forward stores each member's mask as bits and the backward reads them, instead of drawing them again with
+# Philox: the backward kernels are bound by that arithmetic (benchmarks/NOTES.md). Costs 1 bit per input element
+# per member until the backward (3.4 GB for a 7B 8 x 3072 micro-batch without recompute, about 3% of its
+# activations); under recompute only one layer's. Benchmarks switch it for the A/B.
+store_masks = False
+
+
 class _LoRAGroup(torch.autograd.Function):
     """base_g(x) + (dropout_g(x) @ a_g.T) @ bt_g for the G linears that read x (q/k/v, or gate/up, or one linear),
     frozen bases (`_base_linear`); gradients for x, every a_g and bt_g. The LoRA kernels read x once for all
@@ -351,19 +429,20 @@ class _LoRAGroup(torch.autograd.Function):
         a, bts = ab[0::2], ab[1::2]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         a_all = torch.stack(a)
+        masks = mask_buffer(x2, len(a)) if p > 0 and store_masks and any(ctx.needs_input_grad) else None
         if p > 0:
-            hs = dropout_matmul_group(x2, a_all, p, seeds)
+            hs = dropout_matmul_group(x2, a_all, p, seeds, masks=masks)
         else:  # one skinny GEMM reads x for every member
             hs = (x2 @ a_all.flatten(0, 1).t()).split(a_all.shape[1], dim=1)
         outs = [_base_plus_update(x2, w, b, h, bt) for w, b, h, bt in zip(weights, biases, hs, bts)]
-        ctx.save_for_backward(x2, a_all, *bts, *hs)
+        ctx.save_for_backward(x2, a_all, masks, *bts, *hs)
         # frozen: kept by reference, not as saved tensors (they may be quantized weights)
         ctx.weights, ctx.p, ctx.seeds, ctx.x_shape = weights, p, seeds, x.shape
         return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, a_all, *rest = ctx.saved_tensors
+        x2, a_all, masks, *rest = ctx.saved_tensors
         n = len(grads)
         bts, hs = rest[:n], rest[n:]
         dh = torch.empty(n, x2.shape[0], a_all.shape[1], device=x2.device, dtype=grads[0].dtype)
@@ -375,7 +454,7 @@ class _LoRAGroup(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dx = _add_input_grad(dx, g, weight)
         if ctx.p > 0:
-            da = dropout_matmul_backward_group(x2, dh, a_all, dx, ctx.p, ctx.seeds)
+            da = dropout_matmul_backward_group(x2, dh, a_all, dx, ctx.p, ctx.seeds, masks=masks)
         else:
             dh_all = dh.transpose(0, 1).flatten(1)  # [M, n * r]: one GEMM each way for every member
             da = (dh_all.t() @ x2).view(a_all.shape)
