@@ -182,16 +182,21 @@ def test_checkpointing_regenerates_the_same_masks():
     assert not torch.equal(la, lc)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_sibling_groups_equal_one_linear_at_a_time(monkeypatch, checkpointing):
-    """q/k/v and gate/up run as groups (one kernel reads their input, one input gradient): the same loss and
-    gradients as each linear on its own (with dropout, with and without recompute)."""
+def _fused_model_and_ids(checkpointing: bool):
+    """A tiny LoRA model (dropout 0.2) on the fused path, recomputing or not, and a batch of token ids."""
     base = _model(0.2)
     lora_forward.fast_lora_forward(base, fused=fused_lora)
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    ids = torch.randint(0, 300, (2, 17), device=DEVICE)
+    return base, torch.randint(0, 300, (2, 17), device=DEVICE)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sibling_groups_equal_one_linear_at_a_time(monkeypatch, checkpointing):
+    """q/k/v and gate/up run as groups (one kernel reads their input, one input gradient): the same loss and
+    gradients as each linear on its own (with dropout, with and without recompute)."""
+    base, ids = _fused_model_and_ids(checkpointing)
     sizes = _count_groups(monkeypatch)
     la, ga = _loss_and_grads(copy.deepcopy(base), ids, seed=5)
     assert sizes[:4] == [3, 1, 2, 1] and max(sizes) == 3
@@ -262,12 +267,7 @@ def test_zero3_partitioned_weights_keep_the_module_path():
 def test_stored_masks_give_the_drawn_masks_gradients(monkeypatch, checkpointing):
     """`store_masks`: a model's loss and gradients with the masks stored as bits equal those with the masks
     drawn again in the backward, with and without recompute (which stores them again in its forward)."""
-    base = _model(0.2)
-    lora_forward.fast_lora_forward(base, fused=fused_lora)
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    ids = torch.randint(0, 300, (2, 17), device=DEVICE)
+    base, ids = _fused_model_and_ids(checkpointing)
     monkeypatch.setattr(fused_lora, "store_masks", False)
     la, ga = _loss_and_grads(copy.deepcopy(base), ids, seed=6)
     stored = []
