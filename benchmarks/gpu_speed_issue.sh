@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, the speed issue's measurements in order of need, each under its own time limit, so that
+# one call of the device tool brings back whatever fitted (carry .whl's ijson + liger-kernel wheels and .gpu/ with
+# EmoLLM's data). Everything lands in $OUT: the kernel sweep (and fused_lora.py as --adopt rewrote it), the users'
+# commands through the CLI, and the A/Bs of the switches that are not yet defaults.
+#   bash benchmarks/gpu_speed_issue.sh            # all steps
+#   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"kernels 7b 32b_80gb fp8 maskbits hf"}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MHSFT_CACHE=/tmp/mhsft_cache TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+U="python3 benchmarks/users_commands.py --data .gpu/emollm_data.json --workdir /tmp/uc"
+quiet() { grep -v -e Warning -e warnings.warn | tail -"$1"; }
+# 8 rows without recompute fit an H200's 141 GB, 3 an 80 GB card's
+ROWS=$(python3 -c "import torch; print(8 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 3)")
+for step in $STEPS; do
+  echo "== $step"
+  case $step in
+    kernels)
+      timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
+        --tiles "32,128,4;32,256,4,4;16,128,4;16,256,4;16,64,4;64,64,4" --out "$OUT/lora_kernels.json" 2>&1 | quiet 30
+      grep -n -e "_TILES = " -e "^PHILOX_ROUNDS" src/mhsft/train/fused_lora.py
+      cp src/mhsft/train/fused_lora.py "$OUT/" ;;
+    7b) timeout 130 $U --models 7b --stacks mhsft_cli --out "$OUT/uc_7b_cli.json" 2>&1 | quiet 5 ;;
+    32b_80gb) timeout 180 $U --models 32b --stacks_32b mhsft_cli_80gb --out "$OUT/uc_32b_80gb.json" 2>&1 | quiet 5 ;;
+    fp8) timeout 100 $U --models 7b --stacks mhsft_cli_fp8 --out "$OUT/uc_7b_fp8.json" 2>&1 | quiet 4 ;;
+    hf) timeout 150 $U --models 7b --stacks hf_peft --out "$OUT/uc_7b_hf.json" 2>&1 | quiet 4 ;;
+    maskbits)
+      timeout 120 python3 benchmarks/train_throughput.py --workdir /tmp --data .gpu/emollm_data.json --no_gc \
+        --micro_batch "$ROWS" --steps 3 --warmup 1 --stacks mhsft:liger,mhsft:liger+maskbits \
+        --out "$OUT/train_ab_maskbits.json" 2>&1 | quiet 6 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
