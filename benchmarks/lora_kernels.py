@@ -13,7 +13,9 @@ The base matmuls are the same in both and left out.
 --adopt writes the fastest tiles (by group size, summed over the widths at the largest token count) into
 mhsft/train/fused_lora.py's FWD_TILES / BWD_TILES: how the trainer's defaults are chosen on a new card. With
 --rounds 10,7 it also writes PHILOX_ROUNDS when fewer rounds make a 7B layer's kernels at least 3% faster (7 is
-the floor: Philox4x32-7 is the fewest rounds that pass TestU01's BigCrush, Salmon et al. 2011).
+the floor: Philox4x32-7 is the fewest rounds that pass TestU01's BigCrush, Salmon et al. 2011). --stored_masks times
+(and --adopt chooses) the tiles with the masks stored as bits, the kernels the trainer runs once
+`fused_lora.store_masks` is on; `--rounds` reports both ways at the default tiles.
 
 --groups 2,3 also times the group kernels (gate/up: 2 members, q/k/v: 3 reading one [M, 3584] input) against
 their members' kernels one at a time, over the same tiles (`dropout_matmul_group` and its backward).
@@ -54,7 +56,7 @@ def cuda_time(fn, iters: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(m: int, k: int, r: int, p: float) -> dict:
+def measure(m: int, k: int, r: int, p: float, stored: bool = False) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
     x = torch.randn(m, k, device=dev, dtype=dt)
     a = torch.randn(r, k, device=dev, dtype=dt) / k**0.5
@@ -73,8 +75,13 @@ def measure(m: int, k: int, r: int, p: float) -> dict:
 
     unfused_fwd()
     row = {"M": m, "K": k, "unfused_fwd_ms": cuda_time(unfused_fwd), "unfused_bwd_ms": cuda_time(unfused_bwd)}
-    fwd_t = {t: cuda_time(lambda t=t: fused_lora.dropout_matmul(x, a, p, 7, tile=t)) for t in TILES}
-    bwd_t = {t: cuda_time(lambda t=t: fused_lora.dropout_matmul_backward(x, dh, a, dx, p, 7, tile=t))
+    masks = fused_lora.mask_buffer(x, 1) if stored else None
+    fwd_t = {
+        t: cuda_time(lambda t=t: fused_lora.dropout_matmul_group(x, a[None], p, (7,), t, masks))
+        for t in TILES
+    }
+    bwd_t = {t: cuda_time(lambda t=t: fused_lora.dropout_matmul_backward_group(x, dh[None], a[None], dx, p, (7,), t,
+                                                                                masks))
              for t in TILES}  # fmt: skip
     bf, bb = min(fwd_t, key=fwd_t.get), min(bwd_t, key=bwd_t.get)
     row.update(fused_fwd_ms=fwd_t[bf], fused_bwd_ms=bwd_t[bb], best_fwd_tile=bf, best_bwd_tile=bb,
@@ -87,7 +94,7 @@ def measure(m: int, k: int, r: int, p: float) -> dict:
     return row
 
 
-def measure_group(m: int, k: int, r: int, p: float, g: int) -> dict:
+def measure_group(m: int, k: int, r: int, p: float, g: int, stored: bool = False) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
     x = torch.randn(m, k, device=dev, dtype=dt)
     a = torch.randn(g, r, k, device=dev, dtype=dt) / k**0.5
@@ -98,8 +105,11 @@ def measure_group(m: int, k: int, r: int, p: float, g: int) -> dict:
     single_b = cuda_time(
         lambda: [fused_lora.dropout_matmul_backward(x, dh[j], a[j], dx, p, seeds[j]) for j in range(g)]
     )
-    fwd_t = {t: cuda_time(lambda t=t: fused_lora.dropout_matmul_group(x, a, p, seeds, tile=t)) for t in TILES}
-    bwd_t = {t: cuda_time(lambda t=t: fused_lora.dropout_matmul_backward_group(x, dh, a, dx, p, seeds, tile=t))
+    masks = fused_lora.mask_buffer(x, g) if stored else None
+    fwd_t = {
+        t: cuda_time(lambda t=t: fused_lora.dropout_matmul_group(x, a, p, seeds, t, masks)) for t in TILES
+    }
+    bwd_t = {t: cuda_time(lambda t=t: fused_lora.dropout_matmul_backward_group(x, dh, a, dx, p, seeds, t, masks))
              for t in TILES}  # fmt: skip
     bf, bb = min(fwd_t, key=fwd_t.get), min(bwd_t, key=bwd_t.get)
     return {"M": m, "K": k, "G": g, "singles_fwd_ms": single_f, "singles_bwd_ms": single_b,
@@ -203,6 +213,11 @@ def main() -> None:
         action="store_true",
         help="write the fastest tiles (and, with --rounds, rounds 3%% faster than the current) into fused_lora.py",
     )
+    ap.add_argument(
+        "--stored_masks",
+        action="store_true",
+        help="time the tiles with the masks stored as bits (store_masks)",
+    )
     ap.add_argument("--out", default="lora_kernels.json")
     args = ap.parse_args()
     if any(int(v) < MIN_ROUNDS for v in args.rounds.split(",") if v):
@@ -217,7 +232,7 @@ def main() -> None:
     )
     for m in map(int, args.tokens.split(",")):
         for k in [int(v) for v in args.widths.split(",") if v]:
-            row = measure(m, k, r, p)
+            row = measure(m, k, r, p, args.stored_masks)
             rows.append(row)
             bf, bb, gbs_f, gbs_b = (
                 row[n] for n in ("best_fwd_tile", "best_bwd_tile", "fused_fwd_gbs", "fused_bwd_gbs")
@@ -244,7 +259,7 @@ def main() -> None:
     groups = []
     for m in map(int, args.tokens.split(",")):
         for g in [int(v) for v in args.groups.split(",") if v]:
-            row = measure_group(m, 3584, r, p, g)
+            row = measure_group(m, 3584, r, p, g, args.stored_masks)
             groups.append(row)
             print(
                 f"group of {g} at [{m}, 3584]: one at a time {row['singles_fwd_ms']:.3f} / {row['singles_bwd_ms']:.3f} "
