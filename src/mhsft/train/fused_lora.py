@@ -103,17 +103,21 @@ if triton is not None:
         packed = _bit(r0, 0, threshold, 0) | _bit(r0, 1, threshold, 1) | _bit(r2, 0, threshold, 2)
         packed |= _bit(r2, 1, threshold, 3) | _bit(r1, 0, threshold, 4) | _bit(r1, 1, threshold, 5)
         packed |= _bit(r3, 0, threshold, 6) | _bit(r3, 1, threshold, 7)
+        packed = packed.to(tl.uint8)
         at, inside = _mask_at(mask_ptr, g, M, (K + 7) // 8, rows, k0, BK)
-        tl.store(at, packed.to(tl.uint8), mask=inside)
-        keep = _keep(r0, r1, r2, r3, threshold, BM, BK)
+        tl.store(at, packed, mask=inside)
+        keep = _unpacked(packed, BM, BK)
         return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+
+    @triton.jit
+    def _unpacked(packed, BM: tl.constexpr, BK: tl.constexpr):
+        bits = (packed[:, :, None] >> tl.arange(0, 8).to(tl.uint8)[None, None, :]) & 1
+        return tl.reshape(bits, (BM, BK)) != 0
 
     @triton.jit
     def _load_mask(mask_ptr, g, M, KB, rows, k0, BM: tl.constexpr, BK: tl.constexpr):
         at, inside = _mask_at(mask_ptr, g, M, KB, rows, k0, BK)
-        packed = tl.load(at, mask=inside, other=0)
-        bits = (packed[:, :, None] >> tl.arange(0, 8).to(tl.uint8)[None, None, :]) & 1
-        return tl.reshape(bits, (BM, BK)) != 0
+        return _unpacked(tl.load(at, mask=inside, other=0), BM, BK)
 
     @triton.jit
     def _member(x, seed, mask_ptr, g, M, rows, k0, K, threshold, scale,
