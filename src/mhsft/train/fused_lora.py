@@ -18,7 +18,8 @@ and the base GEMMs accumulate their input gradients into that one buffer (on an 
 3-member kernels take 0.32 / 0.70 ms forward / backward against 3 x 0.13 / 3 x 0.29 one member at a time; they
 are bound by the Philox arithmetic and registers, not memory). The base matmuls and the rank-r matmuls with B
 stay with cuBLAS; the base GEMM accumulates onto the rank-r update (`fold_update`). Only x, the [tokens, r]
-hiddens and the seeds are kept for the backward. Seeds come from torch's CPU generator, so `torch.manual_seed`
+hiddens and the seeds are kept for the backward (and, with `store_masks`, the masks as bits, 1/16 of x's bytes per
+member, so that the backward skips Philox; off until timed on a GPU). Seeds come from torch's CPU generator, so `torch.manual_seed`
 reproduces a run and activation checkpointing (which restores the RNG state before recomputing) regenerates the
 same masks.
 
