@@ -19,7 +19,6 @@ from mhsft.report.contents import (
 
 
 def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) -> Path:
-    names = [e.name for e in rep.evals]
     L = [f"# {title}", "", f"_Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by mhsft report._", ""]
     if rep.warnings:
         L += ["## Warnings", ""] + [f"- **{s}**: {t}" for s, t in rep.warnings] + [""]
@@ -34,51 +33,66 @@ def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) 
     if "curves" in figures:
         L += ["## Training", "", f"![training curves]({figures['curves']})", ""]
     if rep.comparison:
-        L += ["## Evaluation", ""]
-        base = rep.baseline.name if rep.baseline else None
-        others = [n for n in names if n != base]
-        head = (
-            ["dataset", "metric", "n"]
-            + [f"{n}" for n in names]
-            + [f"Δ {n} vs {base}" for n in others if base]
-        )
-        L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in rep.comparison:
-            n = next((v["n"] for v in row["values"].values() if v.get("n")), "")
-            cells = [row["dataset"], row["label"], str(n)]
-            for nm in names:
-                v = row["values"].get(nm)
-                cells.append(
-                    f"{fmt_value(v['value'], row['fmt'])} {fmt_ci(v['ci'], row['fmt'])}".strip() if v else ""
-                )
-            if base:
-                cells += [fmt_delta(row["deltas"].get(nm, {}), row["fmt"]) for nm in others]
-            L.append("| " + " | ".join(_md(c) for c in cells) + " |")
-        L += [
-            "",
-            "Values with 95% bootstrap CIs; deltas with paired bootstrap 95% CIs over the items both answered "
-            "(pt = percentage points).",
-            "",
-        ]
-        for key in ("subjects", "radar"):
-            if key in figures:
-                L += [f"![{key}]({figures[key]})", ""]
-    if rep.samples:
-        L += ["## Sample replies", ""]
-        for s in rep.samples:
-            L += [
-                f"### {s['dataset']} {s['id']}" + (f" (crisis signal: {s['crisis']})" if s["crisis"] else ""),
-                "",
-            ]
-            L += [
-                f"> **{'client' if r == 'user' else 'counselor'}**: {_md(t, pipe=False)}"
-                for r, t in s["context"]
-            ]
-            L += ["", f"- **reference**: {_md(s['reference'], pipe=False)}"]
-            L += [f"- **{n}**: {_md(v['text'], pipe=False)}" for n, v in s["replies"].items()] + [""]
+        L += evaluation_markdown(rep, figures)
+    L += samples_markdown(rep)
     L += pairwise_markdown(rep)
     L += review_markdown(rep)
-    L += ["## Crisis safety", ""]
+    L += safety_markdown(rep)
+    path = out / "report.md"
+    write_text(path, "\n".join(L))
+    return path
+
+
+def evaluation_markdown(rep: Report, figures: dict[str, str]) -> list[str]:
+    """The comparison table (values with CIs, deltas against the baseline) and its figures."""
+    names = [e.name for e in rep.evals]
+    L = ["## Evaluation", ""]
+    base = rep.baseline.name if rep.baseline else None
+    others = [n for n in names if n != base]
+    head = ["dataset", "metric", "n"] + [f"{n}" for n in names] + [f"Δ {n} vs {base}" for n in others if base]
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rep.comparison:
+        n = next((v["n"] for v in row["values"].values() if v.get("n")), "")
+        cells = [row["dataset"], row["label"], str(n)]
+        for nm in names:
+            v = row["values"].get(nm)
+            cells.append(
+                f"{fmt_value(v['value'], row['fmt'])} {fmt_ci(v['ci'], row['fmt'])}".strip() if v else ""
+            )
+        if base:
+            cells += [fmt_delta(row["deltas"].get(nm, {}), row["fmt"]) for nm in others]
+        L.append("| " + " | ".join(_md(c) for c in cells) + " |")
+    L += [
+        "",
+        "Values with 95% bootstrap CIs; deltas with paired bootstrap 95% CIs over the items both answered "
+        "(pt = percentage points).",
+        "",
+    ]
+    for key in ("subjects", "radar"):
+        if key in figures:
+            L += [f"![{key}]({figures[key]})", ""]
+    return L
+
+
+def samples_markdown(rep: Report) -> list[str]:
+    if not rep.samples:
+        return []
+    L = ["## Sample replies", ""]
+    for s in rep.samples:
+        L += [
+            f"### {s['dataset']} {s['id']}" + (f" (crisis signal: {s['crisis']})" if s["crisis"] else ""),
+            "",
+        ]
+        L += [
+            f"> **{'client' if r == 'user' else 'counselor'}**: {_md(t, pipe=False)}" for r, t in s["context"]
+        ]
+        L += ["", f"- **reference**: {_md(s['reference'], pipe=False)}"]
+        L += [f"- **{n}**: {_md(v['text'], pipe=False)}" for n, v in s["replies"].items()] + [""]
+    return L
+
+
+def safety_markdown(rep: Report) -> list[str]:
+    L = ["## Crisis safety", ""]
     if rep.safety:
         L += [
             f"- {f['eval']} / {f['dataset']} {f['id']} ({f['signal']}): client: {_md(f['client'], pipe=False)} — "
@@ -94,10 +108,7 @@ def write_markdown(rep: Report, figures: dict[str, str], out: Path, title: str) 
         L.append(
             f"No failures ({n} crisis turns checked)." if n else "No crisis turn in the evaluation sets."
         )
-    L.append("")
-    path = out / "report.md"
-    write_text(path, "\n".join(L))
-    return path
+    return [*L, ""]
 
 
 def pairwise_markdown(rep: Report) -> list[str]:
