@@ -209,78 +209,88 @@ def _existing(spec: str, what: str) -> Path:
 def metric_list(res: dict) -> list[dict]:
     """Headline metrics of one results.json: dataset, task, key, label, value, ci, n, higher (is better)."""
     out = []
-
-    def a(ds, task, key, label, value, ci=None, n=None, higher=True, fmt="pct"):
-        keys = ("dataset", "task", "key", "label", "value", "ci", "n", "higher", "fmt")
-        out.append(dict(zip(keys, (ds, task, key, label, value, ci, n, higher, fmt))))
-
     for ds, m in res.get("metrics", {}).items():
         if mc := m.get("multiple_choice"):
-            a(ds, "mcq", "accuracy", "accuracy (exact)", mc["accuracy"], mc.get("accuracy_ci95"), mc["n"])
-            if "multi" in mc.get("by_qtype", {}):
-                ci = mc.get("elastic_accuracy_ci95")
-                a(ds, "mcq", "elastic", "elastic accuracy", mc["elastic_accuracy"], ci, mc["n"])
-            if mc.get("invalid_rate") is not None:
-                n = mc.get("by_method", {}).get("generation", {}).get("n")
-                a(ds, "mcq", "invalid", "unreadable answers (generation)", mc["invalid_rate"], None, n, False)
+            out += _mcq_metrics(ds, mc)
         if oq := m.get("open_qa"):
-            for blk, tag in (("rouge_chars", "chars"), ("rouge_words", "words")):
-                b = oq[blk]
-                a(
-                    ds,
-                    "qa",
-                    f"rouge-l_{tag}",
-                    f"ROUGE-L F1 [{tag}]",
-                    b["rouge-l"],
-                    b.get("rouge-l_ci95"),
-                    oq["n"],
+            out += _qa_metrics(ds, oq)
+        out += _counseling_metrics(ds, m.get("counseling") or {})
+    return out
+
+
+def _metric(ds, task, key, label, value, ci=None, n=None, higher=True, fmt="pct") -> dict:
+    keys = ("dataset", "task", "key", "label", "value", "ci", "n", "higher", "fmt")
+    return dict(zip(keys, (ds, task, key, label, value, ci, n, higher, fmt)))
+
+
+def _mcq_metrics(ds: str, mc: dict) -> list[dict]:
+    out = [
+        _metric(ds, "mcq", "accuracy", "accuracy (exact)", mc["accuracy"], mc.get("accuracy_ci95"), mc["n"])
+    ]
+    if "multi" in mc.get("by_qtype", {}):
+        ci = mc.get("elastic_accuracy_ci95")
+        out.append(_metric(ds, "mcq", "elastic", "elastic accuracy", mc["elastic_accuracy"], ci, mc["n"]))
+    if mc.get("invalid_rate") is not None:
+        n = mc.get("by_method", {}).get("generation", {}).get("n")
+        label = "unreadable answers (generation)"
+        out.append(_metric(ds, "mcq", "invalid", label, mc["invalid_rate"], None, n, False))
+    return out
+
+
+def _qa_metrics(ds: str, oq: dict) -> list[dict]:
+    out = []
+    for blk, tag in (("rouge_chars", "chars"), ("rouge_words", "words")):
+        b = oq[blk]
+        label = f"ROUGE-L F1 [{tag}]"
+        out.append(_metric(ds, "qa", f"rouge-l_{tag}", label, b["rouge-l"], b.get("rouge-l_ci95"), oq["n"]))
+    out.append(_metric(ds, "qa", "bleu4", "BLEU-4 (0-100)", oq["bleu4"]["score"], None, oq["n"], fmt="num"))
+    if kp := oq.get("keypoints"):
+        ci = kp.get("hit_rate_ci95")
+        out.append(_metric(ds, "qa", "keypoints", "key-point hit rate", kp["hit_rate"], ci, kp["n_items"]))
+    return out
+
+
+def _counseling_metrics(ds: str, c: dict) -> list[dict]:
+    """The judge's dimensions, the crisis rubric, the lexical safety check and ROUGE-L against the counselor."""
+    out = []
+    if j := c.get("judge"):
+        n_ok = j["n_judged"] - j["n_failed"]
+        unreliable = set((j.get("noise") or {}).get("unreliable", []))
+        for k, v in j.items():
+            if isinstance(v, dict) and "mean" in v:
+                label = f"{k} {v['title']} ({v['scale']})" + (
+                    " [unreliable: the judge disagrees with itself]" if k in unreliable else ""
                 )
-            a(ds, "qa", "bleu4", "BLEU-4 (0-100)", oq["bleu4"]["score"], None, oq["n"], fmt="num")
-            if kp := oq.get("keypoints"):
-                ci = kp.get("hit_rate_ci95")
-                a(ds, "qa", "keypoints", "key-point hit rate", kp["hit_rate"], ci, kp["n_items"])
-        c = m.get("counseling") or {}
-        if j := c.get("judge"):
-            n_ok = j["n_judged"] - j["n_failed"]
-            unreliable = set((j.get("noise") or {}).get("unreliable", []))
-            for k, v in j.items():
-                if isinstance(v, dict) and "mean" in v:
-                    label = f"{k} {v['title']} ({v['scale']})" + (
-                        " [unreliable: the judge disagrees with itself]" if k in unreliable else ""
-                    )
-                    a(ds, "counseling", f"judge:{k}", label, v["mean"], v.get("ci95"), n_ok, fmt="num")
-            failed = j["n_failed"] / max(j["n_judged"], 1)
-            a(ds, "counseling", "judge_failed", "judgments failed", failed, None, j["n_judged"], False)
-        if cr := c.get("crisis_rubric"):
-            n_ok = cr["n_judged"] - cr["n_failed"]
-            for k, v in cr.items():
-                if isinstance(v, dict) and "pass_rate" in v:
-                    a(
-                        ds,
-                        "counseling",
-                        f"crisis:{k}",
-                        f"crisis rubric: {k} {v['title']}",
-                        v["pass_rate"],
-                        v.get("ci95"),
-                        n_ok,
-                    )
-            t = cr["total"]
-            a(
-                ds,
-                "counseling",
-                "crisis:total",
-                "crisis rubric total (0-5)",
-                t["mean"],
-                t.get("ci95"),
-                n_ok,
-                fmt="num",
+                out.append(
+                    _metric(ds, "counseling", f"judge:{k}", label, v["mean"], v.get("ci95"), n_ok, fmt="num")
+                )
+        failed = j["n_failed"] / max(j["n_judged"], 1)
+        out.append(
+            _metric(ds, "counseling", "judge_failed", "judgments failed", failed, None, j["n_judged"], False)
+        )
+    if cr := c.get("crisis_rubric"):
+        n_ok = cr["n_judged"] - cr["n_failed"]
+        for k, v in cr.items():
+            if isinstance(v, dict) and "pass_rate" in v:
+                label = f"crisis rubric: {k} {v['title']}"
+                out.append(
+                    _metric(ds, "counseling", f"crisis:{k}", label, v["pass_rate"], v.get("ci95"), n_ok)
+                )
+        t = cr["total"]
+        label = "crisis rubric total (0-5)"
+        out.append(
+            _metric(ds, "counseling", "crisis:total", label, t["mean"], t.get("ci95"), n_ok, fmt="num")
+        )
+    if (s := c.get("safety") or {}).get("n_crisis_turns"):
+        label = "crisis turns pointing to help"
+        out.append(_metric(ds, "counseling", "safety", label, s["pass_rate"], None, s["n_crisis_turns"]))
+    if b := c.get("vs_reference", {}).get("rouge_chars"):
+        label = "ROUGE-L F1 vs real counselor [chars]"
+        out.append(
+            _metric(
+                ds, "counseling", "rouge-l_chars", label, b["rouge-l"], b.get("rouge-l_ci95"), c["n_turns"]
             )
-        if (s := c.get("safety") or {}).get("n_crisis_turns"):
-            label = "crisis turns pointing to help"
-            a(ds, "counseling", "safety", label, s["pass_rate"], None, s["n_crisis_turns"])
-        if b := c.get("vs_reference", {}).get("rouge_chars"):
-            label = "ROUGE-L F1 vs real counselor [chars]"
-            a(ds, "counseling", "rouge-l_chars", label, b["rouge-l"], b.get("rouge-l_ci95"), c["n_turns"])
+        )
     return out
 
 
