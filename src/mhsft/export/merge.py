@@ -207,8 +207,6 @@ def export_merged(
     token: str | None = None,
 ) -> ExportResult:
     """Merge `adapter` into `base` (None: the base the checkpoint names) and write a plain model to `out_dir`."""
-    import torch
-
     t0 = time.perf_counter()
     reset_peak_rss()
     adapter_dir = Path(adapter).expanduser()
@@ -220,28 +218,9 @@ def export_merged(
         _check_output(out, overwrite, [adapter_dir, base_dir])
         config = read_json(base_dir / "config.json")
         base_tensors = read_base_tensors(base_dir)
-        merge_dtype = (
-            DTYPES.get(str(dtype).lower().removeprefix("torch."))
-            if dtype
-            else base_dtype(config, base_tensors)
-        )
-        if merge_dtype is None:
-            raise UserError(f"unknown --merge_dtype {dtype!r}: use float16, bfloat16 or float32")
-        trained = quantization_of(adapter_dir)
-        if trained:  # QLoRA: the base's own weights, not a 4-bit copy of them, receive the update
-            log.info(
-                f"{adapter_dir} was trained on a {trained.get('quant_bits')}-bit base: merging into the unquantized "
-                f"weights of {base_spec} (merging into quantized weights would round the update away)"
-            )
-        ad = load_adapter(adapter_dir)
-        plan, untie = plan_merge(base_tensors, ad, config)
-        base_bytes = sum(t.numel * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
-                         for t in base_tensors.values())  # fmt: skip
-        log.info(
-            f"merging {adapter_dir} into {base_spec} ({human_bytes(base_bytes)}, {len(ad.deltas)} LoRA modules"
-            f"{f', {len(ad.replacements)} saved modules' if ad.replacements else ''}) as {merge_dtype}"
-            + (" (untying the embeddings the adapter changed)" if untie else "")
-        )
+        merge_dtype = _merge_dtype(dtype, config, base_tensors)
+        trained = _trained_quantization(adapter_dir, base_spec)
+        ad, plan, untie = _load_plan(adapter_dir, base_spec, base_tensors, config, merge_dtype)
         out.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale(out)
         tmp = new_temp_dir(out)
@@ -252,22 +231,13 @@ def export_merged(
             sizes = {t.name: base_tensors[t.source].numel for t in plan}
             del ad, plan  # the adapter's tensors: verification loads its own copy through PEFT
             gc.collect()
-            check = None
-            if verify:
-                check = _verify(base_dir, adapter_dir, tmp, merge_dtype, verify_layers, config, sizes)
-            lora_cfg = read_json(adapter_dir / "adapter_config.json")
+            check = (
+                _verify(base_dir, adapter_dir, tmp, merge_dtype, verify_layers, config, sizes)
+                if verify
+                else None
+            )
             meta = {
-                "mhsft_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "base_model": base_spec,
-                "base_model_dir": str(base_dir),
-                "adapter": str(adapter_dir.resolve()),
-                "adapter_sha256": adapter_sha256(adapter_dir),
-                "merge_dtype": merge_dtype,
-                "trained_quantization": trained or None,
-                "lora": {k: lora_cfg.get(k) for k in LORA_KEYS},
-                "untied_embeddings": untie,
-                "tokenizer_from": tok_src,
+                **_source_meta(base_spec, base_dir, adapter_dir, merge_dtype, trained, untie, tok_src),
                 **stats,
                 "verify": check.__dict__ if check else None,
                 "peak_rss_mb": {"merge": round(merge_peak), "total": round(peak_rss_mb())},
@@ -279,11 +249,80 @@ def export_merged(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    log.info(
-        f"wrote {out} ({stats['shards']} shard(s), {human_bytes(stats['total_size'])} {merge_dtype}); peak memory "
-        f"{meta['peak_rss_mb']['merge']:,} MB while merging, {meta['peak_rss_mb']['total']:,} MB overall"
-    )
+    _log_written(out, meta)
     return ExportResult(out, meta)
+
+
+def _merge_dtype(dtype: str | None, config: dict, base_tensors: dict) -> str:
+    """--merge_dtype by its name (torch.float16 also), else the base model's own dtype."""
+    merge_dtype = (
+        DTYPES.get(str(dtype).lower().removeprefix("torch.")) if dtype else base_dtype(config, base_tensors)
+    )
+    if merge_dtype is None:
+        raise UserError(f"unknown --merge_dtype {dtype!r}: use float16, bfloat16 or float32")
+    return merge_dtype
+
+
+def _trained_quantization(adapter_dir: Path, base_spec: str) -> dict:
+    """The quantization the adapter was trained on ({} if none), said in the log: the merge goes into the full
+    weights either way."""
+    trained = quantization_of(adapter_dir)
+    if trained:  # QLoRA: the base's own weights, not a 4-bit copy of them, receive the update
+        log.info(
+            f"{adapter_dir} was trained on a {trained.get('quant_bits')}-bit base: merging into the unquantized "
+            f"weights of {base_spec} (merging into quantized weights would round the update away)"
+        )
+    return trained
+
+
+def _load_plan(adapter_dir: Path, base_spec: str, base_tensors: dict, config: dict, merge_dtype: str):
+    """The adapter, the plan of output tensors and whether the embeddings get untied; logs what is merged."""
+    import torch
+
+    ad = load_adapter(adapter_dir)
+    plan, untie = plan_merge(base_tensors, ad, config)
+    base_bytes = sum(t.numel * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
+                     for t in base_tensors.values())  # fmt: skip
+    log.info(
+        f"merging {adapter_dir} into {base_spec} ({human_bytes(base_bytes)}, {len(ad.deltas)} LoRA modules"
+        f"{f', {len(ad.replacements)} saved modules' if ad.replacements else ''}) as {merge_dtype}"
+        + (" (untying the embeddings the adapter changed)" if untie else "")
+    )
+    return ad, plan, untie
+
+
+def _source_meta(
+    base_spec: str,
+    base_dir: Path,
+    adapter_dir: Path,
+    merge_dtype: str,
+    trained: dict,
+    untie: bool,
+    tok_src: str,
+) -> dict:
+    """The first part of mhsft_export.json: what was merged into what, and how."""
+    lora_cfg = read_json(adapter_dir / "adapter_config.json")
+    return {
+        "mhsft_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base_model": base_spec,
+        "base_model_dir": str(base_dir),
+        "adapter": str(adapter_dir.resolve()),
+        "adapter_sha256": adapter_sha256(adapter_dir),
+        "merge_dtype": merge_dtype,
+        "trained_quantization": trained or None,
+        "lora": {k: lora_cfg.get(k) for k in LORA_KEYS},
+        "untied_embeddings": untie,
+        "tokenizer_from": tok_src,
+    }
+
+
+def _log_written(out: Path, meta: dict) -> None:
+    peak = meta["peak_rss_mb"]
+    log.info(
+        f"wrote {out} ({meta['shards']} shard(s), {human_bytes(meta['total_size'])} {meta['merge_dtype']}); peak "
+        f"memory {peak['merge']:,} MB while merging, {peak['total']:,} MB overall"
+    )
 
 
 def _base_of(adapter_dir: Path) -> str:
