@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,11 +146,30 @@ def verify_merge(
     """Logits of base + adapter (PEFT) vs the merged model on the demo dialogues. The two models are loaded one
     after the other, so peak memory is one model in `compute_dtype`."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoTokenizer
 
     device = device or torch.device("cpu")
     dtype = getattr(torch, compute_dtype)
+    prompts = _check_prompts(merged_dir)
+    refs, effect, scale, num_layers = _reference_logits(base_dir, adapter_dir, prompts, layers, dtype, device)
+    diff = _merged_difference(merged_dir, prompts, refs, layers, dtype, device)
+    return VerifyResult(
+        max_abs_diff=diff,
+        tolerance=tolerance(merge_dtype, compute_dtype, scale),
+        logit_scale=scale,
+        adapter_effect=effect,
+        compute_dtype=compute_dtype,
+        layers_checked=layers,
+        num_layers=num_layers,
+        prompts=len(prompts),
+        tokens=sum(len(p) for p in prompts),
+        device=str(device),
+    )
+
+
+def _check_prompts(merged_dir: Path) -> list[list[int]]:
+    """The demo dialogues in the merged model's own tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(str(merged_dir))
     except Exception as e:  # OSError (no tokenizer files), ValueError (unknown class)
@@ -160,19 +180,31 @@ def verify_merge(
     prompts = verification_prompts(tok)
     if not prompts:
         raise UserError("verify: no prompt to check with (the packaged demo dialogues are missing)")
+    return prompts
 
-    def config_of(path: Path):
-        cfg = AutoConfig.from_pretrained(str(path))
-        num = cfg.num_hidden_layers
-        cfg.num_hidden_layers = layers
-        if getattr(cfg, "layer_types", None):
-            cfg.layer_types = cfg.layer_types[:layers]
-        return cfg, num
 
-    cfg, num_layers = config_of(base_dir)
+def _layer_config(path: Path, layers: int):
+    """(the model's config cut to its first `layers` decoder layers, its own number of layers)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    num = cfg.num_hidden_layers
+    cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:layers]
+    return cfg, num
+
+
+def _reference_logits(
+    base_dir: Path, adapter_dir: Path, prompts: list[list[int]], layers: int, dtype, device
+):
+    """(logits of base + adapter per prompt on the CPU, max |adapter effect|, max |logit|, the base's number of
+    layers); the model is freed before returning, so that the merged one can take its memory."""
+    import torch
+    from peft import PeftModel
+
+    cfg, num_layers = _layer_config(base_dir, layers)
     model = _load_for_check(str(base_dir), cfg, dtype, device)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns about adapter weights of layers left out of a subset
         model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
@@ -189,8 +221,16 @@ def verify_merge(
             del plain
     del model
     gc.collect()
+    return refs, effect, scale, num_layers
 
-    cfg, _ = config_of(merged_dir)
+
+def _merged_difference(
+    merged_dir: Path, prompts: list[list[int]], refs: list, layers: int, dtype, device
+) -> float:
+    """Max |merged logit - reference logit| over the prompts (not finite when any difference is not)."""
+    import torch
+
+    cfg, _ = _layer_config(merged_dir, layers)
     merged = _load_for_check(str(merged_dir), cfg, dtype, device)
     diff = 0.0
     with torch.no_grad():
@@ -198,17 +238,6 @@ def verify_merge(
             got = merged(input_ids=torch.tensor([ids], device=device)).logits.float().cpu()
             d = float((got - ref).abs().max())
             diff = d if not math.isfinite(d) else max(diff, d)
-    del merged, refs
+    del merged
     gc.collect()
-    return VerifyResult(
-        max_abs_diff=diff,
-        tolerance=tolerance(merge_dtype, compute_dtype, scale),
-        logit_scale=scale,
-        adapter_effect=effect,
-        compute_dtype=compute_dtype,
-        layers_checked=layers,
-        num_layers=num_layers,
-        prompts=len(prompts),
-        tokens=sum(len(p) for p in prompts),
-        device=str(device),
-    )
+    return diff
