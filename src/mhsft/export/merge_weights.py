@@ -179,9 +179,19 @@ class Adapter:
 
 def load_adapter(path: Path) -> Adapter:
     """A PEFT LoRA adapter (ours or ms-swift's) as low-rank deltas keyed by the base weight they change."""
-    import torch
-    from peft.utils.other import get_pattern_key
+    cfg = _mergeable_config(path)
+    wfile = adapter_weights_file(path)
+    state = _read_adapter_state(wfile)
+    factors, replacements = _split_state(state, path, wfile)
+    deltas = _lora_deltas(factors, cfg, path, wfile)
+    if not deltas and not replacements:
+        raise UserError(f"{wfile}: the adapter holds no LoRA weights")
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    return Adapter(path, cfg, deltas, replacements, nbytes)
 
+
+def _mergeable_config(path: Path) -> dict:
+    """adapter_config.json, refused when it describes an adapter that W + scale * B @ A does not merge."""
     cfg = read_json(path / "adapter_config.json")
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise UserError(f"{path}: a {cfg.get('peft_type')} adapter; only LoRA adapters can be merged")
@@ -194,17 +204,26 @@ def load_adapter(path: Path) -> Adapter:
             f"{path}: init_lora_weights={init} changed the base weights at initialisation; convert the adapter "
             "to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)"
         )
-    wfile = adapter_weights_file(path)
+    return cfg
+
+
+def _read_adapter_state(wfile: Path) -> dict:
+    import torch
+
     try:
         if wfile.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(wfile))
-        else:
-            state = torch.load(wfile, map_location="cpu", weights_only=True)
+            return load_file(str(wfile))
+        return torch.load(wfile, map_location="cpu", weights_only=True)
     except Exception as e:  # SafetensorError, pickle errors, truncated files
         raise UserError(f"{wfile}: cannot read the adapter weights ({str(e).splitlines()[0]})") from None
 
+
+def _split_state(
+    state: dict, path: Path, wfile: Path
+) -> tuple[dict[str, dict[str, object]], dict[str, object]]:
+    """(module -> its lora A and B factors and whether it is an embedding, base tensor name -> replacement)."""
     factors: dict[str, dict[str, object]] = {}
     replacements: dict[str, object] = {}
     for key, t in state.items():
@@ -229,6 +248,14 @@ def load_adapter(path: Path) -> Adapter:
             )
         else:  # modules_to_save: PEFT saves the trained copy under the original module's name
             replacements[k] = t
+    return factors, replacements
+
+
+def _lora_deltas(
+    factors: dict[str, dict[str, object]], cfg: dict, path: Path, wfile: Path
+) -> dict[str, LoraDelta]:
+    """Each module's factors with the scale its config gives it (rank and alpha patterns, rsLoRA), checked."""
+    from peft.utils.other import get_pattern_key
 
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -248,10 +275,7 @@ def load_adapter(path: Path) -> Adapter:
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha_default)
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         deltas[f"{module}.weight"] = LoraDelta(a, b, float(scale), bool(f["embedding"]))
-    if not deltas and not replacements:
-        raise UserError(f"{wfile}: the adapter holds no LoRA weights")
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    return Adapter(path, cfg, deltas, replacements, nbytes)
+    return deltas
 
 
 # ------------------------------------------------------------------------------------------- plan + write
