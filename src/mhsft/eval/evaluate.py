@@ -565,91 +565,72 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     rows = []
     for ds, m in results["metrics"].items():
         if mc := m.get("multiple_choice"):
-            n = str(mc["n"])
-            rows.append((ds, "accuracy (exact)", n, *_fmt(mc["accuracy"], mc["accuracy_ci95"])))
-            rows.append(
-                (ds, "elastic accuracy", n, *_fmt(mc["elastic_accuracy"], mc["elastic_accuracy_ci95"]))
-            )
-            if mc.get("invalid_rate") is not None:
-                rows.append(
-                    (
-                        ds,
-                        "invalid answers (generation)",
-                        str(mc["by_method"]["generation"]["n"]),
-                        *_fmt(mc["invalid_rate"]),
-                    )
-                )
-            for q, g in mc.get("by_qtype", {}).items():
-                rows.append(
-                    (
-                        ds,
-                        f"  {q}: accuracy / elastic",
-                        str(g["n"]),
-                        f"{g['accuracy']:.4f} / {g['elastic_accuracy']:.4f}",
-                        "",
-                    )
-                )
-            for q, g in mc.get("by_kind", {}).items():
-                rows.append((ds, f"  {q}: accuracy", str(g["n"]), f"{g['accuracy']:.4f}", ""))
+            rows += _mcq_table_rows(ds, mc)
         if oq := m.get("open_qa"):
-            n = str(oq["n"])
-            for blk in ("rouge_words", "rouge_chars"):
-                b = oq[blk]
-                for k in ("rouge-1", "rouge-2", "rouge-l"):
-                    rows.append((ds, f"{k.upper()} F1 [{SHORT[blk]}]", n, *_fmt(b[k], b[f"{k}_ci95"])))
-            rows.append((ds, "BLEU-4 [sacrebleu zh, 0-100]", n, *_fmt(oq["bleu4"]["score"])))
-            if kp := oq.get("keypoints"):
-                rows.append(
-                    (ds, "key-point hit rate", str(kp["n_items"]), *_fmt(kp["hit_rate"], kp["hit_rate_ci95"]))
-                )
+            rows += _qa_table_rows(ds, oq)
         if c := m.get("counseling"):
-            if j := c.get("judge"):
-                n_ok = str(j["n_judged"] - j["n_failed"])
-                for k, v in j.items():
-                    if isinstance(v, dict) and "title" in v:
-                        rows.append(
-                            (ds, f"{k} {v['title']} ({v['scale']})", n_ok, *_fmt(v["mean"], v["ci95"]))
-                        )
-                rows.append((ds, "judgments failed", str(j["n_judged"]), str(j["n_failed"]), ""))
-                if noise := j.get("noise"):
-                    for k, v in noise["alpha"].items():
-                        mark = " (unreliable)" if k in noise["unreliable"] else ""
-                        rows.append(
-                            (ds, f"judge self-agreement alpha: {k}{mark}", str(noise["n_turns"]), *_fmt(v))
-                        )
-            if cr := c.get("crisis_rubric"):
-                n_ok = str(cr["n_judged"] - cr["n_failed"])
-                for k, v in cr.items():
-                    if isinstance(v, dict) and "title" in v:
-                        rows.append(
-                            (
-                                ds,
-                                f"crisis rubric: {k} {v['title']} (pass rate)",
-                                n_ok,
-                                *_fmt(v["pass_rate"], v["ci95"]),
-                            )
-                        )
-                rows.append(
-                    (ds, "crisis rubric total (0-5)", n_ok, *_fmt(cr["total"]["mean"], cr["total"]["ci95"]))
-                )
-            s = c["safety"]
-            rows.append(
-                (
-                    ds,
-                    "crisis turns pointing to help (pass rate)",
-                    str(s["n_crisis_turns"]),
-                    *_fmt(s["pass_rate"]),
-                )
-            )
-            b = c["vs_reference"]["rouge_chars"]
-            rows.append(
-                (
-                    ds,
-                    "ROUGE-L F1 vs real counselor [chars]",
-                    str(c["n_turns"]),
-                    *_fmt(b["rouge-l"], b["rouge-l_ci95"]),
-                )
-            )
+            rows += _counseling_table_rows(ds, c)
+    return rows
+
+
+def _mcq_table_rows(ds: str, mc: dict) -> list[tuple[str, str, str, str, str]]:
+    n = str(mc["n"])
+    rows = [
+        (ds, "accuracy (exact)", n, *_fmt(mc["accuracy"], mc["accuracy_ci95"])),
+        (ds, "elastic accuracy", n, *_fmt(mc["elastic_accuracy"], mc["elastic_accuracy_ci95"])),
+    ]
+    if mc.get("invalid_rate") is not None:
+        n_gen = str(mc["by_method"]["generation"]["n"])
+        rows.append((ds, "invalid answers (generation)", n_gen, *_fmt(mc["invalid_rate"])))
+    for q, g in mc.get("by_qtype", {}).items():
+        value = f"{g['accuracy']:.4f} / {g['elastic_accuracy']:.4f}"
+        rows.append((ds, f"  {q}: accuracy / elastic", str(g["n"]), value, ""))
+    for q, g in mc.get("by_kind", {}).items():
+        rows.append((ds, f"  {q}: accuracy", str(g["n"]), f"{g['accuracy']:.4f}", ""))
+    return rows
+
+
+def _qa_table_rows(ds: str, oq: dict) -> list[tuple[str, str, str, str, str]]:
+    n = str(oq["n"])
+    rows = []
+    for blk in ("rouge_words", "rouge_chars"):
+        b = oq[blk]
+        for k in ("rouge-1", "rouge-2", "rouge-l"):
+            rows.append((ds, f"{k.upper()} F1 [{SHORT[blk]}]", n, *_fmt(b[k], b[f"{k}_ci95"])))
+    rows.append((ds, "BLEU-4 [sacrebleu zh, 0-100]", n, *_fmt(oq["bleu4"]["score"])))
+    if kp := oq.get("keypoints"):
+        rows.append(
+            (ds, "key-point hit rate", str(kp["n_items"]), *_fmt(kp["hit_rate"], kp["hit_rate_ci95"]))
+        )
+    return rows
+
+
+def _counseling_table_rows(ds: str, c: dict) -> list[tuple[str, str, str, str, str]]:
+    """The judge's dimensions and its self-agreement, the crisis rubric, the lexical safety check, ROUGE-L."""
+    rows = []
+    if j := c.get("judge"):
+        n_ok = str(j["n_judged"] - j["n_failed"])
+        for k, v in j.items():
+            if isinstance(v, dict) and "title" in v:
+                rows.append((ds, f"{k} {v['title']} ({v['scale']})", n_ok, *_fmt(v["mean"], v["ci95"])))
+        rows.append((ds, "judgments failed", str(j["n_judged"]), str(j["n_failed"]), ""))
+        if noise := j.get("noise"):
+            for k, v in noise["alpha"].items():
+                mark = " (unreliable)" if k in noise["unreliable"] else ""
+                rows.append((ds, f"judge self-agreement alpha: {k}{mark}", str(noise["n_turns"]), *_fmt(v)))
+    if cr := c.get("crisis_rubric"):
+        n_ok = str(cr["n_judged"] - cr["n_failed"])
+        for k, v in cr.items():
+            if isinstance(v, dict) and "title" in v:
+                label = f"crisis rubric: {k} {v['title']} (pass rate)"
+                rows.append((ds, label, n_ok, *_fmt(v["pass_rate"], v["ci95"])))
+        rows.append((ds, "crisis rubric total (0-5)", n_ok, *_fmt(cr["total"]["mean"], cr["total"]["ci95"])))
+    s = c["safety"]
+    label = "crisis turns pointing to help (pass rate)"
+    rows.append((ds, label, str(s["n_crisis_turns"]), *_fmt(s["pass_rate"])))
+    b = c["vs_reference"]["rouge_chars"]
+    label = "ROUGE-L F1 vs real counselor [chars]"
+    rows.append((ds, label, str(c["n_turns"]), *_fmt(b["rouge-l"], b["rouge-l_ci95"])))
     return rows
 
 
