@@ -258,7 +258,6 @@ def run_batch(engine: Engine, args: InferArguments, adapter, out: IO) -> tuple[i
     todo = [x for x in items if not isinstance(x, DataError)]
     results: dict[int, dict] = {}
     queues: dict[int, tuple[queue.Queue, Request, TextStream]] = {}
-    tok = engine.tokenizer
     window = max(2 * engine.max_batch_size, 8)  # keep the engine full without queueing the whole file
     bar = tqdm(total=len(todo), desc="infer", unit="dialogue", file=sys.stderr, dynamic_ncols=True)
     nxt = written = answered = 0
@@ -266,52 +265,75 @@ def run_batch(engine: Engine, args: InferArguments, adapter, out: IO) -> tuple[i
         while written < len(todo):
             while nxt < len(todo) and len(queues) < window:
                 d, _ = todo[nxt]
-                q: queue.Queue = queue.Queue()
                 try:
-                    prompt = encode_chat(tok, d.to_messages())
-                    params = args.sampling()
-                    params.max_new_tokens = min(params.max_new_tokens, engine.max_model_len - len(prompt) - 1)
-                    req = Request(prompt, params, q.put, adapter=adapter)
-                    engine.submit(req)
-                    queues[nxt] = (q, req, TextStream(tok))
+                    queues[nxt] = _submit(engine, args, adapter, d)
                 except Exception as e:  # too long, template failure: that record only
                     results[nxt] = {"error": f"{d.source.where()}: {d.source.label()}: {str(e)[:200]}"}
                 nxt += 1
-            for i, (q, _req, stream) in list(queues.items()):
-                while not q.empty():
-                    ev = q.get()
-                    if ev.kind == "token" and not ev.is_stop:
-                        stream.push(ev.token)
-                    elif ev.kind == "error":
-                        results[i] = {"error": ev.message}
-                        del queues[i]
-                        break
-                    elif ev.kind == "done":
-                        stream.flush()
-                        d, label = todo[i]
-                        msgs = d.to_messages() + [{"role": "assistant", "content": stream.text}]
-                        results[i] = {
-                            "id": d.source.id,
-                            "messages": msgs,
-                            "response": stream.text,
-                            "labels": label,
-                            "finish_reason": ev.finish_reason,
-                        }
-                        del queues[i]
-                        break
-            while written in results:
-                res = results.pop(written)
-                if "error" in res:
-                    get_logger().error(f"failed {res['error']}")
-                else:
-                    out.write(json.dumps(res, ensure_ascii=False) + "\n")
-                    out.flush()
-                    answered += 1
-                bar.update(1)
-                written += 1
+            _collect(queues, todo, results)
+            written, done = _write_in_order(results, written, out, bar)
+            answered += done
             if written < len(todo) and written not in results:
                 time.sleep(0.01)
     return answered, len(items) - answered
+
+
+def _submit(
+    engine: Engine, args: InferArguments, adapter, d: Dialogue
+) -> tuple[queue.Queue, Request, TextStream]:
+    """One dialogue onto the engine, its reply capped to the room the context leaves; raises if it cannot go."""
+    tok = engine.tokenizer
+    q: queue.Queue = queue.Queue()
+    prompt = encode_chat(tok, d.to_messages())
+    params = args.sampling()
+    params.max_new_tokens = min(params.max_new_tokens, engine.max_model_len - len(prompt) - 1)
+    req = Request(prompt, params, q.put, adapter=adapter)
+    engine.submit(req)
+    return q, req, TextStream(tok)
+
+
+def _collect(
+    queues: dict[int, tuple[queue.Queue, Request, TextStream]], todo: list, results: dict[int, dict]
+) -> None:
+    """The engine's events so far into each request's text; a finished or failed request moves to `results`."""
+    for i, (q, _req, stream) in list(queues.items()):
+        while not q.empty():
+            ev = q.get()
+            if ev.kind == "token" and not ev.is_stop:
+                stream.push(ev.token)
+            elif ev.kind == "error":
+                results[i] = {"error": ev.message}
+                del queues[i]
+                break
+            elif ev.kind == "done":
+                stream.flush()
+                d, label = todo[i]
+                msgs = d.to_messages() + [{"role": "assistant", "content": stream.text}]
+                results[i] = {
+                    "id": d.source.id,
+                    "messages": msgs,
+                    "response": stream.text,
+                    "labels": label,
+                    "finish_reason": ev.finish_reason,
+                }
+                del queues[i]
+                break
+
+
+def _write_in_order(results: dict[int, dict], written: int, out: IO, bar) -> tuple[int, int]:
+    """Write (or log the failure of) the results that come next in input order: (written now, answered of them)."""
+    answered = 0
+    while written in results:
+        res = results.pop(written)
+        if "error" in res:
+            get_logger().error(f"failed {res['error']}")
+        else:
+            out.write(json.dumps(res, ensure_ascii=False) + "\n")
+            out.flush()
+            answered += 1
+        bar.update(1)
+        written += 1
+    return written, answered
 
 
 def _result_path(args: InferArguments, adapters: dict[str, str]) -> Path:
