@@ -188,68 +188,73 @@ def _as_list(v) -> list[str]:
 # ----------------------------------------------------------------------------------------------- planning
 def plan(exp: Experiment) -> list[Stage]:
     """The experiment's stages in order, every section checked."""
-    S, X = exp.sections, exp.exp_dir
+    S = exp.sections
     stages: list[Stage] = []
-    hf = {"use_hf": True} if exp.use_hf else {}
-    err = f"{exp.path}:"
     if "data" in S:
-        flags = check_section(exp, "data", S["data"])
-        if not flags.get("dataset"):
-            raise UserError(f"{err} data: give dataset (the dialogues to prepare)")
-        test_size = S["data"].get("test_size") or 0
-        if not isinstance(test_size, int) or test_size < 0:
-            raise UserError(f"{err} data: test_size must be a whole number >= 0")
-        opts = {
-            "test_size": test_size,
-            "clean": S["data"].get("clean", True) is not False,
-            # token statistics with the tokenizer and max_length that training uses
-            "stats_model": flags.pop("model", None) or S.get("sft", {}).get("model") or exp.model,
-            "stats_max_length": flags.pop("max_length", None) or S.get("sft", {}).get("max_length"),
-        }
-        inputs = [fingerprint(d) for d in _as_list(flags["dataset"])]
-        stages.append(
-            Stage(
-                "data", "validate, clean and split the dialogues", flags, inputs, (), X / "data", options=opts
-            )
-        )
-
+        stages.append(_plan_data(exp))
     if "sft" in S:
-        flags = check_section(exp, "sft", S["sft"])
-        flags = {"model": flags.pop("model", None) or exp.model, **hf, **flags}
-        if not flags["model"]:
-            raise UserError(f"{err} give model (top level or in sft)")
-        if "data" in S and flags.get("dataset"):
-            raise UserError(
-                f"{err} sft: the dataset comes from the data stage here; set data.dataset instead"
-            )
-        if "data" not in S and not flags.get("dataset"):
-            raise UserError(f"{err} sft: give dataset, or add a data section")
-        specs = [flags["model"], *_as_list(flags.get("dataset")), *_as_list(flags.get("val_dataset"))]
-        up = ("data",) if "data" in S else ()
-        stages.append(
-            Stage("sft", "fine-tune", flags, list(map(fingerprint, specs)), up, X / "sft", keep_stale=True)
-        )
-
+        stages.append(_plan_sft(exp))
     if "export" in S:
-        if "sft" not in S:
-            raise UserError(f"{err} export merges the sft stage's adapter: add an sft section")
-        flags = check_section(exp, "export", S["export"])
-        flags = {"model": flags.pop("model", None) or S["sft"].get("model") or exp.model, **hf, **flags}
-        stages.append(
-            Stage("export", "merge the adapter into the base model", flags, [], ("sft",), X / "export")
-        )
-
+        stages.append(_plan_export(exp))
     if "eval" in S:
         stages += _plan_eval(exp)
-
     if "review" in S:
         stages.append(_plan_review(exp, stages))
-
     if "report" in S:
         flags = check_section(exp, "report", S["report"])
         up = tuple(s.name for s in stages)
-        stages.append(Stage("report", "write the report", flags, [], up, X / "report"))
+        stages.append(Stage("report", "write the report", flags, [], up, exp.exp_dir / "report"))
     return stages
+
+
+def _plan_data(exp: Experiment) -> Stage:
+    S, err = exp.sections, f"{exp.path}:"
+    flags = check_section(exp, "data", S["data"])
+    if not flags.get("dataset"):
+        raise UserError(f"{err} data: give dataset (the dialogues to prepare)")
+    test_size = S["data"].get("test_size") or 0
+    if not isinstance(test_size, int) or test_size < 0:
+        raise UserError(f"{err} data: test_size must be a whole number >= 0")
+    opts = {
+        "test_size": test_size,
+        "clean": S["data"].get("clean", True) is not False,
+        # token statistics with the tokenizer and max_length that training uses
+        "stats_model": flags.pop("model", None) or S.get("sft", {}).get("model") or exp.model,
+        "stats_max_length": flags.pop("max_length", None) or S.get("sft", {}).get("max_length"),
+    }
+    inputs = [fingerprint(d) for d in _as_list(flags["dataset"])]
+    title = "validate, clean and split the dialogues"
+    return Stage("data", title, flags, inputs, (), exp.exp_dir / "data", options=opts)
+
+
+def _plan_sft(exp: Experiment) -> Stage:
+    S, err = exp.sections, f"{exp.path}:"
+    hf = {"use_hf": True} if exp.use_hf else {}
+    flags = check_section(exp, "sft", S["sft"])
+    flags = {"model": flags.pop("model", None) or exp.model, **hf, **flags}
+    if not flags["model"]:
+        raise UserError(f"{err} give model (top level or in sft)")
+    if "data" in S and flags.get("dataset"):
+        raise UserError(f"{err} sft: the dataset comes from the data stage here; set data.dataset instead")
+    if "data" not in S and not flags.get("dataset"):
+        raise UserError(f"{err} sft: give dataset, or add a data section")
+    specs = [flags["model"], *_as_list(flags.get("dataset")), *_as_list(flags.get("val_dataset"))]
+    up = ("data",) if "data" in S else ()
+    return Stage(
+        "sft", "fine-tune", flags, list(map(fingerprint, specs)), up, exp.exp_dir / "sft", keep_stale=True
+    )
+
+
+def _plan_export(exp: Experiment) -> Stage:
+    S = exp.sections
+    if "sft" not in S:
+        raise UserError(f"{exp.path}: export merges the sft stage's adapter: add an sft section")
+    hf = {"use_hf": True} if exp.use_hf else {}
+    flags = check_section(exp, "export", S["export"])
+    flags = {"model": flags.pop("model", None) or S["sft"].get("model") or exp.model, **hf, **flags}
+    return Stage(
+        "export", "merge the adapter into the base model", flags, [], ("sft",), exp.exp_dir / "export"
+    )
 
 
 def _plan_review(exp: Experiment, stages: list[Stage]) -> Stage:
