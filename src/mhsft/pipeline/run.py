@@ -276,11 +276,7 @@ def main(argv: list[str]) -> int:
     exp = load_experiment(path, exp_dir)
     _register_secrets(exp.sections)
     stages = plan(exp)
-    names = [s.name for s in stages]
-    if start == "eval":
-        start = next((n for n in names if n.startswith("eval_")), start)
-    if start is not None and start not in names:
-        raise UserError(f"--from {start}: this experiment's stages are {', '.join(names)}")
+    first = _first_forced([s.name for s in stages], start)  # stages from here on run whether done or not
     held = contextlib.ExitStack()
     if not dry:  # one `mhsft run` per experiment folder: a second would run the same stages into it
         held.enter_context(hold(exp.exp_dir / ".mhsft" / LOCK_NAME, f"the experiment folder {exp.exp_dir}"))
@@ -291,35 +287,17 @@ def main(argv: list[str]) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     t_all, st = time.time(), stages[0]
-    first = names.index(start) if start else len(stages)  # stages from here on run whether done or not
     try:
         i = 0
         while i < len(stages):
-            st, group = stages[i], [decide(stages[i], state, i >= first)]
-            head = f"== [{i + 1}/{len(stages)}] {st.name}: {st.title}"
-            i += 1
-            if not group[0].run:
-                rec = state.get(st.name)
-                print(
-                    f"{head}: skipped (done {rec.get('finished')}; settings and inputs unchanged)", flush=True
-                )
-                done[st.name] = rec["outputs"]
-                continue
-            print(head + group[0].why, flush=True)
-            nxt = stages[i] if i < len(stages) else None
-            if st.name == "eval_base" and nxt is not None and evaluated_together(st, nxt, exp):
-                d = decide(nxt, state, i >= first)
-                if d.run:  # the fine-tuned adapter beside the base, in one `mhsft eval` (one load)
-                    i += 1
-                    print(
-                        f"== [{i}/{len(stages)}] {nxt.name}: {nxt.title}{d.why}: with {st.name}, in one load",
-                        flush=True,
-                    )
-                    group.append(d)
-            if dry:
+            st = stages[i]
+            group, i = _next_group(stages, i, first, state, exp)
+            if not group:
+                done[st.name] = state.get(st.name)["outputs"]
+            elif dry:
                 _dry_run(group, exp, done, state)
-                continue
-            run_group(group, runner, exp, done, state, later=stages[i:])
+            else:
+                run_group(group, runner, exp, done, state, later=stages[i:])
     except StageFailed as e:
         log.error(
             f"error: stage {st.name} failed (exit {e.code}); fix the cause and run `mhsft run {exp.path}` again: "
@@ -337,6 +315,43 @@ def main(argv: list[str]) -> int:
             html = Path(done["report"]["report"])
             print(f"report: {html}\n        {html.with_suffix('.md')}", flush=True)
     return 0
+
+
+def _first_forced(names: list[str], start: str | None) -> int:
+    """The index of the --from stage (`eval`: the first evaluation), from which stages run whether done or not;
+    past the end without --from."""
+    if start == "eval":
+        start = next((n for n in names if n.startswith("eval_")), start)
+    if start is not None and start not in names:
+        raise UserError(f"--from {start}: this experiment's stages are {', '.join(names)}")
+    return names.index(start) if start else len(names)
+
+
+def _next_group(
+    stages: list[Stage], i: int, first: int, state: State, exp: Experiment
+) -> tuple[list[Decision], int]:
+    """The stage at `i` (with eval_finetuned when it runs in eval_base's `mhsft eval`), its heading printed:
+    (what runs, [] when the stage is skipped; the index of the stage after them)."""
+    st, d = stages[i], decide(stages[i], state, i >= first)
+    head = f"== [{i + 1}/{len(stages)}] {st.name}: {st.title}"
+    i += 1
+    if not d.run:
+        rec = state.get(st.name)
+        print(f"{head}: skipped (done {rec.get('finished')}; settings and inputs unchanged)", flush=True)
+        return [], i
+    print(head + d.why, flush=True)
+    group = [d]
+    nxt = stages[i] if i < len(stages) else None
+    if st.name == "eval_base" and nxt is not None and evaluated_together(st, nxt, exp):
+        d = decide(nxt, state, i >= first)
+        if d.run:  # the fine-tuned adapter beside the base, in one `mhsft eval` (one load)
+            i += 1
+            print(
+                f"== [{i}/{len(stages)}] {nxt.name}: {nxt.title}{d.why}: with {st.name}, in one load",
+                flush=True,
+            )
+            group.append(d)
+    return group, i
 
 
 @dataclass
