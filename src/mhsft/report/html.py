@@ -15,6 +15,7 @@ import math
 import re
 from pathlib import Path
 
+from mhsft.files import write_text
 from mhsft.report.contents import (
     Report,
     data_rows,
@@ -482,7 +483,7 @@ def render(rep: Report, out: Path, title: str) -> tuple[Path, dict[str, str]]:
     )
     P.append(LOAD_CHECK + "</body></html>")
     path = out / "report.html"
-    path.write_text("\n".join(P), encoding="utf-8")
+    write_text(path, "\n".join(P))
     return path, {k: f"figures/{k}.png" for k in figs}
 
 

@@ -19,6 +19,7 @@ from typing import IO
 from mhsft.args import EngineArguments, GenerationArguments, ModelArguments, QuantArguments, parse_args
 from mhsft.data import readers
 from mhsft.data.schema import DataError, Dialogue, Source
+from mhsft.files import atomic_open
 from mhsft.model import base_model_for, parse_adapters
 from mhsft.serve.detok import TextStream
 from mhsft.serve.engine import Engine, Request, encode_chat, engine_from_args
@@ -367,7 +368,7 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--infer_data {args.infer_data}: no such file")
         path = _result_path(args, adapters)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:  # an interrupted run leaves no half file that looks whole
             done, bad = run_batch(engine, args, adapter, f)
         get_logger().info(f"answered {done} dialogues" + (f", {bad} skipped" if bad else "") + f": {path}")
         return 0 if done or not bad else 2
