@@ -7,7 +7,7 @@
 #   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"kernels 7b 32b_80gb fp8 maskbits hf"}
+STEPS=${STEPS:-"check kernels 7b 32b_80gb fp8 maskbits hf"}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MHSFT_CACHE=/tmp/mhsft_cache TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -18,6 +18,9 @@ ROWS=$(python3 -c "import torch; print(8 if torch.cuda.get_device_properties(0).
 for step in $STEPS; do
   echo "== $step"
   case $step in
+    check)  # the compiled kernels and Liger's SwiGLU in the paths the CPU tests run under the interpreter
+      MHSFT_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_swiglu_down.py \
+        tests/train/test_fused_lora.py -k "swiglu or remade or stored or product or sibling" 2>&1 | tail -4 ;;
     kernels)
       timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
         --tiles "32,128,4;32,256,4,4;16,128,4;16,256,4;16,64,4;64,64,4" --out "$OUT/lora_kernels.json" 2>&1 | quiet 30

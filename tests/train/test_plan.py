@@ -94,6 +94,40 @@ def test_describe_names_the_split_and_the_way_back():
     assert "as written" in plan.describe(asked, asked, 2, 3072, "Liger")
 
 
+def remaking_card(physical: float = 1e9):
+    """`fake_card` whose stored layer costs a quarter less with the SwiGLU product remade."""
+    calls = []
+
+    def probe(p: Plan) -> int | None:
+        calls.append(p)
+        per_layer = 0.375 if p.remake_swiglu and p.recompute_layers < p.layers else 0.5
+        peak = 10 * K + p.micro_batch * (1 * K + (p.layers - p.recompute_layers) * per_layer * K)
+        return None if peak > physical * K else int(peak)
+
+    return probe, calls
+
+
+def test_the_swiglu_product_is_remade_only_where_the_plan_without_it_does_not_fit():
+    """A large card: no remaking (it costs ~1% a step). 45: 8 rows without recompute need 50 kept, 42 remade, and
+    beat 4 rows without either (30). 14: 1 row stores all 8 layers remade (14) instead of 6 kept (the plan
+    without remaking). A model that cannot remake never gets such a plan."""
+    asked = Plan(8, 4, LAYERS, LAYERS)
+    expect = {100: Plan(8, 4, 0, LAYERS), 45: Plan(8, 4, 0, LAYERS, True), 14: Plan(1, 32, 0, LAYERS, True)}
+    for budget, want in expect.items():
+        probe, calls = remaking_card()
+        assert search(Search(asked, budget * K, 0, 0.15, probe, remake=True)) == want, budget
+        if budget == 100:
+            assert not any(p.remake_swiglu for p in calls)
+    probe, calls = remaking_card()
+    assert search(Search(asked, 14 * K, 0, 0.15, probe)) == Plan(1, 32, 2, LAYERS)
+    assert not any(p.remake_swiglu for p in calls)
+    assert predicted_cost(Plan(8, 4, 0, LAYERS, True), 0.15) > predicted_cost(Plan(8, 4, 0, LAYERS), 0.15)
+    assert Plan(2, 16, 6, LAYERS, True).recompute_text() == (
+        "recompute 6 of 8 layers, SwiGLU product remade in the others"
+    )
+    assert Plan(2, 16, LAYERS, LAYERS, True).recompute_text() == "recompute"
+
+
 class _Args:
     auto_plan, deepspeed, torch_compile = True, None, False
 

@@ -422,6 +422,37 @@ def _add_input_grad(dx: torch.Tensor | None, g: torch.Tensor, weight) -> torch.T
 store_masks = False
 
 
+def group_forward(x2, weights, biases, p: float, seeds, a_all, bts, keep_masks: bool):
+    """(outputs, the members' h = dropout(x2) @ a.T, stored masks or None) of the G LoRA linears reading x2 [M, K]
+    (`_LoRAGroup`'s forward; mhsft.train.swiglu_down calls it on an input it does not keep)."""
+    masks = mask_buffer(x2, len(a_all)) if p > 0 and store_masks and keep_masks else None
+    if p > 0:
+        hs = dropout_matmul_group(x2, a_all, p, seeds, masks=masks)
+    else:  # one skinny GEMM reads x for every member
+        hs = (x2 @ a_all.flatten(0, 1).t()).split(a_all.shape[1], dim=1)
+    outs = [_base_plus_update(x2, w, b, h, bt) for w, b, h, bt in zip(weights, biases, hs, bts)]
+    return outs, hs, masks
+
+
+def group_backward(x2, grads, weights, p: float, seeds, a_all, bts, hs, masks, need_x: bool, need_bt):
+    """(dx2 or None, da [G, r, K], [dbt or None per member]) from the outputs' gradients `grads` ([M, N_g] each)."""
+    dh = torch.empty(len(grads), x2.shape[0], a_all.shape[1], device=x2.device, dtype=grads[0].dtype)
+    dx, dbts = None, []
+    for j, (g, weight, bt, h) in enumerate(zip(grads, weights, bts, hs)):
+        dbts.append(h.t() @ g if need_bt[j] else None)
+        torch.mm(g, bt.t(), out=dh[j])
+        if need_x:
+            dx = _add_input_grad(dx, g, weight)
+    if p > 0:
+        da = dropout_matmul_backward_group(x2, dh, a_all, dx, p, seeds, masks=masks)
+    else:
+        dh_all = dh.transpose(0, 1).flatten(1)  # [M, n * r]: one GEMM each way for every member
+        da = (dh_all.t() @ x2).view(a_all.shape)
+        if dx is not None:
+            dx.addmm_(dh_all, a_all.flatten(0, 1))
+    return dx, da, dbts
+
+
 class _LoRAGroup(torch.autograd.Function):
     """base_g(x) + (dropout_g(x) @ a_g.T) @ bt_g for the G linears that read x (q/k/v, or gate/up, or one linear),
     frozen bases (`_base_linear`); gradients for x, every a_g and bt_g. The LoRA kernels read x once for all
@@ -434,12 +465,7 @@ class _LoRAGroup(torch.autograd.Function):
         a, bts = ab[0::2], ab[1::2]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         a_all = torch.stack(a)
-        masks = mask_buffer(x2, len(a)) if p > 0 and store_masks and any(ctx.needs_input_grad) else None
-        if p > 0:
-            hs = dropout_matmul_group(x2, a_all, p, seeds, masks=masks)
-        else:  # one skinny GEMM reads x for every member
-            hs = (x2 @ a_all.flatten(0, 1).t()).split(a_all.shape[1], dim=1)
-        outs = [_base_plus_update(x2, w, b, h, bt) for w, b, h, bt in zip(weights, biases, hs, bts)]
+        outs, hs, masks = group_forward(x2, weights, biases, p, seeds, a_all, bts, any(ctx.needs_input_grad))
         ctx.save_for_backward(x2, a_all, masks, *bts, *hs)
         # frozen: kept by reference, not as saved tensors (they may be quantized weights)
         ctx.weights, ctx.p, ctx.seeds, ctx.x_shape = weights, p, seeds, x.shape
@@ -450,30 +476,23 @@ class _LoRAGroup(torch.autograd.Function):
         x2, a_all, masks, *rest = ctx.saved_tensors
         n = len(grads)
         bts, hs = rest[:n], rest[n:]
-        dh = torch.empty(n, x2.shape[0], a_all.shape[1], device=x2.device, dtype=grads[0].dtype)
-        dx, dbts = None, []
-        for j, (grad, weight, bt, h) in enumerate(zip(grads, ctx.weights, bts, hs)):
-            g = grad.reshape(-1, grad.shape[-1])
-            dbts.append(h.t() @ g if ctx.needs_input_grad[6 + 2 * j] else None)
-            torch.mm(g, bt.t(), out=dh[j])
-            if ctx.needs_input_grad[0]:
-                dx = _add_input_grad(dx, g, weight)
-        if ctx.p > 0:
-            da = dropout_matmul_backward_group(x2, dh, a_all, dx, ctx.p, ctx.seeds, masks=masks)
-        else:
-            dh_all = dh.transpose(0, 1).flatten(1)  # [M, n * r]: one GEMM each way for every member
-            da = (dh_all.t() @ x2).view(a_all.shape)
-            if dx is not None:
-                dx.addmm_(dh_all, a_all.flatten(0, 1))
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+        need_bt = [ctx.needs_input_grad[6 + 2 * j] for j in range(n)]
+        dx, da, dbts = group_backward(x2, gs, ctx.weights, ctx.p, ctx.seeds, a_all, bts, hs, masks,
+                                      ctx.needs_input_grad[0], need_bt)  # fmt: skip
         dx = None if dx is None else dx.view(ctx.x_shape)
         return (dx, None, None, None, None, *[t for j in range(n) for t in (da[j], dbts[j])])
 
 
+def lora_seeds(members: int, p: float) -> tuple[int, ...]:
+    """One Philox seed per member (drawn from torch's generator, so runs repeat under a seed), zeros without dropout."""
+    return tuple(int(s) for s in torch.randint(0, 2**31 - 1, (members,))) if p > 0 else (0,) * members
+
+
 def lora_group(x, weights, biases, a, bts, p: float) -> tuple[torch.Tensor, ...]:
     """The outputs of the LoRA linears (frozen bases `weights`/`biases`, adapters `a`/`bts`, dropout p) reading x."""
-    seeds = tuple(int(s) for s in torch.randint(0, 2**31 - 1, (len(a),))) if p > 0 else (0,) * len(a)
     return _LoRAGroup.apply(
-        x, tuple(weights), tuple(biases), p, seeds, *[t for ab in zip(a, bts) for t in ab]
+        x, tuple(weights), tuple(biases), p, lora_seeds(len(a), p), *[t for ab in zip(a, bts) for t in ab]
     )
 
 

@@ -11,8 +11,10 @@ a README is not where users look, so the tool chooses.
 What may change, and what may not. The optimization stays the user's: the rows per optimizer step (micro-batch x
 accumulation x ranks), the rows themselves and their order (the epoch plan is made with the user's micro-batch and
 only re-split), the token-mean loss over the whole step, the learning-rate schedule. What the plan changes is
-how a step's rows are split into micro-batches (never more rows per micro-batch than asked) and how many decoder
-layers recompute; the fused kernels are chosen elsewhere (`speedups`). Losses equal the as-written run's up to
+how a step's rows are split into micro-batches (never more rows per micro-batch than asked), how many decoder
+layers recompute, and whether the layers that store remake their SwiGLU product in the backward instead of keeping
+it (mhsft.train.swiglu_down: a quarter less memory per stored layer for ~1% of a step, so tried only where the
+plan without it does not fit); the fused kernels are chosen elsewhere (`speedups`). Losses equal the as-written run's up to
 summation order (tests/train/test_plan.py, float32, 1e-5).
 
 Memory is measured, not guessed: each candidate is tried on real rows (the fullest rows of the epoch, so no later
@@ -38,11 +40,16 @@ from dataclasses import dataclass
 import torch
 
 from mhsft.model import parameter_count
+from mhsft.train import swiglu_down
 
 # Per-micro-batch host overhead in units of a 7B step's per-token cost without recompute, at 3072-token rows: a
 # 2-row micro-batch cost 67.1 us a token and a 4-row one 61.9 on the H200 (NOTES), i.e. 1 + o/2 = 1.08 (1 + o/4).
 # The overhead scales with the layers launched per micro-batch and shrinks with the work per layer.
 HOST_OVERHEAD_7B = 0.15
+# Remaking the SwiGLU product in a stored layer's backward, in the same unit: one pass over [tokens, intermediate]
+# x 3 (gate, up read; the product written) by bandwidth, ~16 ms of a 7B 8 x 3072 step of ~1.33 s on an H200 (an
+# estimate until measured; benchmarks/NOTES.md)
+REMAKE_SWIGLU = 0.012
 MIN_PARAMETERS = 1_000_000_000
 GIB = 2**30
 
@@ -53,17 +60,23 @@ class Plan:
     accumulation: int  # micro-batches per optimizer step on each rank
     recompute_layers: int  # decoder layers that recompute their activations in the backward
     layers: int  # decoder layers in the model
+    remake_swiglu: bool = (
+        False  # the layers that store remake the MLP's SwiGLU product (mhsft.train.swiglu_down)
+    )
 
     @property
     def rows_per_rank_step(self) -> int:
         return self.micro_batch * self.accumulation
 
     def recompute_text(self) -> str:
-        if self.recompute_layers == 0:
-            return "no recompute"
         if self.recompute_layers >= self.layers:
             return "recompute"
-        return f"recompute {self.recompute_layers} of {self.layers} layers"
+        remade = ", SwiGLU product remade in the backward" if self.remake_swiglu else ""
+        if self.recompute_layers == 0:
+            return "no recompute" + remade
+        return f"recompute {self.recompute_layers} of {self.layers} layers" + remade.replace(
+            "the backward", "the others"
+        )
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,7 +86,8 @@ def predicted_cost(plan: Plan, overhead: float) -> float:
     """Time per token, relative to a step without recompute and without host overhead: a LoRA step is forward +
     input gradients (4 N T) plus the recomputed forward of the share of layers that recompute (2 N T)."""
     share = plan.recompute_layers / max(plan.layers, 1)
-    return (4 + 2 * share) / 4 + overhead / plan.micro_batch
+    remake = REMAKE_SWIGLU * (1 - share) if plan.remake_swiglu else 0.0
+    return (4 + 2 * share) / 4 + remake + overhead / plan.micro_batch
 
 
 def host_overhead(parameters: int, layers: int, seq_len: int) -> float:
@@ -104,6 +118,7 @@ class Search:
     extra: int
     overhead: float
     probe: Callable[[Plan], int | None]
+    remake: bool = False  # the model's MLPs can remake their SwiGLU product (mhsft.train.swiglu_down)
     tried: list = dataclasses.field(default_factory=list)
 
     def fits(self, plan: Plan) -> tuple[bool, int | None]:
@@ -132,19 +147,20 @@ def _cost(plan: Plan, s: Search) -> float:
 
 
 def _best_recompute(s: Search, b: int, acc: int) -> Plan | None:
-    """At b rows per micro-batch: no recompute if it fits, else as few recomputing layers as fit (from the memory
-    of a stored layer, measured between two probes), else None."""
-    n = s.asked.layers
-    plan = Plan(b, acc, 0, n)
-    if s.fits(plan)[0]:
-        return plan
+    """At b rows per micro-batch: no recompute if it fits (with the SwiGLU product remade if it fits only so), else
+    as few recomputing layers as fit (from the memory of a stored layer, measured between two probes, the product
+    remade in the stored ones), else None."""
+    n, remake = s.asked.layers, s.remake
+    for plan in [Plan(b, acc, 0, n)] + ([Plan(b, acc, 0, n, True)] if remake else []):
+        if s.fits(plan)[0]:
+            return plan
     full_ok, full_peak = s.fits(Plan(b, acc, n, n))
     if not full_ok:
         return None
     stored, ok = max(1, n // 8), False
     # a second point for the memory of a stored layer: n/8 stored layers, fewer when they do not fit
     while not ok:
-        ok, peak = s.fits(Plan(b, acc, n - stored, n))
+        ok, peak = s.fits(Plan(b, acc, n - stored, n, remake))
         if not ok and stored == 1:
             return Plan(b, acc, n, n)
         if not ok:
@@ -152,11 +168,11 @@ def _best_recompute(s: Search, b: int, acc: int) -> Plan | None:
     per_layer = max((peak - full_peak) / stored, 1.0)
     k = min(n - 1, math.floor((s.budget - s.extra - full_peak) / per_layer))
     while k > stored:
-        candidate = Plan(b, acc, n - k, n)
+        candidate = Plan(b, acc, n - k, n, remake)
         if s.fits(candidate)[0]:
             return candidate
         k -= max(1, k // 8)
-    return Plan(b, acc, n - stored, n)
+    return Plan(b, acc, n - stored, n, remake)
 
 
 # ------------------------------------------------------------------------------------------- on the model
@@ -165,9 +181,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(base.get_decoder().layers)
 
 
-def set_recompute(model: torch.nn.Module, k: int) -> None:
+def set_recompute(model: torch.nn.Module, k: int, remake_swiglu: bool = False) -> None:
     """Make k of the decoder layers, evenly spread, recompute their activations in the backward; the others keep
-    them. Turns transformers' (non-reentrant) checkpointing on when k > 0 and it was off."""
+    them (remaking their SwiGLU product with `remake_swiglu`). Turns transformers' (non-reentrant) checkpointing on
+    when k > 0 and it was off."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
     if k > 0 and not all(hasattr(m, "_gradient_checkpointing_func") for m in layers):
@@ -180,6 +197,7 @@ def set_recompute(model: torch.nn.Module, k: int) -> None:
     keep = {i * n // k for i in range(k)} if k else set()
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in keep
+        swiglu_down.set_remake(layer, remake_swiglu and i not in keep)
 
 
 def probe_peak(run_step: Callable[[], None], model: torch.nn.Module, device) -> int | None:
@@ -270,7 +288,7 @@ def choose(
         return asked, reason
 
     def probe(plan: Plan) -> int | None:
-        set_recompute(model, plan.recompute_layers)
+        set_recompute(model, plan.recompute_layers, plan.remake_swiglu)
         batch = fullest(plan.micro_batch)
 
         def step():
@@ -279,7 +297,8 @@ def choose(
         return agree(probe_peak(step, model, device))
 
     budget = memory_budget(device, args.plan_memory_gib)
-    s = Search(asked, budget, extra, host_overhead(parameters, layers, args.max_length), probe)
+    overhead = host_overhead(parameters, layers, args.max_length)
+    s = Search(asked, budget, extra, overhead, probe, remake=swiglu_down.installed(model))
     chosen = search(s)
     if chosen is None:
         set_recompute(model, asked.recompute_layers)
@@ -288,6 +307,6 @@ def choose(
             f"no split fits the plan's {budget / GIB:.1f} GiB (the card's memory less a margin), "
             "not even as written: running as written"
         )
-    set_recompute(model, chosen.recompute_layers)
+    set_recompute(model, chosen.recompute_layers, chosen.remake_swiglu)
     peak = next(p for plan, p, ok in s.tried if plan == chosen and ok)
     return chosen, f"measured peak {(peak + extra) / GIB:.1f} of {budget / GIB:.1f} GiB, {len(s.tried)} tries"

@@ -7,6 +7,8 @@ benchmarks/train_throughput.py (notes and numbers in benchmarks/NOTES.md).
   (`--use_liger_kernel`, ms-swift's flag; on by default where it works). The loss stays ours (chunked,
   labelled tokens only);
 - `fp8_base`: the frozen base weights' matmuls in FP8 (`--fp8`, mhsft.train.fp8);
+- `swiglu_down.install`: the MLPs' SwiGLU product remade in the backward, for the execution plan to turn on where
+  memory limits the step;
 - `compile_layers`: regional torch.compile of each decoder layer (`--torch_compile`);
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from mhsft.lora_forward import fast_lora_forward
-from mhsft.train import fp8, fused_lora, loss
+from mhsft.train import fp8, fused_lora, loss, swiglu_down
 from mhsft.utils import UserError
 
 
@@ -97,6 +99,8 @@ def speedups(model: torch.nn.Module, args, notices: list[str]) -> torch.nn.Modul
             if loss.FUSED_LOSS and not any(hasattr(p, "ds_id") for p in model.parameters()):
                 model.mhsft_fused_loss = loss.liger_fused_loss  # ChunkedLMLoss takes it (sft.py)
                 kernels.append("Liger fused loss")
+    if "fused LoRA" in kernels:
+        swiglu_down.install(model, liger="Liger" in kernels)  # off until the plan turns it on
     if args.torch_compile:
         compile_layers(model)
         kernels.append("torch.compile")

@@ -1,0 +1,104 @@
+"""mhsft/train/swiglu_down.py: the MLP's SwiGLU product remade in the backward. Same loss and gradients as kept,
+the product's bytes no longer kept, only the layers the plan marks. The fused LoRA kernels run in Triton's
+interpreter on the CPU (float32); MHSFT_TEST_DEVICE=cuda runs the same tests compiled, in float32, with Liger's
+SwiGLU kernels where liger-kernel is installed."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from mhsft import lora_forward
+from mhsft.train import fused_lora, swiglu_down
+from mhsft.train.plan import decoder_layers, set_recompute
+from tiny import loss_and_grads, tiny_lora
+
+pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
+DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
+LIGER = DEVICE == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
+@pytest.fixture(autouse=True)
+def triton_mode(monkeypatch):
+    monkeypatch.setattr(fused_lora, "on_cpu", DEVICE == "cpu")  # conftest switched Triton's interpreter on
+
+
+def _model(dropout: float, checkpointing: bool = False):
+    m = tiny_lora(dropout).to(DEVICE)
+    lora_forward.fast_lora_forward(m, fused=fused_lora)
+    if LIGER:
+        from mhsft.train.speedups import apply_liger
+
+        assert apply_liger(m) is None
+    assert swiglu_down.install(m, liger=LIGER) == len(decoder_layers(m))
+    if checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+    return m
+
+
+def _remade(m, k: int = 0):
+    m = copy.deepcopy(m)
+    set_recompute(m, k, remake_swiglu=True)
+    return m
+
+
+@pytest.mark.parametrize(("dropout", "recompute"), [(0.0, 0), (0.2, 0), (0.2, 1)])
+def test_remade_product_gives_the_kept_products_loss_and_gradients(monkeypatch, dropout, recompute):
+    """Kept or remade (dropout on and off, one of the two layers recomputing): the same loss and gradients, and
+    the remade path is what ran in the stored layers."""
+    base = _model(dropout)
+    set_recompute(base, recompute)
+    ran = []
+    apply = swiglu_down._SwiGLUDown.apply
+    monkeypatch.setattr(swiglu_down._SwiGLUDown, "apply", lambda *a: (ran.append(1), apply(*a))[1])
+    ids = torch.randint(0, 300, (2, 17), device=DEVICE)
+    la, ga = loss_and_grads(copy.deepcopy(base), ids, seed=5)
+    assert not ran
+    lb, gb = loss_and_grads(_remade(base, recompute), ids, seed=5)
+    assert len(ran) == len(decoder_layers(base)) - recompute
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _saved_bytes(m, ids) -> int:
+    """Bytes autograd keeps for the backward of one forward (each storage once)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(input_ids=ids, labels=ids).loss.backward()
+    return sum(seen.values())
+
+
+def test_a_stored_layer_keeps_its_product_no_longer():
+    """Each stored layer keeps [tokens, intermediate] fewer values: the product, and nothing else changes."""
+    base = _model(0.1)
+    ids = torch.randint(0, 300, (2, 33), device=DEVICE)
+    kept = _saved_bytes(copy.deepcopy(base), ids)
+    cfg = base.get_base_model().config
+    product = ids.numel() * cfg.intermediate_size * 4  # float32
+    layers = len(decoder_layers(base))
+    assert kept - _saved_bytes(_remade(base), ids) == layers * product
+    one = copy.deepcopy(base)
+    set_recompute(one, 1)  # the recomputing layer keeps nothing either way: only the stored one changes
+    assert _saved_bytes(one, ids) - _saved_bytes(_remade(base, 1), ids) == (layers - 1) * product
+
+
+def test_off_the_model_runs_its_own_forward_and_eval_ignores_the_switch():
+    m = _remade(_model(0.1))
+    ids = torch.randint(0, 300, (1, 9), device=DEVICE)
+    m.eval()
+    with torch.no_grad():
+        out = m(input_ids=ids).logits
+    set_recompute(m, 0, remake_swiglu=False)
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, out)
