@@ -19,7 +19,7 @@ for step in $STEPS; do
   echo "== $step"
   case $step in
     check)  # the compiled kernels and Liger's SwiGLU in the paths the CPU tests run under the interpreter
-      MHSFT_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_swiglu_down.py \
+      MHSFT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_swiglu_down.py \
         tests/train/test_fused_lora.py -k "swiglu or remade or stored or product or sibling" 2>&1 | tail -4 ;;
     kernels)
       timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
