@@ -18,9 +18,10 @@ ROWS=$(python3 -c "import torch; print(8 if torch.cuda.get_device_properties(0).
 for step in $STEPS; do
   echo "== $step"
   case $step in
-    check)  # the compiled kernels and Liger's SwiGLU in the paths the CPU tests run under the interpreter
+    check)  # the compiled kernels, Liger's SwiGLU and varlen's grouped heads, in the paths the CPU tests fake
       MHSFT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_swiglu_down.py \
-        tests/train/test_fused_lora.py -k "swiglu or remade or stored or product or sibling" 2>&1 | tail -4 ;;
+        tests/train/test_fused_lora.py tests/test_packed_attention.py \
+        -k "swiglu or remade or stored or product or sibling or on_the_gpu" 2>&1 | tail -4 ;;
     kernels)
       timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
         --tiles "32,128,4;32,256,4,4;16,128,4;16,256,4;16,64,4;64,64,4" --out "$OUT/lora_kernels.json" 2>&1 | quiet 30

@@ -106,6 +106,77 @@ def test_varlen_call_convention(qkv, monkeypatch):
     torch.testing.assert_close(out, _per_doc_reference(q, k, v, cu, 0.3), rtol=0, atol=1e-6)
 
 
+@pytest.fixture
+def old_varlen(monkeypatch):
+    """A stand-in of torch 2.10/2.11's varlen_attn (no `enable_gqa`), recording the k heads it was handed;
+    `refuse` makes it reject unexpanded heads as a stricter version would, `oom` makes it run out of memory."""
+    calls, mode = [], {"refuse": False, "oom": False}
+
+    def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+             window_size=(-1, -1)):  # fmt: skip
+        calls.append(key.shape[1])
+        if mode["oom"]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        if mode["refuse"] and key.shape[1] != query.shape[1]:
+            raise RuntimeError("Expected query, key, and value to have the same number of heads")
+        return _per_doc_reference(query, key, value, cu_seq_q, scale)
+
+    monkeypatch.setattr(packed_attention, "_torch_varlen_attn", lambda: fake)
+    monkeypatch.setattr(packed_attention, "_gqa_native", [True])
+    packed_attention._varlen_call_kwargs.cache_clear()
+    yield calls, mode
+    packed_attention._varlen_call_kwargs.cache_clear()
+
+
+def test_old_varlen_gets_the_kv_heads_unexpanded(qkv, old_varlen):
+    """Without `enable_gqa` the kernel reads the grouped heads itself: k/v go in as they are, no copy."""
+    q, k, v, cu = qkv
+    calls, _ = old_varlen
+    out = packed_attention._varlen_forward(q, k, v, cu, 14, 0.3, 0.0)
+    assert calls == [2]
+    torch.testing.assert_close(out, _per_doc_reference(q, k, v, cu, 0.3), rtol=0, atol=1e-6)
+
+
+def test_a_version_that_refuses_grouped_heads_gets_them_expanded_from_then_on(qkv, old_varlen):
+    q, k, v, cu = qkv
+    calls, mode = old_varlen
+    mode["refuse"] = True
+    for _ in range(2):
+        out = packed_attention._varlen_forward(q, k, v, cu, 14, 0.3, 0.0)
+        torch.testing.assert_close(out, _per_doc_reference(q, k, v, cu, 0.3), rtol=0, atol=1e-6)
+    assert calls == [2, 4, 4]  # refused once, expanded on every call after
+
+
+def test_out_of_memory_is_not_taken_for_a_refusal(qkv, old_varlen):
+    """The plan's probe relies on out-of-memory reaching it; it must not switch the GQA path either."""
+    q, k, v, cu = qkv
+    calls, mode = old_varlen
+    mode["oom"] = True
+    with pytest.raises(torch.OutOfMemoryError):
+        packed_attention._varlen_forward(q, k, v, cu, 14, 0.3, 0.0)
+    assert calls == [2] and packed_attention._gqa_native == [True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen_attn runs on CUDA only")
+def test_varlen_on_the_gpu_grouped_heads_equal_expanded_ones():
+    """On the card: the grouped k/v heads as handed to the kernel give the expanded ones' output and gradients."""
+    if packed_attention._torch_varlen_attn() is None:
+        pytest.skip("this torch has no varlen_attn")
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 50, 177, 180, 300], dtype=torch.int32, device="cuda")
+    q, k, v = (
+        torch.randn(300, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2)
+    )
+    out = packed_attention._varlen_forward(q, k, v, cu, 127, 0.125, 0.0)
+    assert packed_attention._gqa_native == [True] or packed_attention._varlen_call_kwargs()[1]
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    ref = _per_doc_reference(*(t.float() for t in (q, k, v)), cu, 0.125)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=5e-2)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Whole model: packed == per-sample
 
