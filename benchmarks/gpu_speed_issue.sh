@@ -7,7 +7,7 @@
 #   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"check kernels 7b 32b_80gb fp8 maskbits hf"}
+STEPS=${STEPS:-"check gqa 7b 32b_80gb fp8 hf"}  # ~650 s in all: two calls, e.g. "check gqa 7b 32b_80gb", "fp8 hf"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MHSFT_CACHE=/tmp/mhsft_cache TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -31,6 +31,10 @@ for step in $STEPS; do
     32b_80gb) timeout 180 $U --models 32b --stacks_32b mhsft_cli_80gb --out "$OUT/uc_32b_80gb.json" 2>&1 | quiet 5 ;;
     fp8) timeout 100 $U --models 7b --stacks mhsft_cli_fp8 --out "$OUT/uc_7b_fp8.json" 2>&1 | quiet 4 ;;
     hf) timeout 150 $U --models 7b --stacks hf_peft --out "$OUT/uc_7b_hf.json" 2>&1 | quiet 4 ;;
+    gqa)  # k/v into varlen with their own heads (packed_attention._gqa_native), the A/B twice over
+      timeout 120 python3 benchmarks/train_throughput.py --workdir /tmp --data .gpu/emollm_data.json --no_gc \
+        --micro_batch "$ROWS" --steps 3 --warmup 1 --stacks mhsft:liger,mhsft:liger+gqanative,mhsft:liger \
+        --out "$OUT/train_ab_gqa.json" 2>&1 | quiet 7 ;;
     maskbits)
       timeout 120 python3 benchmarks/train_throughput.py --workdir /tmp --data .gpu/emollm_data.json --no_gc \
         --micro_batch "$ROWS" --steps 3 --warmup 1 --stacks mhsft:liger,mhsft:liger+maskbits \

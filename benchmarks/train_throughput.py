@@ -20,8 +20,8 @@ Liger's fused linear cross-entropy), `+fp8`, `+compile`; the A/B switches `+chun
 `+flce` (the fused loss), `+nogroup` (q/k/v and gate/up one linear at a time: a kernel and an input gradient
 each), `+nofold` (the LoRA update added into the base's output after its GEMM), `+twopass` (FP8's two-pass
 quantization), `+philox7` (the dropout masks from 7 Philox rounds instead of 10), `+maskbits` / `+nomaskbits` (the
-masks stored as bits for the backward, or drawn again there), `+gqacopy` (k/v expanded to the query heads before
-torch's varlen_attn, as before it took the grouped heads).
+masks stored as bits for the backward, or drawn again there), `+gqanative` (k/v handed to torch 2.10/2.11's
+varlen_attn with their own heads instead of expanded to the query heads).
 """
 
 from __future__ import annotations
@@ -167,10 +167,10 @@ def worker(args) -> dict:
             import mhsft.train.fused_lora
 
             mhsft.train.fused_lora.store_masks = "maskbits" in opts
-        if "gqacopy" in opts:  # k/v expanded to the query heads before varlen (the grouped heads' A/B)
+        if "gqanative" in opts:  # k/v handed to varlen with their own heads, not expanded (the A/B)
             import mhsft.packed_attention
 
-            mhsft.packed_attention._gqa_native[0] = False
+            mhsft.packed_attention._gqa_native[0] = True
         if "twopass" in opts:  # the FP8 quantization's two-pass kernel, for the one-read kernel's A/B
             import mhsft.train.fp8
 

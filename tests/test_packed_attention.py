@@ -158,8 +158,9 @@ def test_out_of_memory_is_not_taken_for_a_refusal(qkv, old_varlen):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen_attn runs on CUDA only")
-def test_varlen_on_the_gpu_grouped_heads_equal_expanded_ones():
+def test_varlen_on_the_gpu_grouped_heads_equal_expanded_ones(monkeypatch):
     """On the card: the grouped k/v heads as handed to the kernel give the expanded ones' output and gradients."""
+    monkeypatch.setattr(packed_attention, "_gqa_native", [True])
     if packed_attention._torch_varlen_attn() is None:
         pytest.skip("this torch has no varlen_attn")
     torch.manual_seed(0)
