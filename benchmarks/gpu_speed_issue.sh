@@ -7,7 +7,7 @@
 #   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"check gqa 7b 32b_80gb fp8 hf"}  # ~650 s in all: two calls, e.g. "check gqa 7b 32b_80gb", "fp8 hf"
+STEPS=${STEPS:-"check ab 7b 32b_80gb fp8 hf"}  # ~700 s in all: two calls, e.g. "check ab 7b", "32b_80gb fp8 hf"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MHSFT_CACHE=/tmp/mhsft_cache TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -18,10 +18,10 @@ ROWS=$(python3 -c "import torch; print(8 if torch.cuda.get_device_properties(0).
 for step in $STEPS; do
   echo "== $step"
   case $step in
-    check)  # the compiled kernels, Liger's SwiGLU and varlen's grouped heads, in the paths the CPU tests fake
-      MHSFT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_swiglu_down.py \
-        tests/train/test_fused_lora.py tests/test_packed_attention.py \
-        -k "swiglu or remade or stored or product or sibling or on_the_gpu" 2>&1 | tail -4 ;;
+    check)  # the compiled kernels, Liger's SwiGLU, varlen's grouped heads and the concatenated update, on the card
+      MHSFT_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_swiglu_down.py \
+        tests/train/test_fused_lora.py tests/test_packed_attention.py tests/train/test_concat_update.py \
+        -k "swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once" 2>&1 | tail -4 ;;
     kernels)
       timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
         --tiles "32,128,4;32,256,4,4;16,128,4;16,256,4;16,64,4;64,64,4" --out "$OUT/lora_kernels.json" 2>&1 | quiet 30
@@ -31,10 +31,12 @@ for step in $STEPS; do
     32b_80gb) timeout 180 $U --models 32b --stacks_32b mhsft_cli_80gb --out "$OUT/uc_32b_80gb.json" 2>&1 | quiet 5 ;;
     fp8) timeout 100 $U --models 7b --stacks mhsft_cli_fp8 --out "$OUT/uc_7b_fp8.json" 2>&1 | quiet 4 ;;
     hf) timeout 150 $U --models 7b --stacks hf_peft --out "$OUT/uc_7b_hf.json" 2>&1 | quiet 4 ;;
-    gqa)  # k/v into varlen with their own heads (packed_attention._gqa_native), the A/B twice over
-      timeout 120 python3 benchmarks/train_throughput.py --workdir /tmp --data .gpu/emollm_data.json --no_gc \
-        --micro_batch "$ROWS" --steps 3 --warmup 1 --stacks mhsft:liger,mhsft:liger+gqanative,mhsft:liger \
-        --out "$OUT/train_ab_gqa.json" 2>&1 | quiet 7 ;;
+    ab)  # the switches still off: k/v into varlen with their own heads (packed_attention._gqa_native), the LoRA
+      # update inside gate/up's base GEMM (concat_update), each against the defaults run first and last
+      timeout 170 python3 benchmarks/train_throughput.py --workdir /tmp --data .gpu/emollm_data.json --no_gc \
+        --micro_batch "$ROWS" --steps 3 --warmup 1 --out "$OUT/train_ab_gqa_concat.json" \
+        --stacks mhsft:liger,mhsft:liger+gqanative,mhsft:liger+concat,mhsft:liger+gqanative+concat,mhsft:liger \
+        2>&1 | quiet 9 ;;
     maskbits)
       timeout 120 python3 benchmarks/train_throughput.py --workdir /tmp --data .gpu/emollm_data.json --no_gc \
         --micro_batch "$ROWS" --steps 3 --warmup 1 --stacks mhsft:liger,mhsft:liger+maskbits \

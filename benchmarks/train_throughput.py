@@ -21,7 +21,8 @@ Liger's fused linear cross-entropy), `+fp8`, `+compile`; the A/B switches `+chun
 each), `+nofold` (the LoRA update added into the base's output after its GEMM), `+twopass` (FP8's two-pass
 quantization), `+philox7` (the dropout masks from 7 Philox rounds instead of 10), `+maskbits` / `+nomaskbits` (the
 masks stored as bits for the backward, or drawn again there), `+gqanative` (k/v handed to torch 2.10/2.11's
-varlen_attn with their own heads instead of expanded to the query heads).
+varlen_attn with their own heads instead of expanded to the query heads), `+concat` (the LoRA update inside the
+base GEMM, [x | h] @ [W | bt^T]^T, for gate/up).
 """
 
 from __future__ import annotations
@@ -167,6 +168,10 @@ def worker(args) -> dict:
             import mhsft.train.fused_lora
 
             mhsft.train.fused_lora.store_masks = "maskbits" in opts
+        if "concat" in opts:  # the LoRA update inside the base GEMM for gate/up (mhsft.train.concat_update)
+            import mhsft.train.concat_update
+
+            mhsft.train.concat_update.enabled = True
         if "gqanative" in opts:  # k/v handed to varlen with their own heads, not expanded (the A/B)
             import mhsft.packed_attention
 

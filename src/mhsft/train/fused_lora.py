@@ -35,6 +35,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from mhsft.train import concat_update
+
 try:  # module-level names: Triton's interpreter patches `tl` in the kernels' globals
     import triton
     import triton.language as tl
@@ -430,19 +432,32 @@ def group_forward(x2, weights, biases, p: float, seeds, a_all, bts, keep_masks: 
         hs = dropout_matmul_group(x2, a_all, p, seeds, masks=masks)
     else:  # one skinny GEMM reads x for every member
         hs = (x2 @ a_all.flatten(0, 1).t()).split(a_all.shape[1], dim=1)
+    bufs = _concat_buffers(x2, weights, a_all.shape[1])
+    if bufs is not None:  # the update inside the base GEMM (mhsft.train.concat_update)
+        return concat_update.forward(x2, bufs, biases, hs, bts), hs, masks
     outs = [_base_plus_update(x2, w, b, h, bt) for w, b, h, bt in zip(weights, biases, hs, bts)]
     return outs, hs, masks
 
 
+def _concat_buffers(x2: torch.Tensor, weights, r: int):
+    if not concat_update.worth(weights, x2.shape[1]):
+        return None
+    return concat_update.buffers(weights, r, x2.dtype)
+
+
 def group_backward(x2, grads, weights, p: float, seeds, a_all, bts, hs, masks, need_x: bool, need_bt):
     """(dx2 or None, da [G, r, K], [dbt or None per member]) from the outputs' gradients `grads` ([M, N_g] each)."""
-    dh = torch.empty(len(grads), x2.shape[0], a_all.shape[1], device=x2.device, dtype=grads[0].dtype)
-    dx, dbts = None, []
-    for j, (g, weight, bt, h) in enumerate(zip(grads, weights, bts, hs)):
-        dbts.append(h.t() @ g if need_bt[j] else None)
-        torch.mm(g, bt.t(), out=dh[j])
-        if need_x:
-            dx = _add_input_grad(dx, g, weight)
+    bufs = _concat_buffers(x2, weights, a_all.shape[1]) if need_x else None
+    dbts = [h.t() @ g if need else None for g, h, need in zip(grads, hs, need_bt)]
+    if bufs is not None:  # dx and every dh out of one accumulated GEMM per member (mhsft.train.concat_update)
+        dx, dh = concat_update.input_grads(grads, bufs, bts, x2.shape[1], a_all.shape[1])
+    else:
+        dh = torch.empty(len(grads), x2.shape[0], a_all.shape[1], device=x2.device, dtype=grads[0].dtype)
+        dx = None
+        for j, (g, weight, bt) in enumerate(zip(grads, weights, bts)):
+            torch.mm(g, bt.t(), out=dh[j])
+            if need_x:
+                dx = _add_input_grad(dx, g, weight)
     if p > 0:
         da = dropout_matmul_backward_group(x2, dh, a_all, dx, p, seeds, masks=masks)
     else:
