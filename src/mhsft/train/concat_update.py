@@ -18,8 +18,8 @@ becomes a view of its first K columns (a row stride of K + G r, which cuBLAS tak
 the model holds W once. Each forward writes bt_j^T (N x r) into its slot. A weight moved or replaced since (a
 `.to()`, a new tensor) no longer shares the buffer's storage and gets a new buffer on its next call.
 
-Why here: the trick is an inference staple (adapter weights appended to the base), but no training library does
-it with a trainable B and a dropout-masked h; PEFT and Liger keep the two passes. Off (`enabled`) until an A/B on
+Why here: PEFT and Liger keep the two passes, and we know of no training library that appends a trainable B and a
+dropout-masked h to the base GEMM's contraction (the estimates above are by bandwidth, not yet measured). Off (`enabled`) until an A/B on
 a GPU has measured it (benchmarks/NOTES.md, session 11; `train_throughput.py +concat`).
 """
 
