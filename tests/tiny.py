@@ -49,3 +49,19 @@ def loss_and_grads(m, ids, seed: int = 0):
     loss = m(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def saved_bytes(m, ids) -> int:
+    """Bytes autograd keeps from one forward for its backward, each stored view once. Only the forward counts (a
+    backward may build small graphs of its own), and the tensors stay referenced until counted, so a freed address
+    reused by another tensor cannot merge two entries."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(t.numel() * t.element_size() for t in seen.values())

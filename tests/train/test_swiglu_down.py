@@ -15,7 +15,7 @@ import torch
 from mhsft import lora_forward
 from mhsft.train import fused_lora, swiglu_down
 from mhsft.train.plan import decoder_layers, set_recompute
-from tiny import loss_and_grads, tiny_lora
+from tiny import loss_and_grads, saved_bytes, tiny_lora
 
 pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
 DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
@@ -66,35 +66,19 @@ def test_remade_product_gives_the_kept_products_loss_and_gradients(monkeypatch, 
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def _saved_bytes(m, ids) -> int:
-    """Bytes autograd keeps from one forward for its backward, each stored view once. Only the forward counts (the
-    torch path's backward builds a small graph of its own), and the tensors stay referenced until counted, so a
-    freed address reused by another tensor cannot merge two entries."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return sum(t.numel() * t.element_size() for t in seen.values())
-
-
 def test_a_stored_layer_keeps_its_product_no_longer():
     """Each stored layer keeps [tokens, intermediate] values fewer: the product the down projection reads, and on
     the torch path also silu(gate), which torch's multiply keeps (Liger's SwiGLU remakes it in its backward)."""
     base = _model(0.1)
     ids = torch.randint(0, 300, (2, 33), device=DEVICE)
-    kept = _saved_bytes(copy.deepcopy(base), ids)
+    kept = saved_bytes(copy.deepcopy(base), ids)
     cfg = base.get_base_model().config
     product = ids.numel() * cfg.intermediate_size * 4 * (1 if LIGER else 2)  # float32
     layers = len(decoder_layers(base))
-    assert kept - _saved_bytes(_remade(base), ids) == layers * product
+    assert kept - saved_bytes(_remade(base), ids) == layers * product
     one = copy.deepcopy(base)
     set_recompute(one, 1)  # the recomputing layer keeps nothing either way: only the stored one changes
-    assert _saved_bytes(one, ids) - _saved_bytes(_remade(base, 1), ids) == (layers - 1) * product
+    assert saved_bytes(one, ids) - saved_bytes(_remade(base, 1), ids) == (layers - 1) * product
 
 
 def test_off_the_model_runs_its_own_forward_and_eval_ignores_the_switch():
