@@ -19,7 +19,7 @@ and the base GEMMs accumulate their input gradients into that one buffer (on an 
 are bound by the Philox arithmetic and registers, not memory). The base matmuls and the rank-r matmuls with B
 stay with cuBLAS; the base GEMM accumulates onto the rank-r update (`fold_update`). Only x, the [tokens, r]
 hiddens and the seeds are kept for the backward (and, with `store_masks`, the masks as bits, 1/16 of x's bytes per
-member, so that the backward skips Philox; off until timed on a GPU). Seeds come from torch's CPU generator, so `torch.manual_seed`
+member, so that the backward skips Philox; off: slower on an H100, benchmarks/NOTES.md). Seeds come from torch's CPU generator, so `torch.manual_seed`
 reproduces a run and activation checkpointing (which restores the RNG state before recomputing) regenerates the
 same masks.
 
@@ -55,7 +55,7 @@ def _kernels():
 
 
 if triton is not None:
-    # The mask. One Philox4x32-10 call (`tl.randint4x`) gives 4 x 32 random bits, cut into 8 16-bit draws for 8
+    # The mask. One Philox4x32 call (`tl.randint4x`, PHILOX_ROUNDS rounds) gives 4 x 32 random bits, cut into 8 16-bit draws for 8
     # neighbouring elements: a draw per element (`tl.rand`) made the kernels compute-bound on Philox, at a
     # third of the memory bandwidth (measured on an H100). Element (m, k) is kept when its draw >= threshold,
     # threshold = round(p * 65536), so the kept fraction is exactly 1 - threshold / 65536 and the scale is its
@@ -260,7 +260,8 @@ def _threshold(p: float) -> tuple[int, float]:
 
 
 # Philox rounds per draw: 10 is the Random123 default; 7 already passes TestU01's BigCrush (Salmon et al., 2011).
-# The kernels are bound by this arithmetic, not by memory, once x is read for a group (benchmarks/NOTES.md).
+# The kernels are bound by this arithmetic, not by memory, once x is read for a group (benchmarks/NOTES.md); 7
+# rounds made a 7B layer's LoRA kernels 4.1% faster than 10 on an H100 (`lora_kernels.py --rounds 10,7 --adopt`).
 PHILOX_ROUNDS = 7
 
 
@@ -420,7 +421,9 @@ def _add_input_grad(dx: torch.Tensor | None, g: torch.Tensor, weight) -> torch.T
 # The forward stores each member's mask as bits and the backward reads them, instead of drawing them again with
 # Philox: the backward kernels are bound by that arithmetic (benchmarks/NOTES.md). Costs 1 bit per input element
 # per member until the backward (3.4 GB for a 7B 8 x 3072 micro-batch without recompute, about 3% of its
-# activations); under recompute only one layer's. Benchmarks switch it for the A/B.
+# activations); under recompute only one layer's. Measured slower on an H100 (a 7B layer's kernels 4.37 against
+# 3.75 ms at 7 rounds, the step -1.8%): unpacking the bits costs more than the rounds it saves. Off; benchmarks
+# switch it for the A/B.
 store_masks = False
 
 
