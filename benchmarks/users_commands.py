@@ -19,6 +19,9 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
                      _written: --auto_plan false). Models 7b, 32b, 32b_qlora (the 32B at 1 x 2048 x 8), tiny
   hf_peft_bnb        HF + PEFT + bitsandbytes NF4 (double quantization, bf16 compute, PEFT's k-bit preparation);
                      --micro_batch N for the largest micro-batch it fits (the same rows, regrouped)
+  A stack may name switches still off by default after a `+`, set in the CLI's process before it parses its
+  arguments: `mhsft_cli+concat` (the LoRA update inside gate/up's base GEMM, mhsft.train.concat_update),
+  `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention).
   The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
   random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
@@ -69,6 +72,21 @@ STACK_FLAGS = {
     "mhsft_cli_qlora_written": ["--quant_method", "bnb", "--quant_bits", "4", "--auto_plan", "false"],
 }
 
+# switches still off by default (`mhsft_cli+concat`), as the statements that turn them on in the CLI's process
+SWITCHES = {
+    "concat": "import mhsft.train.concat_update as m; m.enabled = True",
+    "gqanative": "import mhsft.packed_attention as m; m._gqa_native[0] = True",
+}
+
+
+def cli_command(switches: list[str]) -> list[str]:
+    """`python -m mhsft`, or with switches the same entry point after the statements that set them."""
+    if not switches:
+        return [sys.executable, "-m", "mhsft"]
+    on = "; ".join(SWITCHES[s] for s in switches)
+    marker = f"print('[users_commands] switched on: {'+'.join(switches)}', flush=True)"
+    return [sys.executable, "-c", f"{on}; {marker}; from mhsft.cli import main; raise SystemExit(main())"]
+
 
 def users_command(
     model_dir: str, data: list[str], shape: list[str], out: str, steps: int, cuda: bool
@@ -83,7 +101,7 @@ def users_command(
     ]  # fmt: skip
 
 
-def run_cli(argv: list[str], log: Path) -> dict:
+def run_cli(argv: list[str], log: Path, switches: list[str]) -> dict:
     t = time.perf_counter()
     env = {
         **os.environ,
@@ -92,7 +110,7 @@ def run_cli(argv: list[str], log: Path) -> dict:
     }
     with open(log, "w", encoding="utf-8") as f:
         p = subprocess.run(
-            [sys.executable, "-m", "mhsft", "sft", *argv], stdout=f, stderr=subprocess.STDOUT, env=env
+            [*cli_command(switches), "sft", *argv], stdout=f, stderr=subprocess.STDOUT, env=env
         )
     wall = round(time.perf_counter() - t, 1)
     text = log.read_text(encoding="utf-8", errors="replace")
@@ -206,7 +224,8 @@ def main() -> None:
                 r = run_hf(config, batches, rows, seq, args.device, work / f"{name}-{stack}.log", bnb)
             else:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-                r = run_cli(argv + STACK_FLAGS[stack], work / f"{name}-{stack}.log")
+                base, *switches = stack.split("+")
+                r = run_cli(argv + STACK_FLAGS[base], work / f"{name}-{stack}.log", switches)
             result[name][stack] = r
             print(json.dumps({"model": name, "stack": stack, **{k: v for k, v in r.items() if k != "error"}},
                              ensure_ascii=False), flush=True)  # fmt: skip

@@ -11,7 +11,7 @@ import sys
 from helpers import DEMO, REPO
 
 # the QLoRA stacks where bitsandbytes is installed (the test extra has it): a random-weight folder loaded in 4 bits
-STACKS = "hf_peft,mhsft_cli" + (
+STACKS = "hf_peft,mhsft_cli,mhsft_cli+concat+gqanative" + (
     ",mhsft_cli_qlora,hf_peft_bnb" if importlib.util.find_spec("bitsandbytes") else ""
 )
 
@@ -30,3 +30,6 @@ def test_users_commands_on_cpu_tiny(tmp_path):
     cli = r["tiny"]["mhsft_cli"]
     assert len(cli["losses"]) == 2 and cli["plan"].startswith("plan: 2 x 256 x 2 accumulation")
     assert "hf_peft" in p.stdout and "mhsft_cli" in p.stdout  # the table
+    # a stack's switches are set in the CLI's own process (they change nothing on the CPU: no fused path there)
+    log = (tmp_path / "tiny-mhsft_cli+concat+gqanative.log").read_text(encoding="utf-8")
+    assert "[users_commands] switched on: concat+gqanative" in log
