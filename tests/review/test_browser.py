@@ -59,8 +59,8 @@ def _browser(tmp_path):
 
 def _rate_in_browser(driver, n: int) -> None:
     """Click a score per dimension for both replies, a preference, type a comment, submit."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     for d in DIMS:
@@ -72,7 +72,21 @@ def _rate_in_browser(driver, n: int) -> None:
     driver.find_element(By.ID, "comment").send_keys(f"第{n}条：回复比较共情")
     page = driver.find_element(By.ID, "rating")
     driver.find_element(By.ID, "submit").click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(page))  # the next page has replaced it
+    WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,)).until(lambda _: _replaced(page))
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def _replaced(element) -> bool:
+    """True once the next page has replaced `element`'s. Selenium's `staleness_of` takes any error but a stale
+    reference for "still there": asked mid-navigation, chromedriver can answer "Node with given id does not belong
+    to the document" (CI, chromium 156), which is neither answer yet; the wait ignores it and asks again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    return False
 
 
 def _rate_over_http(base: str, token: str, positions, errors: list) -> None:
