@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import DEMO as DEMO_DATA
 from helpers import read_log, run_sft
 from mhsft.train import plan
 from mhsft.train.plan import Plan, Search, predicted_cost, search, set_recompute
@@ -256,3 +257,77 @@ def test_when_an_eighth_of_the_layers_do_not_fit_fewer_are_measured():
     chosen = search(s)
     assert chosen == Plan(1, 8, 15, 16)  # 10 + 1 x (1 + 1 x 2) = 13 <= 14; 2 stored layers would be 15
     assert (Plan(1, 8, 14, 16), 15 * K, False) in s.tried and (Plan(1, 8, 15, 16), 13 * K, True) in s.tried
+
+
+def test_retreat_recomputes_more_layers_then_splits_finer():
+    """Out of memory mid-run: a quarter more layers recompute at a time, then the micro-batch halves at every layer
+    recomputing (the rows per optimizer step kept), until one row recomputing everything has nowhere to go."""
+    ladder, p = [], Plan(4, 8, 0, 28, remake_swiglu=True)
+    while (p := plan.retreat(p)) is not None:
+        ladder.append((p.micro_batch, p.accumulation, p.recompute_layers))
+    assert ladder == [(4, 8, 7), (4, 8, 14), (4, 8, 21), (4, 8, 28), (2, 16, 28), (1, 32, 28)]
+    assert plan.retreat(Plan(6, 2, 2, 2)) == Plan(3, 4, 2, 2)  # the divisors of the micro-batch
+    assert plan.retreat(Plan(1, 4, 1, 2)) == Plan(1, 4, 2, 2)
+
+
+def _oom_on_call(monkeypatch, n: int) -> list:
+    """ChunkedLMLoss.forward raises CUDA's out-of-memory error on its n-th call (once), as a step past the probed
+    peak would; returns the list of calls."""
+    from mhsft.train.loss import ChunkedLMLoss
+
+    calls, forward = [], ChunkedLMLoss.forward
+
+    def flaky(self, *a, **k):
+        calls.append(len(calls) + 1)
+        if len(calls) == n:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)"
+            )
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(ChunkedLMLoss, "forward", flaky)
+    return calls
+
+
+def test_a_step_out_of_memory_mid_run_runs_again_under_a_plan_that_holds_less(tmp_path, monkeypatch, caplog):
+    """Step 2's second micro-batch runs out of memory after the first one's gradients accumulated: the step is done
+    again from its start, its dropout masks drawn again the same (RNG put back), under 1 of 2 layers recomputing;
+    losses and adapter equal the uninterrupted run's (float32, 1e-5), and args.json says what happened."""
+    extra = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.1",
+             "--packing", "true", "--max_steps", "4", "--max_length", "128"]  # fmt: skip
+    whole = run_sft(tmp_path / "a", *extra)
+    calls = _oom_on_call(monkeypatch, 4)
+    with caplog.at_level("INFO", logger="mhsft"):
+        retreated = run_sft(tmp_path / "b", *extra)
+    assert len(calls) == 10  # 4 steps x 2 micro-batches, the one that failed and the one before it again
+    la, lb = read_log(whole), read_log(retreated)
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]
+    for a, b in zip(la, lb):  # the gradient norm too: the failed try's gradients must not count
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    wa = load_file(str(whole / "checkpoint-4" / "adapter_model.safetensors"))
+    wb = load_file(str(retreated / "checkpoint-4" / "adapter_model.safetensors"))
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=1e-5)
+    said = [r.getMessage() for r in caplog.records if "out of memory in step" in r.getMessage()]
+    assert said == [
+        "plan: out of memory in step 2 under 4 x 128 x 2 accumulation, no recompute; the step runs again, and the "
+        "rest of the run, as 4 x 128 x 2 accumulation, recompute 1 of 2 layers (the same 8 rows per step)"
+    ]
+    for args_json in (retreated / "args.json", retreated / "checkpoint-4" / "args.json"):
+        p = json.loads(args_json.read_text(encoding="utf-8"))["plan"]
+        assert (p["micro_batch"], p["recompute_layers"], p["retreated_at"]) == (4, 1, 2)
+        assert (
+            p["line"].startswith(said[0])
+            and "before: plan: 4 x 128 x 2 accumulation, no recompute" in p["line"]
+        )
+
+
+def test_with_auto_plan_false_out_of_memory_is_the_one_line_advice(tmp_path, monkeypatch, capsys):
+    from mhsft import cli
+
+    _oom_on_call(monkeypatch, 2)
+    argv = ["sft", "--model", "builtin:tiny", "--dataset", DEMO_DATA, "--output_dir", str(tmp_path / "out"),
+            "--report_to", "none", "--max_steps", "2", "--max_length", "128", "--auto_plan", "false"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "CUDA out of memory. Unless --auto_plan false" in err and "Traceback" not in err

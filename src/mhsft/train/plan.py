@@ -78,6 +78,9 @@ class Plan:
             "the backward", "the others"
         )
 
+    def split_text(self, seq_len: int) -> str:
+        return f"{self.micro_batch} x {seq_len} x {self.accumulation} accumulation, {self.recompute_text()}"
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -99,6 +102,20 @@ def host_overhead(parameters: int, layers: int, seq_len: int) -> float:
 def as_written(micro_batch: int, accumulation: int, recompute: bool, ratio: float, layers: int) -> Plan:
     k = round(max(0.0, min(1.0, ratio)) * layers) if recompute else 0
     return Plan(micro_batch, accumulation, k, layers)
+
+
+def retreat(p: Plan) -> Plan | None:
+    """The plan that holds less memory than `p`, for a step that ran out of memory in the middle of a run (the
+    probe measured the fullest rows, but the allocator's cache can outgrow its margin): a quarter more of the layers
+    recomputing; with every layer recomputing, the next smaller micro-batch (the same rows per optimizer step);
+    None when one row per micro-batch already recomputes everything."""
+    n = p.layers
+    if p.recompute_layers < n:
+        return dataclasses.replace(p, recompute_layers=min(n, p.recompute_layers + max(1, n // 4)))
+    smaller = micro_batch_options(p.micro_batch)[1:]
+    if not smaller:
+        return None
+    return Plan(smaller[0], p.rows_per_rank_step // smaller[0], n, n)
 
 
 def micro_batch_options(micro_batch: int) -> list[int]:
@@ -204,8 +221,7 @@ def probe_peak(run_step: Callable[[], None], model: torch.nn.Module, device) -> 
     """Peak bytes allocated by one forward and backward (`run_step`), or None when it ran out of memory. What the
     try held is freed either way, the gradients are dropped and the RNG is left as it was, so the run that
     follows is the one it would have been without the probe."""
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    rng = rng_state(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -217,14 +233,25 @@ def probe_peak(run_step: Callable[[], None], model: torch.nn.Module, device) -> 
     except torch.OutOfMemoryError:
         oom = True  # leave the except block first: its traceback holds the failed step's tensors
     peak = None if oom or device.type != "cuda" else torch.cuda.max_memory_allocated(device)
+    undo_step(model, device, rng)
+    return peak
+
+
+def rng_state(device) -> tuple:
+    """The CPU and CUDA generators' states: where the dropout masks (and the fused kernels' seeds) come from."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+
+
+def undo_step(model: torch.nn.Module, device, rng: tuple) -> None:
+    """Drop a tried step's gradients, free what it held and put the generators back to `rng`, so that the step
+    run next is the one it would have been without the try."""
     model.zero_grad(set_to_none=True)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.set_rng_state_all(cuda_rng)
-    torch.set_rng_state(cpu_rng)
-    return peak
+        torch.cuda.set_rng_state_all(rng[1])
+    torch.set_rng_state(rng[0])
 
 
 def memory_budget(device, plan_memory_gib: float | None) -> int:

@@ -430,7 +430,7 @@ def _train(args: SftArguments, held: contextlib.ExitStack) -> Path:
             args, accelerator, step, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
             scaler=scaler, tokenizer=tokenizer, train_samples=train_samples, val_samples=val_samples,
             run_dir=run_dir, tracker=tracker, total_steps=total_steps, per_epoch=per_epoch, config=config,
-            micro_batch=chosen.micro_batch,
+            chosen=chosen, may_retreat=args.auto_plan and world == 1 and not (args.deepspeed or args.torch_compile),
         )  # fmt: skip
     except torch.OutOfMemoryError:
         raise UserError(OOM_ADVICE) from None
@@ -657,7 +657,7 @@ def start_logging(
 def run_loop(
     args: SftArguments, accelerator, step: int, *, model, wrapped, optimizer, scheduler, scaler, tokenizer,
     train_samples: list, val_samples: list, run_dir: Path, tracker, total_steps: int, per_epoch: int, config: dict,
-    micro_batch: int,
+    chosen: plan.Plan, may_retreat: bool,
 ) -> Path:  # fmt: skip
     """Optimizer steps from `step` to `total_steps` (or an early stop): a logging line every --logging_steps,
     validation every --eval_steps, a checkpoint every --save_steps and at the end. Returns the final checkpoint
@@ -680,8 +680,14 @@ def run_loop(
         epoch, in_epoch = divmod(step, per_epoch)
         if epoch not in plans:
             plans = {epoch: epoch_plan(train_samples, epoch, args)}
-        batches = step_batches(plans[epoch], in_epoch, train_samples, args, accelerator, pad_id, micro_batch)
-        step_loss, n_label, n_tokens = backward_step(batches, accelerator, wrapped, scaler)
+
+        def split(b: int, group=plans[epoch], i=in_epoch) -> list[dict]:
+            return step_batches(group, i, train_samples, args, accelerator, pad_id, b)
+
+        (step_loss, n_label, n_tokens), chosen = guarded_step(
+            split, chosen, may_retreat, model=model, accelerator=accelerator, wrapped=wrapped, scaler=scaler,
+            step=step + 1, config=config, run_dir=run_dir, seq_len=args.max_length,
+        )  # fmt: skip
         grad_norm = optimizer_step(
             model, optimizer, scheduler, scaler, accelerator, args.max_grad_norm, grad_norm
         )
@@ -790,6 +796,40 @@ def step_batches(
     return [
         collate(samples, rows[i : i + micro_batch], args, pad_id) for i in range(0, len(rows), micro_batch)
     ]
+
+
+def guarded_step(
+    split, current: plan.Plan, may_retreat: bool, *, model, accelerator, wrapped, scaler, step: int, config: dict,
+    run_dir: Path, seq_len: int,
+) -> tuple[tuple, plan.Plan]:  # fmt: skip
+    """backward_step over this optimizer step's micro-batches (`split(rows per micro-batch)`) under the plan. The plan
+    was measured on the fullest rows, yet the allocator's cache can outgrow its margin: on CUDA out of memory in a
+    single-process planned run, the step's gradients are dropped, the RNG put back and the same rows run again
+    under a plan that holds less (plan.retreat), said in one line and in args.json, kept for the rest of the run.
+    Returns ((loss, labelled tokens, tokens), the plan now)."""
+    while True:
+        rng = plan.rng_state(accelerator.device)
+        try:
+            return backward_step(split(current.micro_batch), accelerator, wrapped, scaler), current
+        except torch.OutOfMemoryError:
+            if not may_retreat or plan.retreat(current) is None:
+                raise
+        # out of the except block: its traceback held the failed step's tensors
+        plan.undo_step(model, accelerator.device, rng)
+        new = plan.retreat(current)
+        set_recompute(model, new.recompute_layers, new.remake_swiglu)
+        said = (
+            f"plan: out of memory in step {step} under {current.split_text(seq_len)}; the step runs again, and the "
+            f"rest of the run, as {new.split_text(seq_len)} (the same {new.rows_per_rank_step} rows per step)"
+        )
+        log.info(said)
+        config["plan"] = new.as_dict() | {
+            "line": f"{said}; before: {config['plan']['line']}",
+            "retreated_at": step,
+        }
+        if accelerator.is_main_process:
+            write_json(run_dir / "args.json", config)
+        current = new
 
 
 def backward_step(batches: list[dict], accelerator, wrapped, scaler) -> tuple:
