@@ -35,7 +35,7 @@ from mhsft.files import write_json
 from mhsft.folder_lock import LOCK_NAME, hold
 from mhsft.model import load_model, load_tokenizer, parameter_count, quant_spec, resolve_model_dir
 from mhsft.packed_attention import choose_attention
-from mhsft.train import plan
+from mhsft.train import fp8, plan
 from mhsft.train.batches import (
     batch_to_device,
     collate,
@@ -397,6 +397,8 @@ def train(args: SftArguments) -> Path:
 def _train(args: SftArguments, held: contextlib.ExitStack) -> Path:
     notices, resume_ckpt = preflight(args)
     accelerator = make_accelerator(args, notices)
+    if args.fp8 and (why := fp8.supported(accelerator.device)):  # before minutes of loading data and model
+        raise UserError(why)
     dtype, dtype_notes = choose_dtype(args, accelerator.device)
     notices += dtype_notes
     run_dir = prepare_run_dir(args, resume_ckpt, accelerator, held)
