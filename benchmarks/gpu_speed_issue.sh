@@ -20,10 +20,13 @@ ROWS=$(python3 -c "import torch; print(8 if torch.cuda.get_device_properties(0).
 for step in $STEPS; do
   echo "== $step"
   case $step in
-    check)  # the compiled kernels, Liger's SwiGLU, varlen's grouped heads and the concatenated update, on the card
+    check)  # the compiled kernels, Liger's SwiGLU, varlen's grouped heads, the concatenated update and the plan's
+      # retreat after an (injected) out-of-memory error, on the card
       MHSFT_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_swiglu_down.py \
         tests/train/test_fused_lora.py tests/test_packed_attention.py tests/train/test_concat_update.py \
-        -k "swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once" 2>&1 | tail -4 ;;
+        tests/train/test_plan.py \
+        -k "swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once or mid_run" \
+        2>&1 | tail -4 ;;
     kernels)
       timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
         --tiles "32,128,4;32,256,4,4;16,128,4;16,256,4;16,64,4;64,64,4" --out "$OUT/lora_kernels.json" 2>&1 | quiet 30
