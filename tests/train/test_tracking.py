@@ -99,6 +99,50 @@ def test_cloud_without_key_fails_before_writing(clean_env, tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_cloud_login_that_fails_ends_the_run_before_data_model_or_run_folder(clean_env, tmp_path, monkeypatch,
+                                                                               capsys):  # fmt: skip
+    """`mhsft sft --report_to swanlab` in cloud mode logs in first: a refused key (or no network) is one line in
+    seconds, with the key masked, before the dataset and the model load and before a run folder exists."""
+    import swanlab
+
+    from helpers import DEMO, run_cli
+
+    tried = []
+
+    def refused(api_key=None, save=None, **kw):
+        tried.append((api_key, save))
+        raise RuntimeError(f"key {api_key} rejected by the server")
+
+    monkeypatch.setattr(swanlab, "login", refused)
+    out_dir = tmp_path / "out"
+    rc, _, err = run_cli(["sft", "--model", "builtin:tiny", "--dataset", DEMO, "--output_dir", str(out_dir),
+                          "--report_to", "swanlab", "--swanlab_mode", "cloud", "--swanlab_token", FLAG_KEY,
+                          "--max_steps", "1"], capsys)  # fmt: skip
+    assert rc == 2 and tried == [(FLAG_KEY, False)]
+    assert "SwanLab could not start a cloud run (RuntimeError: key *** rejected by the server)" in err
+    assert FLAG_KEY not in err and "train dataset" not in err and not out_dir.exists()
+
+
+def test_the_tracker_does_not_log_in_twice(clean_env, tmp_path, monkeypatch):
+    import swanlab
+
+    from mhsft.train import tracking
+
+    logins = []
+    monkeypatch.setattr(swanlab, "login", lambda api_key=None, save=None, **kw: logins.append(api_key))
+    monkeypatch.setattr(swanlab, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("offline test")))
+    monkeypatch.setattr(tracking, "_logged_in", [])
+    args = TrackingArguments(report_to=["swanlab"], swanlab_mode="cloud", swanlab_token=FLAG_KEY)
+    tracking.login_swanlab(args)
+    tracking.login_swanlab(
+        TrackingArguments(report_to=["swanlab"], swanlab_mode="offline")
+    )  # no login offline
+    assert logins == [FLAG_KEY]
+    with pytest.raises(UserError, match="offline test"):  # init is reached without a second login
+        Tracker(tmp_path / "run", args, {})
+    assert logins == [FLAG_KEY]
+
+
 @pytest.mark.parametrize("source", ["flag", "env", "dotenv", "swanlab_login"])
 def test_cloud_key_sources(clean_env, monkeypatch, source):
     args = TrackingArguments(report_to=["swanlab"], swanlab_mode="cloud")

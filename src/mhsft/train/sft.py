@@ -60,7 +60,7 @@ from mhsft.train.loss import ChunkedLMLoss
 from mhsft.train.plan import decoder_layers, set_recompute
 from mhsft.train.progress import format_line, log_metrics
 from mhsft.train.speedups import speedups
-from mhsft.train.tracking import Tracker, TrackingArguments, check_tracking
+from mhsft.train.tracking import Tracker, TrackingArguments, check_tracking, login_swanlab
 from mhsft.utils import UserError, get_logger
 
 log = get_logger()
@@ -397,6 +397,8 @@ def train(args: SftArguments) -> Path:
 def _train(args: SftArguments, held: contextlib.ExitStack) -> Path:
     notices, resume_ckpt = preflight(args)
     accelerator = make_accelerator(args, notices)
+    if accelerator.is_main_process:
+        login_swanlab(args)
     if args.fp8 and (why := fp8.supported(accelerator.device)):  # before minutes of loading data and model
         raise UserError(why)
     dtype, dtype_notes = choose_dtype(args, accelerator.device)

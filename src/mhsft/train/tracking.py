@@ -1,6 +1,7 @@
 """Experiment tracking for training: `logging.jsonl` always, plus TensorBoard and/or SwanLab (`--report_to`).
 
-Call `check_tracking(args)` before loading the model (it fails fast on a cloud run without a key), then
+Call `check_tracking(args)` before loading the model (it fails fast on a cloud run without a key) and
+`login_swanlab(args)` on the main process (a wrong key or no network fails in seconds), then
 `Tracker(run_dir, args, config)` on the main process only, `.log(metrics, step)` as training goes, `.finish()`.
 
 Secrets: the SwanLab key is never written anywhere. The config is redacted, and SwanLab's own run metadata
@@ -238,6 +239,37 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
+_logged_in: list[
+    str
+] = []  # the key swanlab.login accepted in this process (login_swanlab), so Tracker skips it
+
+
+def login_swanlab(args) -> None:
+    """For a cloud SwanLab run, log in now, before minutes of loading data and model: a wrong key or no network
+    fails in seconds, with nothing written. Call it on the main process only."""
+    if "swanlab" not in report_backends(args.report_to) or swanlab_mode(args) != "cloud":
+        return
+    key = resolve_swanlab_key(args)
+    if not key:
+        check_tracking(args)  # raises the UserError that says how to fix it
+    import swanlab
+
+    _install_swanlab_log_filter()
+    try:
+        with _swanlab_redaction():
+            swanlab.login(api_key=key, save=False)  # save=False: never write the key to ~/.swanlab/.netrc
+    except Exception as e:
+        raise UserError(_start_failed("cloud", e)) from None
+    _logged_in[:] = [key]
+
+
+def _start_failed(mode: str, e: Exception) -> str:
+    return (
+        f"SwanLab could not start a {mode} run ({scrub(f'{type(e).__name__}: {e}').rstrip('.')}); check the key "
+        "and the network, or use --swanlab_mode offline and `swanlab sync` later"
+    )
+
+
 class Tracker:
     """Writes metrics to run_dir/logging.jsonl and the backends in args.report_to. Create it on the main
     process only. A backend that fails mid-training is warned about once and dropped; training goes on."""
@@ -272,7 +304,7 @@ class Tracker:
         clean_config = _json_safe(redact_args(dict(config)))
         try:
             with _swanlab_redaction() as wrapped:
-                if mode == "cloud":
+                if mode == "cloud" and _logged_in != [key]:
                     # save=False: never write the key to ~/.swanlab/.netrc on the user's behalf.
                     swanlab.login(api_key=key, save=False)
                 # interactive=False: never prompt (a prompt would hang a batch job with no TTY).
@@ -292,10 +324,7 @@ class Tracker:
         except UserError:
             raise
         except Exception as e:
-            raise UserError(
-                f"SwanLab could not start a {mode} run ({scrub(f'{type(e).__name__}: {e}').rstrip('.')}); check the key and "
-                "the network, or use --swanlab_mode offline and `swanlab sync` later"
-            ) from None
+            raise UserError(_start_failed(mode, e)) from None
 
     def _guard(self, backend: str, fn, *a, **kw) -> None:
         if backend in self._failed:
