@@ -164,6 +164,31 @@ def test_cloud_swanlab_without_key_fails_before_training(tmp_path, monkeypatch, 
     assert not (tmp_path / "o").exists()
 
 
+def test_a_run_that_ends_before_writing_leaves_no_run_folder(tmp_path, capsys):
+    """A dataset that cannot be read ends the run before it wrote anything: no empty vN folder is left behind
+    (each retry would add one). A dataset whose every record is rejected keeps its folder: rejects.jsonl says why."""
+    out = tmp_path / "o"
+    common = [
+        "sft",
+        "--model",
+        "builtin:tiny",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--max_steps",
+        "1",
+    ]
+    assert main([*common, "--dataset", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"foo": 1}\n{"bar": 2}\n', encoding="utf-8")
+    assert main([*common, "--dataset", str(bad)]) == 2
+    (run,) = out.iterdir()
+    assert len((run / "rejects.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
 def test_full_fine_tuning_and_validation_split(tmp_path):
     run = run_sft(tmp_path, "--train_type", "full", "--max_steps", "2", "--split_dataset_ratio", "0.2",
                   "--eval_steps", "1", "--learning_rate", "1e-4")  # fmt: skip

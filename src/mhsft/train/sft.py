@@ -403,8 +403,9 @@ def _train(args: SftArguments, held: contextlib.ExitStack) -> Path:
         raise UserError(why)
     dtype, dtype_notes = choose_dtype(args, accelerator.device)
     notices += dtype_notes
-    run_dir = prepare_run_dir(args, resume_ckpt, accelerator, held)
+    # the model's download may fail (an id, the network): before a run folder exists
     model_path = resolve_model_dir(args.model, use_hf=args.use_hf, token=args.hub_token)
+    run_dir = prepare_run_dir(args, resume_ckpt, accelerator, held)
     tokenizer = load_tokenizer(model_path)
     train_samples, val_samples, data_counts = load_samples(args, tokenizer, run_dir, accelerator, notices)
     attn_impl, attn_notice = choose_attention(accelerator.device, args.packing, args.attn_impl)
@@ -506,12 +507,31 @@ def prepare_run_dir(
 
             run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     if accelerator.is_main_process:
+        if (
+            resume_ckpt is None and args.add_version
+        ):  # a new folder: gone again if the run ends before writing to it
+            held.callback(
+                _remove_if_unused, run_dir
+            )  # after the lock's release (the stack unwinds last-in first)
         held.enter_context(hold(run_dir / LOCK_NAME, f"the run folder {run_dir}"))
         if resume_ckpt is not None and not (resume_ckpt / STATE_FILE).is_file():
             raise UserError(
                 f"{resume_ckpt} was removed (by the run that held the folder?): run the command again"
             )
     return run_dir
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """A run that failed before writing anything (a dataset that could not be fetched, an interrupt while the model
+    loads) leaves no empty vN folder behind; one with rejected records or args.json stays, to be read."""
+    if not run_dir.is_dir():
+        return
+    files = list(run_dir.iterdir())
+    if all(p.name == LOCK_NAME or (p.name == "rejects.jsonl" and p.stat().st_size == 0) for p in files):
+        for p in files:
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
 
 def load_samples(args: SftArguments, tokenizer, run_dir: Path, accelerator, notices: list[str]):
