@@ -531,3 +531,19 @@ def test_a_judge_that_goes_down_fails_in_seconds_and_keeps_what_was_scored(tmp_p
     finally:
         judge.stop()
     assert len(_rows(tmp_path / "o")) == 6
+
+
+def test_a_judge_that_is_down_is_said_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """The judge is checked first: with a 7B model a wrong --judge_api_url would otherwise cost its load."""
+    from mhsft.client import free_port
+    from mhsft.eval import evaluate
+
+    loads = []
+    monkeypatch.setattr(
+        evaluate, "open_systems", lambda *a, **k: loads.append(a) or pytest.fail("model loaded")
+    )
+    dialogues = str(REPO / "examples/data/demo_sharegpt.jsonl") + "#2"
+    rc = _run("--model", "builtin:tiny", "--eval_dataset", dialogues, "--judge_api_url",
+              f"http://127.0.0.1:{free_port()}/v1", "--judge_model", "j", "--output_dir", tmp_path / "o")  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and loads == [] and "cannot connect" in err and "Traceback" not in err

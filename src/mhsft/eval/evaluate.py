@@ -333,13 +333,13 @@ class System:
 def evaluate(a: EvalArguments, sets) -> int:
     """Every system over every set: results.json + predictions.jsonl per system; 1 when requests failed."""
     log = get_logger()
-    systems, engine = open_systems(a, sets)
     judge_target = None
-    if a.judge_api_url:
+    if a.judge_api_url:  # first: a judge that is down is said in seconds, not after the model has loaded
         judge_target = EndpointTarget(
             a.judge_api_url, a.judge_api_key, a.judge_model, a.concurrency, a.max_retries, a.request_timeout
         )
         a.judge_model = judge_target.model_name
+    systems, engine = open_systems(a, sets)
     try:
         ll_ok = loglikelihood_ok(a, systems[0].target, sets)
         root = Path(
