@@ -20,9 +20,9 @@ Liger's fused linear cross-entropy), `+fp8`, `+compile`; the A/B switches `+chun
 `+flce` (the fused loss), `+nogroup` (q/k/v and gate/up one linear at a time: a kernel and an input gradient
 each), `+nofold` (the LoRA update added into the base's output after its GEMM), `+twopass` (FP8's two-pass
 quantization), `+philox7` (the dropout masks from 7 Philox rounds instead of 10), `+maskbits` / `+nomaskbits` (the
-masks stored as bits for the backward, or drawn again there), `+gqanative` (k/v handed to torch 2.10/2.11's
-varlen_attn with their own heads instead of expanded to the query heads), `+concat` (the LoRA update inside the
-base GEMM, [x | h] @ [W | bt^T]^T, for gate/up).
+masks stored as bits for the backward, or drawn again there), `+gqanative` / `+expandkv` (k/v handed to torch
+2.10/2.11's varlen_attn with their own heads, the default since session 13, or expanded to the query heads),
+`+concat` (the LoRA update inside the base GEMM, [x | h] @ [W | bt^T]^T, for gate/up).
 """
 
 from __future__ import annotations
@@ -172,10 +172,10 @@ def worker(args) -> dict:
             import mhsft.train.concat_update
 
             mhsft.train.concat_update.enabled = True
-        if "gqanative" in opts:  # k/v handed to varlen with their own heads, not expanded (the A/B)
+        if opts & {"gqanative", "expandkv"}:  # k/v handed to varlen with their own heads (the default), or expanded
             import mhsft.packed_attention
 
-            mhsft.packed_attention._gqa_native[0] = True
+            mhsft.packed_attention._gqa_native[0] = "gqanative" in opts
         if "twopass" in opts:  # the FP8 quantization's two-pass kernel, for the one-read kernel's A/B
             import mhsft.train.fp8
 

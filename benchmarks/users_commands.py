@@ -21,7 +21,8 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
                      --micro_batch N for the largest micro-batch it fits (the same rows, regrouped)
   A stack may name switches still off by default after a `+`, set in the CLI's process before it parses its
   arguments: `mhsft_cli+concat` (the LoRA update inside gate/up's base GEMM, mhsft.train.concat_update),
-  `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention).
+  `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention; the default since
+  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it).
   The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
   random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
@@ -72,10 +73,12 @@ STACK_FLAGS = {
     "mhsft_cli_qlora_written": ["--quant_method", "bnb", "--quant_bits", "4", "--auto_plan", "false"],
 }
 
-# switches still off by default (`mhsft_cli+concat`), as the statements that turn them on in the CLI's process
+# switches away from the defaults (`mhsft_cli+concat`), as the statements that set them in the CLI's process
 SWITCHES = {
     "concat": "import mhsft.train.concat_update as m; m.enabled = True",
     "gqanative": "import mhsft.packed_attention as m; m._gqa_native[0] = True",
+    # the default before session 13, for the A/B: k/v expanded to the query heads before varlen
+    "expandkv": "import mhsft.packed_attention as m; m._gqa_native[0] = False",
 }
 
 
