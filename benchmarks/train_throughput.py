@@ -172,7 +172,8 @@ def worker(args) -> dict:
             import mhsft.train.concat_update
 
             mhsft.train.concat_update.enabled = True
-        if opts & {"gqanative", "expandkv"}:  # k/v handed to varlen with their own heads (the default), or expanded
+        # k/v handed to varlen with their own heads (the default since session 13), or expanded (the A/B)
+        if opts & {"gqanative", "expandkv"}:
             import mhsft.packed_attention
 
             mhsft.packed_attention._gqa_native[0] = "gqanative" in opts

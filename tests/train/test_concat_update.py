@@ -59,7 +59,21 @@ def test_the_update_in_the_base_gemm_gives_the_two_pass_loss_and_gradients(monke
     assert ran.count(2) >= layers  # gate/up in every layer (the tiny q/k/v too: 128 outputs over 64 inputs)
     torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
     for n in ga:
-        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
+        _assert_equal_gradients(ga[n], gb[n], n)
+
+
+def _assert_equal_gradients(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    if DEVICE == "cpu":
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        return
+    # Compiled, Triton's tl.dot rounds float32 inputs to TF32 (10-bit mantissa): dh out of the concatenated GEMM
+    # differs from the two-pass path's in its last bits, which the dropout kernel's TF32 rounding makes ~1e-3 of the
+    # largest entry of lora_A's gradient (H100, session 13: 4.7e-6 of ~6e-3). A wrong mask or member is of the
+    # order of the entries themselves.
+    worst = (a - b).abs().max().item()
+    assert worst <= 2e-3 * a.abs().max().item(), (
+        f"{name}: {worst:.3g} apart, largest entry {a.abs().max():.3g}"
+    )
 
 
 def test_each_weight_is_held_once_inside_its_buffer(monkeypatch):
@@ -96,7 +110,7 @@ def test_a_replaced_weight_gets_a_new_buffer_and_eval_reads_the_strided_weight(m
     assert w.data_ptr() == w._mhsft_cat[0].data_ptr()
     torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
     for n in ga:
-        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
+        _assert_equal_gradients(ga[n], gb[n], n)
 
 
 def test_only_outputs_twice_the_input_are_worth_it(monkeypatch):

@@ -292,9 +292,13 @@ def _oom_on_call(monkeypatch, n: int) -> list:
 def test_a_step_out_of_memory_mid_run_runs_again_under_a_plan_that_holds_less(tmp_path, monkeypatch, caplog):
     """Step 2's second micro-batch runs out of memory after the first one's gradients accumulated: the step is done
     again from its start, its dropout masks drawn again the same (RNG put back), under 1 of 2 layers recomputing;
-    losses and adapter equal the uninterrupted run's (float32, 1e-5), and args.json says what happened."""
+    losses and adapter equal the uninterrupted run's (float32, 1e-5), and args.json says what happened.
+    On a GPU (gpu_speed_issue.sh's check) the same in float32 at 1e-4: the attention backward's atomic adds make two
+    CUDA runs differ in the last bits; a mask drawn anew or a failed try's gradients kept differ by ~1e-2."""
     extra = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.1",
-             "--packing", "true", "--max_steps", "4", "--max_length", "128"]  # fmt: skip
+             "--packing", "true", "--max_steps", "4", "--max_length", "128",
+             "--torch_dtype", "float32"]  # fmt: skip  # on CUDA the tiny model would otherwise train in bfloat16
+    tol = 1e-4 if torch.cuda.is_available() else 1e-5
     whole = run_sft(tmp_path / "a", *extra)
     calls = _oom_on_call(monkeypatch, 4)
     with caplog.at_level("INFO", logger="mhsft"):
@@ -303,11 +307,11 @@ def test_a_step_out_of_memory_mid_run_runs_again_under_a_plan_that_holds_less(tm
     la, lb = read_log(whole), read_log(retreated)
     assert [r["step"] for r in lb] == [1, 2, 3, 4]
     for a, b in zip(la, lb):  # the gradient norm too: the failed try's gradients must not count
-        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+        assert abs(a["loss"] - b["loss"]) < tol and abs(a["grad_norm"] - b["grad_norm"]) < tol
     wa = load_file(str(whole / "checkpoint-4" / "adapter_model.safetensors"))
     wb = load_file(str(retreated / "checkpoint-4" / "adapter_model.safetensors"))
     for n in wa:
-        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=1e-5)
+        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=tol)
     said = [r.getMessage() for r in caplog.records if "out of memory in step" in r.getMessage()]
     assert said == [
         "plan: out of memory in step 2 under 4 x 128 x 2 accumulation, no recompute; the step runs again, and the "

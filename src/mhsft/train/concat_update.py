@@ -19,15 +19,17 @@ the model holds W once. Each forward writes bt_j^T (N x r) into its slot. A weig
 `.to()`, a new tensor) no longer shares the buffer's storage and gets a new buffer on its next call.
 
 Why here: PEFT and Liger keep the two passes, and we know of no training library that appends a trainable B and a
-dropout-masked h to the base GEMM's contraction (the estimates above are by bandwidth, not yet measured). Off (`enabled`) until an A/B on
-a GPU has measured it (benchmarks/NOTES.md, session 11; `train_throughput.py +concat`).
+dropout-masked h to the base GEMM's contraction. Measured on an H100 (benchmarks/NOTES.md, session 13): +0.3% at 7B
+3 x 3072 (`train_throughput.py +concat`), ~+0.9% in the users' 7B command by difference, not the +2% the bytes above
+predicted: cuBLAS hides most of its epilogue read behind the GEMM. So it is off (`enabled`); the 32B is unmeasured.
 """
 
 from __future__ import annotations
 
 import torch
 
-enabled = False  # benchmarks switch it on for the A/B; it becomes the default once a GPU has measured it
+# benchmarks switch it on for the A/B (`+concat`); measured too small a gain to be the default
+enabled = False
 _ATTR = "_mhsft_cat"  # on the frozen weight: (buffer [N, K + G r], G, slot j, r)
 
 
