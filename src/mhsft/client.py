@@ -9,7 +9,9 @@ import os
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
+from urllib.parse import urlparse, urlsplit
+
+from mhsft.utils import UserError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -28,6 +30,29 @@ def ensure_loopback_no_proxy(env: dict | None = None) -> None:
 def is_loopback(url: str) -> bool:
     host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").lower()
     return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def normalize_api_url(url: str) -> str:
+    """`http://h:8000`, `http://h:8000/v1`, `.../v1/chat/completions` -> the base URL the OpenAI client wants."""
+    u = url.strip().rstrip("/")
+    for tail in ("/chat/completions", "/completions"):
+        if u.endswith(tail):
+            u = u[: -len(tail)]
+    p = urlparse(u)
+    if p.scheme not in ("http", "https") or not p.hostname:
+        raise UserError(f"API URL {url!r} is not an http(s) URL like http://127.0.0.1:8000/v1")
+    return u if p.path not in ("", "/") else u + "/v1"
+
+
+def unreachable(api_url: str, timeout: float = 5.0) -> str | None:
+    """Why the OpenAI-compatible server at `api_url` cannot be reached now (no connection, no answer in `timeout`
+    seconds), or None when it answers at all: any HTTP status, even 401 or 404, means a server is there. No key
+    is sent."""
+    try:
+        get_json(normalize_api_url(api_url) + "/models", None, timeout)
+    except OSError as e:  # URLError and socket timeouts are OSErrors; HTTP errors are answers (get_json)
+        return str(getattr(e, "reason", None) or e)
+    return None
 
 
 def openai_client(

@@ -152,6 +152,43 @@ def test_without_export_the_adapter_is_evaluated(tmp_path, capsys):
     assert "mhsft report EXP/sft/vN-... " in out and "--baseline" not in out
 
 
+def test_an_external_judge_that_is_down_is_said_at_the_start(tmp_path, caplog):
+    """judge_api_url that does not answer: one warning before the first stage (not an error: it may be started
+    later); a server that answers anything, even 404, is up; an evaluation already done needs no judge."""
+    import http.server
+    import threading
+
+    port = pipeline.free_port()
+    exp = write_yaml(
+        tmp_path / "exp.yaml",
+        f"exp_dir: {tmp_path / 'exp'}\nmodel: builtin:tiny\nsft: {{dataset: DATA/demo_sharegpt.jsonl}}\n"
+        f"eval: {{eval_dataset: [DATA/demo_qa.jsonl], judge_api_url: 'http://127.0.0.1:{port}/v1'}}\n",
+    )
+    e = load_experiment(exp)
+    stages, state = plan(e), pipeline.State(e.exp_dir)
+
+    def warned() -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mhsft"):
+            pipeline.warn_if_judge_down(stages, state)
+        return [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+
+    said = warned()
+    assert len(said) == 1, said  # eval_base and eval_finetuned share the URL: said once
+    assert said[0].startswith(f"warning: the judge at http://127.0.0.1:{port}/v1 does not answer now (")
+    assert "eval_base needs it after the stages before it" in said[0]
+    server = http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler)  # 501 to a GET
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert warned() == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    for name in ("eval_base", "eval_finetuned"):
+        state.stages[name] = {"status": "done"}
+    assert warned() == []
+
+
 def test_users_examples_plan(monkeypatch):
     """The users' 7B and 32B files and the local-file one parse and plan (nothing runs, nothing downloads)."""
     monkeypatch.chdir(REPO)

@@ -17,9 +17,9 @@ import re
 import shlex
 from pathlib import Path
 
+from mhsft.client import normalize_api_url
 from mhsft.eval import mcq
 from mhsft.eval.datasets import EvalSet, MCQItem
-from mhsft.eval.targets import normalize_api_url
 from mhsft.utils import get_logger
 
 

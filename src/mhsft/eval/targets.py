@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlparse
 
-from mhsft.client import openai_client
+from mhsft.client import normalize_api_url, openai_client
 from mhsft.model import BASE, inference_quant, load_for_inference
 from mhsft.serve.engine import Engine, Request, encode_chat
 from mhsft.serve.kv_cache import kv_cache_bytes
@@ -26,18 +25,6 @@ from mhsft.utils import UserError, get_logger, register_secret, scrub
 
 class RequestError(Exception):
     """One request failed for good (after the client's retries); the item is left for a later run."""
-
-
-def normalize_api_url(url: str) -> str:
-    """`http://h:8000`, `http://h:8000/v1`, `.../v1/chat/completions` -> the base URL the OpenAI client wants."""
-    u = url.strip().rstrip("/")
-    for tail in ("/chat/completions", "/completions"):
-        if u.endswith(tail):
-            u = u[: -len(tail)]
-    p = urlparse(u)
-    if p.scheme not in ("http", "https") or not p.hostname:
-        raise UserError(f"API URL {url!r} is not an http(s) URL like http://127.0.0.1:8000/v1")
-    return u if p.path not in ("", "/") else u + "/v1"
 
 
 def make_client(api_url: str, api_key: str | None, timeout: float = 120.0, max_retries: int = 5):

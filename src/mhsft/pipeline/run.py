@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mhsft.client import ensure_loopback_no_proxy, free_port, stop_process, wait_for_server
+from mhsft.client import ensure_loopback_no_proxy, free_port, stop_process, unreachable, wait_for_server
 from mhsft.files import write_json, write_text
 from mhsft.folder_lock import LOCK_NAME, hold
 from mhsft.pipeline.plan import (
@@ -282,6 +282,8 @@ def main(argv: list[str]) -> int:
         held.enter_context(hold(exp.exp_dir / ".mhsft" / LOCK_NAME, f"the experiment folder {exp.exp_dir}"))
     state, runner = State(exp.exp_dir), StageRunner(exp)
     print(f"experiment {exp.path} -> {exp.exp_dir}", flush=True)
+    if not dry:
+        warn_if_judge_down(stages, state)
     done: dict[str, dict] = {}
     # SIGTERM (a scheduler's stop) unwinds like Ctrl-C, so that the judge server is stopped on the way out.
     main_thread = threading.current_thread() is threading.main_thread()
@@ -315,6 +317,23 @@ def main(argv: list[str]) -> int:
             html = Path(done["report"]["report"])
             print(f"report: {html}\n        {html.with_suffix('.md')}", flush=True)
     return 0
+
+
+def warn_if_judge_down(stages: list[Stage], state: State) -> None:
+    """An external judge (eval's judge_api_url) that does not answer now is said before the stages that come first,
+    not when the evaluation reaches it after training. A warning, not an error: a judge may be started later, and
+    the evaluation itself stops with its own error if it is still down then."""
+    seen = set()
+    for st in stages:
+        url = st.flags.get("judge_api_url") if st.name.startswith("eval_") else None
+        if not url or url in seen or state.get(st.name).get("status") == "done":
+            continue
+        seen.add(url)
+        if reason := unreachable(url):
+            log.warning(
+                f"warning: the judge at {url} does not answer now ({reason}); {st.name} needs it after the stages "
+                "before it: start it by then (a failed evaluation is run again alone: finished stages are skipped)"
+            )
 
 
 def _first_forced(names: list[str], start: str | None) -> int:
