@@ -175,7 +175,7 @@ def test_an_external_judge_that_is_down_is_said_at_the_start(tmp_path, caplog):
 
     said = warned()
     assert len(said) == 1, said  # eval_base and eval_finetuned share the URL: said once
-    assert said[0].startswith(f"warning: the judge at http://127.0.0.1:{port}/v1 does not answer now (")
+    assert said[0].startswith(f"the judge at http://127.0.0.1:{port}/v1 does not answer now (")
     assert "eval_base needs it after the stages before it" in said[0]
     server = http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler)  # 501 to a GET
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -331,7 +331,7 @@ def warn_if_judge_down(stages: list[Stage], state: State) -> None:
         seen.add(url)
         if reason := unreachable(url):
             log.warning(
-                f"warning: the judge at {url} does not answer now ({reason}); {st.name} needs it after the stages "
+                f"the judge at {url} does not answer now ({reason}); {st.name} needs it after the stages "
                 "before it: start it by then (a failed evaluation is run again alone: finished stages are skipped)"
             )
 
