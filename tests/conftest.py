@@ -41,3 +41,16 @@ def tiny_model_dir() -> Path:
     from mhsft.builtin import resolve_model
 
     return Path(resolve_model("builtin:tiny"))
+
+
+@pytest.fixture
+def caplog(caplog):
+    """pytest's caplog, also fed by mhsft's logger. That logger does not propagate to the root (its own stderr
+    handler would print each line twice), so pytest's handler on the root sees its records only where no test
+    before had configured it: a test asserting on them passed or failed with the order the suite ran in."""
+    from mhsft.utils import get_logger
+
+    logger = get_logger()  # configured here, so propagation is off in every test alike (no record counted twice)
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
