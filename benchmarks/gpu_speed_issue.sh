@@ -26,8 +26,8 @@ for step in $STEPS; do
       # (session 13 kept 2 lines of a failure and could not read its cause)
       MHSFT_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/train/test_swiglu_down.py \
         tests/train/test_fused_lora.py tests/test_packed_attention.py tests/train/test_concat_update.py \
-        tests/train/test_plan.py \
-        -k "swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once or mid_run" \
+        tests/train/test_plan.py tests/train/test_offload.py \
+        -k "swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once or mid_run or host_memory_equals or host_link" \
         -rf 2>&1 | tee "$OUT/check.log" | grep -e "^E  " -e "^FAILED" -e " passed" -e " failed" | tail -24 ;;
     kernels)
       timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
@@ -37,6 +37,10 @@ for step in $STEPS; do
     7b) timeout 130 $U --models 7b --stacks mhsft_cli --out "$OUT/uc_7b_cli.json" 2>&1 | quiet 5 ;;
     32b_80gb) timeout 280 $U --models 32b --stacks_32b mhsft_cli_80gb --out "$OUT/uc_32b_80gb.json" 2>&1 | quiet 5 ;;
     7b_on) timeout 130 $U --models 7b --stacks mhsft_cli+concat --out "$OUT/uc_7b_on.json" 2>&1 | quiet 5 ;;
+    32b_offload)  # the default plan (layers in host memory where they would recompute) against it without them
+      timeout 420 $U --models 32b --stacks_32b mhsft_cli_80gb,mhsft_cli_80gb+nooffload --out "$OUT/uc_32b_offload.json" \
+        2>&1 | grep -e "plan:" -e "host" -e Error -e "^32b" | cut -c1-400 | tail -12
+      for f in /tmp/uc/*32b*.log; do grep -v -e Warning -e warnings.warn "$f" | tail -40 > "$OUT/$(basename "$f")"; done ;;
     32b_on) timeout 300 $U --models 32b --stacks_32b mhsft_cli_80gb+concat --out "$OUT/uc_32b_on.json" 2>&1 | quiet 5 ;;
     fp8) timeout 100 $U --models 7b --stacks mhsft_cli_fp8 --out "$OUT/uc_7b_fp8.json" 2>&1 | quiet 4 ;;
     hf) timeout 150 $U --models 7b --stacks hf_peft --out "$OUT/uc_7b_hf.json" 2>&1 | quiet 4 ;;

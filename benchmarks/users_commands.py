@@ -22,7 +22,8 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
   A stack may name switches still off by default after a `+`, set in the CLI's process before it parses its
   arguments: `mhsft_cli+concat` (the LoRA update inside gate/up's base GEMM, mhsft.train.concat_update),
   `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention; the default since
-  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it).
+  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+nooffload` (no layer's
+  activations in host memory: the plan recomputes instead, as before session 14).
   The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
   random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
@@ -79,6 +80,8 @@ SWITCHES = {
     "gqanative": "import mhsft.packed_attention as m; m._gqa_native[0] = True",
     # the default before session 13, for the A/B: k/v expanded to the query heads before varlen
     "expandkv": "import mhsft.packed_attention as m; m._gqa_native[0] = False",
+    # the plan without layers in host memory (mhsft.train.offload; the default since session 14), for the A/B
+    "nooffload": "import mhsft.train.offload as m; m.enabled = False",
 }
 
 

@@ -50,7 +50,9 @@ def caplog(caplog):
     before had configured it: a test asserting on them passed or failed with the order the suite ran in."""
     from mhsft.utils import get_logger
 
-    logger = get_logger()  # configured here, so propagation is off in every test alike (no record counted twice)
+    logger = (
+        get_logger()
+    )  # configured here, so propagation is off in every test alike (no record counted twice)
     logger.addHandler(caplog.handler)
     yield caplog
     logger.removeHandler(caplog.handler)

@@ -270,6 +270,68 @@ def test_retreat_recomputes_more_layers_then_splits_finer():
     assert plan.retreat(Plan(1, 4, 1, 2)) == Plan(1, 4, 2, 2)
 
 
+def test_retreat_takes_stored_layers_first_then_the_ones_in_host_memory():
+    """With layers in host memory, the layers that recompute come from those stored on the GPU; when none is stored,
+    the ones in host memory recompute too (their copies in flight hold memory), then the micro-batch halves."""
+    ladder, p = [], Plan(2, 8, 30, 64, True, offload_layers=20)
+    while (p := plan.retreat(p)) is not None:
+        ladder.append((p.micro_batch, p.recompute_layers, p.offload_layers, p.stored_layers))
+    assert ladder == [(2, 44, 20, 0), (2, 64, 0, 0), (1, 64, 0, 0)]
+
+
+def test_the_plan_line_names_the_layers_in_host_memory():
+    assert Plan(1, 16, 30, 64, True, 20).recompute_text() == (
+        "recompute 30 of 64 layers, activations of 20 in host memory, SwiGLU product remade in the others"
+    )
+    assert Plan(1, 16, 0, 64, False, 64).recompute_text() == "no recompute, activations of 64 in host memory"
+    assert Plan(1, 16, 0, 64).recompute_text() == "no recompute"
+
+
+def _carrying_card(physical: float):
+    """fake_card's model where a layer in host memory holds nothing on the card (its copies' transient aside)."""
+    calls = []
+
+    def probe(p: Plan) -> int | None:
+        calls.append(p)
+        peak = 10 * K + p.micro_batch * (1 * K + p.stored_layers * 0.5 * K)
+        return None if peak > physical * K else int(peak)
+
+    return probe, calls
+
+
+def test_offload_carries_what_the_link_carries_in_a_forward():
+    """A 1 s probe step with 5 of 8 layers recomputing: the forward is 2 / (4 + 2 x 5/8) of it, 0.38 s; a 10 KB/s
+    link at LINK_SHARE 0.8 carries 3.05 KB of it, so 6 layers of 0.5 KB, capped at the 5 that recompute."""
+    probe, _ = _carrying_card(1e9)
+    s = Search(Plan(1, 8, 8, LAYERS), 100 * K, 0, 0.0, probe, per_layer={1: 0.5 * K})
+    chosen, basis = plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 10**12)
+    assert chosen == Plan(1, 8, 0, LAYERS, offload_layers=5) and "0.38 s forward" in basis
+    s.per_layer[1] = 1 * K  # twice the bytes a layer: 3 of the 5
+    assert plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 10**12)[0] == Plan(
+        1, 8, 2, LAYERS, offload_layers=3
+    )
+    # the host's free memory caps it: half of 2.2 KB holds 2 layers of 0.5 KB
+    s.per_layer[1] = 0.5 * K
+    assert plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 2200)[0] == Plan(
+        1, 8, 3, LAYERS, offload_layers=2
+    )
+
+
+def test_offload_halves_until_a_probe_fits_and_says_when_none_did():
+    calls = []
+
+    def probe(p: Plan) -> int | None:  # the copies' transient: more than 2 layers in host memory do not fit
+        calls.append(p)
+        return None if p.offload_layers > 2 else 11 * K
+
+    s = Search(Plan(1, 8, 8, LAYERS), 100 * K, 0, 0.0, probe, per_layer={1: 0.5 * K})
+    chosen, _ = plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 10**12)
+    assert [c.offload_layers for c in calls] == [5, 2] and chosen == Plan(1, 8, 3, LAYERS, offload_layers=2)
+    s.probe = lambda p: None
+    chosen, basis = plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 10**12)
+    assert chosen == Plan(1, 8, 5, LAYERS) and basis.endswith("no layer in host memory fitted")
+
+
 def _oom_on_call(monkeypatch, n: int) -> list:
     """ChunkedLMLoss.forward raises CUDA's out-of-memory error on its n-th call (once), as a step past the probed
     peak would; returns the list of calls."""

@@ -21,7 +21,9 @@ Memory is measured, not guessed: each candidate is tried on real rows (the fulle
 micro-batch is larger) and its peak read back; a candidate that runs out of memory is freed and the next one is
 tried. The recompute share comes from two such probes: with every layer recomputing and with a few layers
 storing their activations, which gives the memory one stored layer costs; the plan then stores as many layers as
-the budget holds and checks that by a third probe. Speed is predicted from the measured costs above
+the budget holds and checks that by a third probe. Where layers still recompute, as many of them as the host link
+can carry during a forward keep their activations in host memory instead (mhsft.train.offload; from the measured
+link speed, the probe step's time and a stored layer's bytes, checked by one more probe). Speed is predicted from the measured costs above
 (`predicted_cost`): recomputation first, then the per-micro-batch host overhead that made 2-row micro-batches 8%
 slower per token than 4-row ones on the H200.
 
@@ -34,13 +36,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from mhsft.model import parameter_count
-from mhsft.train import swiglu_down
+from mhsft.train import offload, swiglu_down
 
 # Per-micro-batch host overhead in units of a 7B step's per-token cost without recompute, at 3072-token rows: a
 # 2-row micro-batch cost 67.1 us a token and a 4-row one 61.9 on the H200 (NOTES), i.e. 1 + o/2 = 1.08 (1 + o/4).
@@ -50,6 +53,10 @@ HOST_OVERHEAD_7B = 0.15
 # x 3 (gate, up read; the product written) by bandwidth, ~16 ms of a 7B 8 x 3072 step of ~1.33 s on an H200 (an
 # estimate until measured; benchmarks/NOTES.md)
 REMAKE_SWIGLU = 0.012
+# Of a forward's time, the share the host link may spend carrying layers' activations to host memory: copies
+# start only once a layer has made its tensors, and the last layers' land while the loss runs (an estimate until
+# measured; benchmarks/NOTES.md)
+LINK_SHARE = 0.8
 MIN_PARAMETERS = 1_000_000_000
 GIB = 2**30
 
@@ -63,6 +70,11 @@ class Plan:
     remake_swiglu: bool = (
         False  # the layers that store remake the MLP's SwiGLU product (mhsft.train.swiglu_down)
     )
+    offload_layers: int = 0  # of the layers that do not recompute, those whose activations go to host memory
+
+    @property
+    def stored_layers(self) -> int:  # layers whose activations stay on the GPU
+        return self.layers - self.recompute_layers - self.offload_layers
 
     @property
     def rows_per_rank_step(self) -> int:
@@ -72,11 +84,15 @@ class Plan:
         if self.recompute_layers >= self.layers:
             return "recompute"
         remade = ", SwiGLU product remade in the backward" if self.remake_swiglu else ""
-        if self.recompute_layers == 0:
+        if self.recompute_layers == 0 and not self.offload_layers:
             return "no recompute" + remade
-        return f"recompute {self.recompute_layers} of {self.layers} layers" + remade.replace(
-            "the backward", "the others"
+        off = f", activations of {self.offload_layers} in host memory" if self.offload_layers else ""
+        k = (
+            f"recompute {self.recompute_layers} of {self.layers} layers"
+            if self.recompute_layers
+            else "no recompute"
         )
+        return k + off + remade.replace("the backward", "the others")
 
     def split_text(self, seq_len: int) -> str:
         return f"{self.micro_batch} x {seq_len} x {self.accumulation} accumulation, {self.recompute_text()}"
@@ -107,11 +123,16 @@ def as_written(micro_batch: int, accumulation: int, recompute: bool, ratio: floa
 def retreat(p: Plan) -> Plan | None:
     """The plan that holds less memory than `p`, for a step that ran out of memory in the middle of a run (the
     probe measured the fullest rows, but the allocator's cache can outgrow its margin): a quarter more of the layers
-    recomputing; with every layer recomputing, the next smaller micro-batch (the same rows per optimizer step);
+    recomputing, taken from those stored on the GPU; when none is stored, the layers in host memory (whose copies
+    hold memory in flight) recompute too; with every layer recomputing, the next smaller micro-batch (the same rows per optimizer step);
     None when one row per micro-batch already recomputes everything."""
     n = p.layers
-    if p.recompute_layers < n:
-        return dataclasses.replace(p, recompute_layers=min(n, p.recompute_layers + max(1, n // 4)))
+    if p.stored_layers > 0:
+        return dataclasses.replace(
+            p, recompute_layers=p.recompute_layers + min(p.stored_layers, max(1, n // 4))
+        )
+    if p.offload_layers:  # the copies' transient memory: recompute those layers instead
+        return dataclasses.replace(p, recompute_layers=n, offload_layers=0)
     smaller = micro_batch_options(p.micro_batch)[1:]
     if not smaller:
         return None
@@ -137,6 +158,9 @@ class Search:
     probe: Callable[[Plan], int | None]
     remake: bool = False  # the model's MLPs can remake their SwiGLU product (mhsft.train.swiglu_down)
     tried: list = dataclasses.field(default_factory=list)
+    per_layer: dict = dataclasses.field(
+        default_factory=dict
+    )  # rows per micro-batch: bytes a stored layer holds
 
     def fits(self, plan: Plan) -> tuple[bool, int | None]:
         peak = self.probe(plan)
@@ -182,7 +206,7 @@ def _best_recompute(s: Search, b: int, acc: int) -> Plan | None:
             return Plan(b, acc, n, n)
         if not ok:
             stored //= 2
-    per_layer = max((peak - full_peak) / stored, 1.0)
+    per_layer = s.per_layer[b] = max((peak - full_peak) / stored, 1.0)
     k = min(n - 1, math.floor((s.budget - s.extra - full_peak) / per_layer))
     while k > stored:
         candidate = Plan(b, acc, n - k, n, remake)
@@ -198,10 +222,13 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(base.get_decoder().layers)
 
 
-def set_recompute(model: torch.nn.Module, k: int, remake_swiglu: bool = False) -> None:
+def set_recompute(
+    model: torch.nn.Module, k: int, remake_swiglu: bool = False, offload_layers: int = 0
+) -> None:
     """Make k of the decoder layers, evenly spread, recompute their activations in the backward; the others keep
-    them (remaking their SwiGLU product with `remake_swiglu`). Turns transformers' (non-reentrant) checkpointing on
-    when k > 0 and it was off."""
+    them (remaking their SwiGLU product with `remake_swiglu`), `offload_layers` of them, evenly spread, in host
+    memory (mhsft.train.offload, installed by `choose`). Turns transformers' (non-reentrant) checkpointing on when
+    k > 0 and it was off."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
     if k > 0 and not all(hasattr(m, "_gradient_checkpointing_func") for m in layers):
@@ -212,6 +239,17 @@ def set_recompute(model: torch.nn.Module, k: int, remake_swiglu: bool = False) -
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n = len(layers)
     keep = {i * n // k for i in range(k)} if k else set()
+    others = [i for i in range(n) if i not in keep]
+    carried = (
+        {others[i * len(others) // offload_layers] for i in range(offload_layers)}
+        if offload_layers
+        else set()
+    )
+    hooks = getattr(model, "mhsft_offload", None)
+    if carried and hooks is None:
+        raise RuntimeError("set_recompute: offload_layers needs mhsft.train.offload.install(model) first")
+    if hooks is not None:
+        hooks.layers = {layers[i] for i in carried}
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in keep
         swiglu_down.set_remake(layer, remake_swiglu and i not in keep)
@@ -246,6 +284,7 @@ def undo_step(model: torch.nn.Module, device, rng: tuple) -> None:
     """Drop a tried step's gradients, free what it held and put the generators back to `rng`, so that the step
     run next is the one it would have been without the try."""
     model.zero_grad(set_to_none=True)
+    offload.reset(model)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -302,7 +341,7 @@ def keep_as_written(args, device, parameters: int) -> str | None:
 
 
 def choose(
-    args, model, fullest: Callable[[int], dict], wrapped, device, agree, extra: int
+    args, model, fullest: Callable[[int], dict], wrapped, device, agree, extra: int, world: int = 1
 ) -> tuple[Plan, str]:
     """(the plan, why) for this model and data. `fullest(b)` is a device batch of the b fullest rows of the epoch,
     `wrapped` the model with its loss, `agree(peak)` makes every rank see the same probe result (the largest peak,
@@ -313,13 +352,19 @@ def choose(
     parameters = sum(parameter_count(p) for p in model.parameters())
     if reason := keep_as_written(args, device, parameters):
         return asked, reason
+    if may_offload := offload.available(device, world, args.fp8):
+        offload.install(model, [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")])
+    seconds: dict[Plan, float] = {}
 
     def probe(plan: Plan) -> int | None:
-        set_recompute(model, plan.recompute_layers, plan.remake_swiglu)
+        set_recompute(model, plan.recompute_layers, plan.remake_swiglu, plan.offload_layers)
         batch = fullest(plan.micro_batch)
 
         def step():
+            t = time.perf_counter()
             wrapped(**batch).backward()
+            torch.cuda.synchronize(device)
+            seconds[plan] = time.perf_counter() - t
 
         return agree(probe_peak(step, model, device))
 
@@ -334,6 +379,33 @@ def choose(
             f"no split fits the plan's {budget / GIB:.1f} GiB (the card's memory less a margin), "
             "not even as written: running as written"
         )
-    set_recompute(model, chosen.recompute_layers, chosen.remake_swiglu)
+    basis = ""
+    if may_offload and chosen.recompute_layers and chosen.micro_batch in s.per_layer and chosen in seconds:
+        chosen, basis = offload_some(
+            s, chosen, seconds[chosen], offload.host_bandwidth(device), offload.host_memory_free()
+        )
+    set_recompute(model, chosen.recompute_layers, chosen.remake_swiglu, chosen.offload_layers)
     peak = next(p for plan, p, ok in s.tried if plan == chosen and ok)
-    return chosen, f"measured peak {(peak + extra) / GIB:.1f} of {budget / GIB:.1f} GiB, {len(s.tried)} tries"
+    why = f"measured peak {(peak + extra) / GIB:.1f} of {budget / GIB:.1f} GiB, {len(s.tried)} tries"
+    return chosen, why + (f"; {basis}" if basis else "")
+
+
+def offload_some(
+    s: Search, p: Plan, step_seconds: float, bandwidth: float, host_bytes: int
+) -> tuple[Plan, str]:
+    """Of p's recomputing layers, as many as the host link carries while a forward runs keep their activations in
+    host memory instead (mhsft.train.offload), each sparing a recomputed forward; at most half the host's free
+    memory. A forward is 2 of the probe step's 4 + 2 x (recomputing share) units (`predicted_cost`). Checked by a
+    probe, halved until one fits. Returns (plan, what the number came from)."""
+    k, n, per_layer = p.recompute_layers, p.layers, s.per_layer[p.micro_batch]
+    forward = step_seconds * 2 / (4 + 2 * k / n)
+    j = min(k, int(LINK_SHARE * bandwidth * forward // per_layer), int(host_bytes / 2 // per_layer))
+    basis = (
+        f"host link {bandwidth / 1e9:.0f} GB/s x {forward:.2f} s forward / {per_layer / GIB:.2f} GiB a layer"
+    )
+    while j > 0:
+        candidate = dataclasses.replace(p, recompute_layers=k - j, offload_layers=j)
+        if s.fits(candidate)[0]:
+            return candidate, basis
+        j //= 2
+    return p, basis + ": no layer in host memory fitted"
