@@ -24,7 +24,7 @@ for step in $STEPS; do
     check)  # the compiled kernels, Liger's SwiGLU, varlen's grouped heads, the concatenated update and the plan's
       # retreat after an (injected) out-of-memory error, on the card; the whole output comes back in check.log
       # (session 13 kept 2 lines of a failure and could not read its cause)
-      MHSFT_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/train/test_swiglu_down.py \
+      MHSFT_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider tests/train/test_swiglu_down.py \
         tests/train/test_fused_lora.py tests/test_packed_attention.py tests/train/test_concat_update.py \
         tests/train/test_plan.py tests/train/test_offload.py \
         -k "swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once or mid_run or host_memory_equals or host_link" \
