@@ -5,6 +5,7 @@
 # commands through the CLI, and the A/Bs of the switches that are not yet defaults.
 #   bash benchmarks/gpu_speed_issue.sh            # all steps
 #   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
+#   CHECK_K="mid_run or host_memory_equals" STEPS="check" ...   # only some of the card tests
 # Each call may run 600 s: "check ab 7b 7b_on", then "32b_80gb", then "32b_on", then "fp8 hf" on the same warm machine
 # (the *_on steps: the users' commands with the switch still off by default turned on, concat; session 13's H100 took
 # 168 s for 32b_80gb, and 32b_on did not finish in 180).
@@ -27,7 +28,7 @@ for step in $STEPS; do
       MHSFT_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider tests/train/test_swiglu_down.py \
         tests/train/test_fused_lora.py tests/test_packed_attention.py tests/train/test_concat_update.py \
         tests/train/test_plan.py tests/train/test_offload.py \
-        -k "swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once or mid_run or host_memory_equals or host_link" \
+        -k "${CHECK_K:-swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once or mid_run or host_memory_equals or host_link}" \
         -rf 2>&1 | tee "$OUT/check.log" | grep -e "^E  " -e "^FAILED" -e " passed" -e " failed" | tail -24 ;;
     kernels)
       timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
