@@ -22,8 +22,9 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
   A stack may name switches still off by default after a `+`, set in the CLI's process before it parses its
   arguments: `mhsft_cli+concat` (the LoRA update inside gate/up's base GEMM, mhsft.train.concat_update),
   `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention; the default since
-  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+nooffload` (no layer's
-  activations in host memory: the plan recomputes instead, as before session 14).
+  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+offload` (the activations
+  of layers that would recompute in host memory, mhsft.train.offload; off: measured slower), `+offloadlow` (the same
+  with a fifth of the link's measured bandwidth planned for instead of 0.8).
   The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
   random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
@@ -80,8 +81,10 @@ SWITCHES = {
     "gqanative": "import mhsft.packed_attention as m; m._gqa_native[0] = True",
     # the default before session 13, for the A/B: k/v expanded to the query heads before varlen
     "expandkv": "import mhsft.packed_attention as m; m._gqa_native[0] = False",
-    # the plan without layers in host memory (mhsft.train.offload; the default since session 14), for the A/B
-    "nooffload": "import mhsft.train.offload as m; m.enabled = False",
+    # layers' activations in host memory where they would recompute (mhsft.train.offload; off: measured slower),
+    # with the plan's share of the link (0.8), or a quarter of it
+    "offload": "import mhsft.train.offload as m; m.enabled = True",
+    "offloadlow": "import mhsft.train.offload as m, mhsft.train.plan as p; m.enabled = True; p.LINK_SHARE = 0.2",
 }
 
 

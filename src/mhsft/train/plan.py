@@ -21,9 +21,10 @@ Memory is measured, not guessed: each candidate is tried on real rows (the fulle
 micro-batch is larger) and its peak read back; a candidate that runs out of memory is freed and the next one is
 tried. The recompute share comes from two such probes: with every layer recomputing and with a few layers
 storing their activations, which gives the memory one stored layer costs; the plan then stores as many layers as
-the budget holds and checks that by a third probe. Where layers still recompute, as many of them as the host link
-can carry during a forward keep their activations in host memory instead (mhsft.train.offload; from the measured
-link speed, the probe step's time and a stored layer's bytes, checked by one more probe). Speed is predicted from the measured costs above
+the budget holds and checks that by a third probe. Where layers still recompute, the plan can keep the activations
+of as many of them as the host link carries during a forward in host memory instead (mhsft.train.offload; from the
+measured link speed, the probe step's time and a stored layer's bytes, checked by one more probe): off by default,
+it measured 13% slower on the 32B (the module's docstring). Speed is predicted from the measured costs above
 (`predicted_cost`): recomputation first, then the per-micro-batch host overhead that made 2-row micro-batches 8%
 slower per token than 4-row ones on the H200.
 
@@ -54,8 +55,8 @@ HOST_OVERHEAD_7B = 0.15
 # estimate until measured; benchmarks/NOTES.md)
 REMAKE_SWIGLU = 0.012
 # Of a forward's time, the share the host link may spend carrying layers' activations to host memory: copies
-# start only once a layer has made its tensors, and the last layers' land while the loss runs (an estimate until
-# measured; benchmarks/NOTES.md)
+# start only once a layer has made its tensors, and the last layers' land while the loss runs. At 0.8 the 32B
+# carried 35 layers and ran 13% slower than recomputing them (session 14, H100): the copies did not overlap
 LINK_SHARE = 0.8
 MIN_PARAMETERS = 1_000_000_000
 GIB = 2**30
