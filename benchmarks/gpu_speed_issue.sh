@@ -39,10 +39,15 @@ for step in $STEPS; do
     32b_80gb) timeout 280 $U --models 32b --stacks_32b mhsft_cli_80gb --out "$OUT/uc_32b_80gb.json" 2>&1 | quiet 5 ;;
     7b_on) timeout 130 $U --models 7b --stacks mhsft_cli+concat --out "$OUT/uc_7b_on.json" 2>&1 | quiet 5 ;;
     32b_offload)  # layers in host memory where they would recompute (off: 35 layers ran 13% slower, session 14),
-      # with a fifth of the link planned for, against the defaults
+      # with a fifth of the link planned for, against the defaults; 32b_offload2: 64 copies in flight, then a fifth
       timeout 420 $U --models 32b --stacks_32b mhsft_cli_80gb+offloadlow,mhsft_cli_80gb --out "$OUT/uc_32b_offload.json" \
         2>&1 | grep -e "plan:" -e "host" -e Error -e "^32b" | cut -c1-400 | tail -12
-      for f in /tmp/uc/*32b*.log; do grep -v -e Warning -e warnings.warn "$f" | tail -40 > "$OUT/$(basename "$f")"; done ;;
+      for f in /tmp/uc/*32b*.log; do grep -v -e Warning -e warnings.warn "$f" | tail -40 > "$OUT/$(basename "$f" | tr + _)"; done ;;
+    32b_offload2)
+      timeout 420 $U --models 32b --stacks_32b mhsft_cli_80gb+offloadstash,mhsft_cli_80gb+offloadlow+offloadstash \
+        --out "$OUT/uc_32b_offload2.json" \
+        2>&1 | grep -e "plan:" -e "host" -e Error -e "^32b" | cut -c1-400 | tail -12
+      for f in /tmp/uc/*32b*.log; do grep -v -e Warning -e warnings.warn "$f" | tail -40 > "$OUT/$(basename "$f" | tr + _)"; done ;;
     32b_on) timeout 300 $U --models 32b --stacks_32b mhsft_cli_80gb+concat --out "$OUT/uc_32b_on.json" 2>&1 | quiet 5 ;;
     fp8) timeout 100 $U --models 7b --stacks mhsft_cli_fp8 --out "$OUT/uc_7b_fp8.json" 2>&1 | quiet 4 ;;
     hf) timeout 150 $U --models 7b --stacks hf_peft --out "$OUT/uc_7b_hf.json" 2>&1 | quiet 4 ;;

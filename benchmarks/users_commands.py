@@ -24,7 +24,8 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
   `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention; the default since
   session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+offload` (the activations
   of layers that would recompute in host memory, mhsft.train.offload; off: measured slower), `+offloadlow` (the same
-  with a fifth of the link's measured bandwidth planned for instead of 0.8).
+  with a fifth of the link's measured bandwidth planned for instead of 0.8), `+offloadstash` (64 copies in flight in
+  the forward instead of TRL's 5).
   The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
   random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
@@ -85,6 +86,8 @@ SWITCHES = {
     # with the plan's share of the link (0.8), or a quarter of it
     "offload": "import mhsft.train.offload as m; m.enabled = True",
     "offloadlow": "import mhsft.train.offload as m, mhsft.train.plan as p; m.enabled = True; p.LINK_SHARE = 0.2",
+    # ... and with 64 saved tensors' copies in flight in the forward instead of TRL's 5 (offload.FWD_STASH)
+    "offloadstash": "import mhsft.train.offload as m; m.enabled = True; m.FWD_STASH = 64",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -33,3 +34,24 @@ def test_users_commands_on_cpu_tiny(tmp_path):
     # a stack's switches are set in the CLI's own process (they change nothing on the CPU: no fused path there)
     log = (tmp_path / "tiny-mhsft_cli+concat+gqanative.log").read_text(encoding="utf-8")
     assert "[users_commands] switched on: concat+gqanative" in log
+
+
+def test_every_switch_sets_what_it_names():
+    """Each `+switch` statement runs in a fresh interpreter (a misspelt module or attribute would only show on the
+    GPU machine, as a failed stack) and sets the attribute it names."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import users_commands
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    for name, statement in users_commands.SWITCHES.items():
+        check = (
+            statement
+            + "; import mhsft.train.offload as o, mhsft.train.plan as p; print(o.enabled, p.LINK_SHARE)"
+        )
+        r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+        assert r.returncode == 0, (name, r.stderr[-800:])
+        enabled, share = r.stdout.split()
+        assert (enabled == "True") == name.startswith("offload"), name
+        assert (share == "0.2") == (name == "offloadlow"), name

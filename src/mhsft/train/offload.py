@@ -39,6 +39,10 @@ import torch
 
 MIN_BYTES = 256 * 1024  # smaller saved tensors stay: not worth a copy each way
 enabled = False  # off: measured slower (above); benchmarks' `+offload` turns it on for A/Bs
+# Saved tensors whose copies may be in flight in the forward before the compute stream waits for the oldest: TRL's
+# default, 5, is fewer than a layer saves (~20), so an offloaded layer's compute waited on its own copies;
+# benchmarks' `+offloadstash` tries 64 (~2 layers held on the card a little longer)
+FWD_STASH = 5
 
 
 def available(device: torch.device, world: int, fp8: bool) -> bool:
@@ -126,7 +130,9 @@ def _may_keep(layer: torch.nn.Module) -> bool:
 def _trl_context(model: torch.nn.Module, min_bytes: int):
     from trl.models.activation_offloading import OffloadActivations
 
-    ctx = OffloadActivations(use_pin_memory=True, use_streams=True, min_offload_size=min_bytes)
+    ctx = OffloadActivations(
+        use_pin_memory=True, use_streams=True, min_offload_size=min_bytes, max_fwd_stash_size=FWD_STASH
+    )
     ctx.update_model_params(model)
     # frozen buffers (rotary tables, quantization state) are no activations either
     ctx.param_storages |= {b.untyped_storage().data_ptr() for b in model.buffers() if b.numel()}
