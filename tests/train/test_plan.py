@@ -397,3 +397,19 @@ def test_with_auto_plan_false_out_of_memory_is_the_one_line_advice(tmp_path, mon
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "CUDA out of memory. Unless --auto_plan false" in err and "Traceback" not in err
+
+
+def test_the_stored_layers_fill_the_budget_when_the_step_down_skipped_some():
+    """A stored layer costs 0.5 and 20 or more of them 1.5 more at once (an allocation crossing a size class): the
+    linear estimate asks for 20, which does not fit; the step down to 18 fits, and the bisect finds that 19 does
+    too (the 32B on an 80 GB card had left two layers' worth of its budget unused)."""
+    calls = []
+
+    def probe(p: Plan) -> int | None:
+        calls.append(p.layers - p.recompute_layers)
+        stored = p.layers - p.recompute_layers
+        return int((10 + 0.5 * stored + (1.5 if stored >= 20 else 0)) * K)
+
+    s = Search(Plan(1, 16, 64, 64), 20 * K, 0, 0.0, probe)
+    assert search(s) == Plan(1, 16, 64 - 19, 64)
+    assert calls == [64, 0, 8, 20, 18, 19]  # no recompute, all, the second point, then 20 / 18 / 19
