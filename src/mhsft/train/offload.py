@@ -3,14 +3,15 @@
 The problem. The users' 32B command on an 80 GB card: 61 GiB of bf16 weights leave room for the activations of 14
 of the 64 layers; the plan (mhsft.train.plan) makes the other 50 recompute theirs, a forward pass again in the
 backward for each: 2,959 tokens/s on an H100 (session 14), against ~3,960 for the same step without recompute by
-its FLOPs. Meanwhile the host link idles: a stored 32B layer keeps ~0.7 GB for 4096 tokens (SwiGLU product remade),
-and a PCIe 5 link moves ~50 GB/s each way while the GPU computes, so a 0.4 s forward can carry ~20 layers' worth
-to the host and the backward bring them back. Each layer carried instead of recomputed saves its forward (~6 ms).
+its FLOPs. Meanwhile the host link idles: a stored 32B layer keeps 0.56 GiB for 4096 tokens (SwiGLU product
+remade), and the H100's PCIe link moved 55 GB/s into pinned memory, so on paper a 0.48 s forward carries ~35 layers'
+worth to the host and the backward brings them back. Each layer carried instead of recomputed saves its forward
+(~6.5 ms).
 
 How. TRL's `OffloadActivations` (from torchtune) does the carrying: saved-tensor hooks that copy every activation to
 pinned host memory on a side stream in the forward, keep a few alive until their copies land, and bring them back
 in the backward as the autograd nodes ask for them. It offloads everything under its context; the plan wants
-only the chosen layers, and only as many as the link carries in a forward (`plan._offload`, from the measured
+only the chosen layers, and only as many as the link carries in a forward (`plan.offload_some`, from the measured
 bandwidth, the step's time and a stored layer's bytes). So the context spans the decoder's forward, and a no-op
 hook pair (TRL's `NoOpManager`, the innermost hooks win) keeps the other layers, the embeddings and the final norm
 where they are. Layers that recompute keep their own checkpoint hooks (`_may_keep`).
