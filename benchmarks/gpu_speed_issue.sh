@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_speed_issue.sh            # all steps
 #   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
 #   CHECK_K="mid_run or host_memory_equals" STEPS="check" ...   # only some of the card tests
+# Next (session 15): CHECK_K="host_memory_equals or host_link" STEPS="check 32b_offload", then "32b_offload2"
+# (offload's A/Bs; the defaults' 32B there also measures the plan's bisected stored-layer count), then "7b fp8 hf".
 # Each call may run 600 s: "check ab 7b 7b_on", then "32b_80gb", then "32b_on", then "fp8 hf" on the same warm machine
 # (the *_on steps: the users' commands with the switch still off by default turned on, concat; session 13's H100 took
 # 168 s for 32b_80gb, and 32b_on did not finish in 180).
