@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_speed_issue.sh            # all steps
 #   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
 #   CHECK_K="mid_run or host_memory_equals" STEPS="check" ...   # only some of the card tests
-# Next (session 15): CHECK_K="host_memory_equals or host_link" STEPS="check 32b_offload", then "32b_offload2"
-# (offload's A/Bs; the defaults' 32B there also measures the plan's bisected stored-layer count), then "7b fp8 hf".
+# Session 15: CHECK_K="remade or mlp or norm" STEPS="check 32b_mlp" (the card tests of the modes, then the users' 32B
+# at 80 GB with layers recomputing only their MLP's gate/up against the plan without them), then "7b fp8 hf".
 # Each call may run 600 s: "check ab 7b 7b_on", then "32b_80gb", then "32b_on", then "fp8 hf" on the same warm machine
 # (the *_on steps: the users' commands with the switch still off by default turned on, concat; session 13's H100 took
 # 168 s for 32b_80gb, and 32b_on did not finish in 180).
@@ -29,8 +29,8 @@ for step in $STEPS; do
       # (session 13 kept 2 lines of a failure and could not read its cause)
       MHSFT_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider tests/train/test_swiglu_down.py \
         tests/train/test_fused_lora.py tests/test_packed_attention.py tests/train/test_concat_update.py \
-        tests/train/test_plan.py tests/train/test_offload.py \
-        -k "${CHECK_K:-swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once or mid_run or host_memory_equals or host_link}" \
+        tests/train/test_plan.py tests/train/test_remade_norms.py \
+        -k "${CHECK_K:-swiglu or remade or stored or product or sibling or on_the_gpu or base_gemm or held_once or mid_run or gate_and_up}" \
         -rf 2>&1 | tee "$OUT/check.log" | grep -e "^E  " -e "^FAILED" -e " passed" -e " failed" | tail -24 ;;
     kernels)
       timeout 110 python3 benchmarks/lora_kernels.py --tokens 24576 --groups 2,3 --adopt --rounds 10,7 \
@@ -40,15 +40,10 @@ for step in $STEPS; do
     7b) timeout 130 $U --models 7b --stacks mhsft_cli --out "$OUT/uc_7b_cli.json" 2>&1 | quiet 5 ;;
     32b_80gb) timeout 280 $U --models 32b --stacks_32b mhsft_cli_80gb --out "$OUT/uc_32b_80gb.json" 2>&1 | quiet 5 ;;
     7b_on) timeout 130 $U --models 7b --stacks mhsft_cli+concat --out "$OUT/uc_7b_on.json" 2>&1 | quiet 5 ;;
-    32b_offload)  # layers in host memory where they would recompute (off: 35 layers ran 13% slower, session 14),
-      # with a fifth of the link planned for, against the defaults; 32b_offload2: 64 copies in flight, then a fifth
-      timeout 420 $U --models 32b --stacks_32b mhsft_cli_80gb+offloadlow,mhsft_cli_80gb --out "$OUT/uc_32b_offload.json" \
-        2>&1 | grep -e "plan:" -e "host" -e Error -e "^32b" | cut -c1-400 | tail -12
-      for f in /tmp/uc/*32b*.log; do grep -v -e Warning -e warnings.warn "$f" | tail -40 > "$OUT/$(basename "$f" | tr + _)"; done ;;
-    32b_offload2)
-      timeout 420 $U --models 32b --stacks_32b mhsft_cli_80gb+offloadstash,mhsft_cli_80gb+offloadlow+offloadstash \
-        --out "$OUT/uc_32b_offload2.json" \
-        2>&1 | grep -e "plan:" -e "host" -e Error -e "^32b" | cut -c1-400 | tail -12
+    32b_mlp)  # the users' 32B at 80 GB, layers recomputing only their MLP's gate/up (the default since session 15),
+      # against the plan without that mode, side by side; the CLI's plan lines and last steps come back
+      timeout 420 $U --models 32b --stacks_32b mhsft_cli_80gb,mhsft_cli_80gb+nomlp --out "$OUT/uc_32b_mlp.json" \
+        2>&1 | grep -e "plan:" -e Error -e "^32b" | cut -c1-400 | tail -12
       for f in /tmp/uc/*32b*.log; do grep -v -e Warning -e warnings.warn "$f" | tail -40 > "$OUT/$(basename "$f" | tr + _)"; done ;;
     32b_on) timeout 300 $U --models 32b --stacks_32b mhsft_cli_80gb+concat --out "$OUT/uc_32b_on.json" 2>&1 | quiet 5 ;;
     fp8) timeout 100 $U --models 7b --stacks mhsft_cli_fp8 --out "$OUT/uc_7b_fp8.json" 2>&1 | quiet 4 ;;

@@ -22,10 +22,8 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
   A stack may name switches still off by default after a `+`, set in the CLI's process before it parses its
   arguments: `mhsft_cli+concat` (the LoRA update inside gate/up's base GEMM, mhsft.train.concat_update),
   `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention; the default since
-  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+offload` (the activations
-  of layers that would recompute in host memory, mhsft.train.offload; off: measured slower), `+offloadlow` (the same
-  with a fifth of the link's measured bandwidth planned for instead of 0.8), `+offloadstash` (64 copies in flight in
-  the forward instead of TRL's 5).
+  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+nomlp` (the plan without
+  layers that recompute only their MLP's gate/up, the default since session 15).
   The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
   random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
@@ -82,12 +80,9 @@ SWITCHES = {
     "gqanative": "import mhsft.packed_attention as m; m._gqa_native[0] = True",
     # the default before session 13, for the A/B: k/v expanded to the query heads before varlen
     "expandkv": "import mhsft.packed_attention as m; m._gqa_native[0] = False",
-    # layers' activations in host memory where they would recompute (mhsft.train.offload; off: measured slower),
-    # with the plan's share of the link (0.8), or a quarter of it
-    "offload": "import mhsft.train.offload as m; m.enabled = True",
-    "offloadlow": "import mhsft.train.offload as m, mhsft.train.plan as p; m.enabled = True; p.LINK_SHARE = 0.2",
-    # ... and with 64 saved tensors' copies in flight in the forward instead of TRL's 5 (offload.FWD_STASH)
-    "offloadstash": "import mhsft.train.offload as m; m.enabled = True; m.FWD_STASH = 64",
+    # the plan without layers recomputing only their MLP's gate/up (mhsft.train.swiglu_down's mode "mlp"), as before
+    # session 15
+    "nomlp": "import mhsft.train.plan as m; m.RECOMPUTE_MLP = False",
 }
 
 

@@ -47,11 +47,13 @@ def test_every_switch_sets_what_it_names():
     for name, statement in users_commands.SWITCHES.items():
         check = (
             statement
-            + "; import mhsft.train.offload as o, mhsft.train.plan as p; print(o.enabled, p.LINK_SHARE)"
+            + "; import mhsft.train.plan as p, mhsft.train.concat_update as c, mhsft.packed_attention as a"
+            "; print(p.RECOMPUTE_MLP, c.enabled, a._gqa_native[0])"
         )
         r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
         assert r.returncode == 0, (name, r.stderr[-800:])
-        enabled, share = r.stdout.split()
-        assert (enabled == "True") == name.startswith("offload"), name
-        assert (share == "0.2") == (name == "offloadlow"), name
+        mlp, concat, native = r.stdout.split()
+        assert (mlp == "False") == (name == "nomlp"), name
+        assert (concat == "True") == (name == "concat"), name
+        assert (native == "False") == (name == "expandkv"), name

@@ -124,7 +124,7 @@ def test_the_swiglu_product_is_remade_only_where_the_plan_without_it_does_not_fi
     assert not any(p.remake_swiglu for p in calls)
     assert predicted_cost(Plan(8, 4, 0, LAYERS, True), 0.15) > predicted_cost(Plan(8, 4, 0, LAYERS), 0.15)
     assert Plan(2, 16, 6, LAYERS, True).recompute_text() == (
-        "recompute 6 of 8 layers, SwiGLU product remade in the others"
+        "recompute 6 of 8 layers, SwiGLU product and norms remade in the others"
     )
     assert Plan(2, 16, LAYERS, LAYERS, True).recompute_text() == "recompute"
 
@@ -214,6 +214,43 @@ def test_a_planned_run_equals_the_as_written_one(tmp_path, monkeypatch, packing)
     assert "as written" in written_args["plan"]["line"] and "on cpu" in written_args["plan"]["line"]
 
 
+def test_a_run_with_layers_recomputing_only_their_mlp_equals_the_as_written_one(tmp_path, monkeypatch):
+    """Through the CLI with the fused LoRA path (Triton's interpreter on the CPU) and LoRA dropout: the as-written
+    run (every layer recomputing) against one layer recomputing only its MLP's gate/up and the other storing with
+    its SwiGLU product and norms remade: the same losses and adapter (float32, 1e-5), and the plan in args.json."""
+    from mhsft.train import fused_lora, swiglu_down
+
+    pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
+    monkeypatch.setattr(fused_lora, "on_cpu", True)
+    extra = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.1",
+             "--gradient_checkpointing", "true", "--max_steps", "3", "--max_length", "96"]  # fmt: skip
+    written = run_sft(tmp_path / "a", *extra)
+    ran = []
+    apply = swiglu_down._SwiGLUMLP.apply
+    monkeypatch.setattr(swiglu_down._SwiGLUMLP, "apply", lambda *a: (ran.append(1), apply(*a))[1])
+
+    def forced(args, model, *a, **k):
+        p = Plan(2, 2, 0, len(plan.decoder_layers(model)), True, 1)
+        set_recompute(model, 0, True, 1)
+        return p, "forced by the test"
+
+    monkeypatch.setattr(plan, "choose", forced)
+    planned = run_sft(tmp_path / "b", *extra)
+    assert ran  # the mode ran (once per micro-batch)
+    for a, b in zip(read_log(written), read_log(planned), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    wa = load_file(str(written / "checkpoint-3" / "adapter_model.safetensors"))
+    wb = load_file(str(planned / "checkpoint-3" / "adapter_model.safetensors"))
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=1e-5)
+    args = json.loads((planned / "args.json").read_text(encoding="utf-8"))
+    assert args["plan"]["mlp_layers"] == 1
+    assert (
+        "recompute the MLP's gate/up in 1 of 2 layers, SwiGLU product and norms remade in the others"
+        in (args["plan"]["line"])
+    )
+
+
 class _Rank:
     def __init__(self, world: int, rank: int):
         self.num_processes, self.process_index = world, rank
@@ -270,66 +307,73 @@ def test_retreat_recomputes_more_layers_then_splits_finer():
     assert plan.retreat(Plan(1, 4, 1, 2)) == Plan(1, 4, 2, 2)
 
 
-def test_retreat_takes_stored_layers_first_then_the_ones_in_host_memory():
-    """With layers in host memory, the layers that recompute come from those stored on the GPU; when none is stored,
-    the ones in host memory recompute too (their copies in flight hold memory), then the micro-batch halves."""
-    ladder, p = [], Plan(2, 8, 30, 64, True, offload_layers=20)
+def test_retreat_takes_stored_layers_first_then_the_ones_recomputing_their_mlp():
+    """With layers recomputing only their MLP's gate/up, the layers that recompute everything come from those
+    stored first, then from those, a quarter of the layers at a time; then the micro-batch halves."""
+    ladder, p = [], Plan(2, 8, 30, 64, True, mlp_layers=20)
     while (p := plan.retreat(p)) is not None:
-        ladder.append((p.micro_batch, p.recompute_layers, p.offload_layers, p.stored_layers))
-    assert ladder == [(2, 44, 20, 0), (2, 64, 0, 0), (1, 64, 0, 0)]
+        ladder.append((p.micro_batch, p.recompute_layers, p.mlp_layers, p.stored_layers))
+    assert ladder == [(2, 44, 20, 0), (2, 60, 4, 0), (2, 64, 0, 0), (1, 64, 0, 0)]
 
 
-def test_the_plan_line_names_the_layers_in_host_memory():
+def test_the_plan_line_names_the_layers_recomputing_their_mlp():
     assert Plan(1, 16, 30, 64, True, 20).recompute_text() == (
-        "recompute 30 of 64 layers, activations of 20 in host memory, SwiGLU product remade in the others"
+        "recompute 30 of 64 layers, only the MLP's gate/up in 20, SwiGLU product and norms remade in the others"
     )
-    assert Plan(1, 16, 0, 64, False, 64).recompute_text() == "no recompute, activations of 64 in host memory"
+    assert Plan(1, 16, 30, 64, True, 34).recompute_text() == (
+        "recompute 30 of 64 layers, only the MLP's gate/up in 34"
+    )
+    assert Plan(1, 16, 0, 64, True, 64).recompute_text() == "recompute the MLP's gate/up in 64 of 64 layers"
+    assert Plan(1, 16, 0, 64, True, 60).recompute_text() == (
+        "recompute the MLP's gate/up in 60 of 64 layers, SwiGLU product and norms remade in the others"
+    )
     assert Plan(1, 16, 0, 64).recompute_text() == "no recompute"
 
 
-def _carrying_card(physical: float):
-    """fake_card's model where a layer in host memory holds nothing on the card (its copies' transient aside)."""
+def mlp_card(physical: float, stored: float = 0.52, mlp: float = 0.14, recomputing: float = 0.04):
+    """A 64-layer model at one row: 61 + per layer 0.04 recomputing, 0.14 recomputing only the MLP's gate/up, 0.52
+    stored (the 32B at 4096 tokens in GiB, session 14's measured 0.56 a stored layer and the arithmetic of NOTES),
+    on a card of `physical`."""
     calls = []
 
     def probe(p: Plan) -> int | None:
         calls.append(p)
-        peak = 10 * K + p.micro_batch * (1 * K + p.stored_layers * 0.5 * K)
-        return None if peak > physical * K else int(peak)
+        peak = 61 + p.recompute_layers * recomputing + p.mlp_layers * mlp + p.stored_layers * stored
+        return None if peak > physical else int(peak * K)
 
     return probe, calls
 
 
-def test_offload_carries_what_the_link_carries_in_a_forward():
-    """A 1 s probe step with 5 of 8 layers recomputing: the forward is 2 / (4 + 2 x 5/8) of it, 0.38 s; a 10 KB/s
-    link at LINK_SHARE 0.8 carries 3.05 KB of it, so 6 layers of 0.5 KB, capped at the 5 that recompute."""
-    probe, _ = _carrying_card(1e9)
-    s = Search(Plan(1, 8, 8, LAYERS), 100 * K, 0, 0.0, probe, per_layer={1: 0.5 * K})
-    chosen, basis = plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 10**12)
-    assert chosen == Plan(1, 8, 0, LAYERS, offload_layers=5) and "0.38 s forward" in basis
-    s.per_layer[1] = 1 * K  # twice the bytes a layer: 3 of the 5
-    assert plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 10**12)[0] == Plan(
-        1, 8, 2, LAYERS, offload_layers=3
+def test_layers_recompute_only_their_mlp_where_that_fits_then_store():
+    """75 units (the 32B on an 80 GB card): every layer recomputing needs 63.6; all 64 recomputing only gate/up
+    need 70.0, and 13 of them stored on top fit (74.9); at 68 units only 44 fit in that mode, the rest recompute.
+    Without the mode (a model whose MLPs cannot) the same card stores 23 and recomputes 41, predicted slower."""
+    asked = Plan(1, 16, 64, 64)
+    probe, calls = mlp_card(75)
+    chosen = search(Search(asked, 75 * K, 0, 0.0, probe, remake=True, mlp=True))
+    assert chosen == Plan(1, 16, 0, 64, True, 51)
+    assert chosen.stored_layers == 13 and chosen in calls
+    probe, _ = mlp_card(68)
+    assert search(Search(asked, 68 * K, 0, 0.0, probe, remake=True, mlp=True)) == Plan(
+        1, 16, 20, 64, True, 44
     )
-    # the host's free memory caps it: half of 2.2 KB holds 2 layers of 0.5 KB
-    s.per_layer[1] = 0.5 * K
-    assert plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 2200)[0] == Plan(
-        1, 8, 3, LAYERS, offload_layers=2
+    probe, _ = mlp_card(75)
+    without = search(Search(asked, 75 * K, 0, 0.0, probe, remake=True))
+    assert without == Plan(1, 16, 41, 64, True)
+    assert predicted_cost(chosen, 0.0) < predicted_cost(without, 0.0)
+    # the arithmetic of predicted_cost: 51 layers at 0.58 of a forward, and 13 remaking their product
+    assert predicted_cost(chosen, 0.0) == pytest.approx(
+        1 + 2 * 51 * 0.58 / 64 / 4 + plan.REMAKE_SWIGLU * 13 / 64
     )
 
 
-def test_offload_halves_until_a_probe_fits_and_says_when_none_did():
-    calls = []
-
-    def probe(p: Plan) -> int | None:  # the copies' transient: more than 2 layers in host memory do not fit
-        calls.append(p)
-        return None if p.offload_layers > 2 else 11 * K
-
-    s = Search(Plan(1, 8, 8, LAYERS), 100 * K, 0, 0.0, probe, per_layer={1: 0.5 * K})
-    chosen, _ = plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 10**12)
-    assert [c.offload_layers for c in calls] == [5, 2] and chosen == Plan(1, 8, 3, LAYERS, offload_layers=2)
-    s.probe = lambda p: None
-    chosen, basis = plan.offload_some(s, Plan(1, 8, 5, LAYERS), 1.0, 10 * K, 10**12)
-    assert chosen == Plan(1, 8, 5, LAYERS) and basis.endswith("no layer in host memory fitted")
+def test_when_not_even_an_eighth_recomputing_only_their_mlp_fits_every_layer_recomputes():
+    asked = Plan(1, 16, 64, 64)
+    probe, calls = mlp_card(
+        63.6
+    )  # every layer recomputing: 63.56; one more layer in the mode: +0.1, too much
+    assert search(Search(asked, 63.6 * K, 0, 0.0, probe, remake=True, mlp=True)) == Plan(1, 16, 64, 64)
+    assert [c.mlp_layers for c in calls if c.mlp_layers] == [8, 4, 2, 1]
 
 
 def _oom_on_call(monkeypatch, n: int) -> list:

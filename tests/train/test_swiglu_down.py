@@ -1,5 +1,6 @@
-"""mhsft/train/swiglu_down.py: the MLP's SwiGLU product remade in the backward. Same loss and gradients as kept,
-the product's bytes no longer kept, only the layers the plan marks. The fused LoRA kernels run in Triton's
+"""mhsft/train/swiglu_down.py: the MLP's SwiGLU product remade in the backward (mode "product"), or gate and up
+recomputed too (mode "mlp"). Same loss and gradients as kept, the bytes no longer kept, only the layers the plan
+marks. The fused LoRA kernels run in Triton's
 interpreter on the CPU (float32); MHSFT_TEST_DEVICE=cuda runs the same tests compiled, in float32, with Liger's
 SwiGLU kernels where liger-kernel is installed."""
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from mhsft import lora_forward
-from mhsft.train import fused_lora, swiglu_down
+from mhsft.train import fused_lora, remade_norms, swiglu_down
 from mhsft.train.plan import decoder_layers, set_recompute
 from tiny import loss_and_grads, saved_bytes, tiny_lora
 
@@ -35,50 +36,79 @@ def _model(dropout: float, checkpointing: bool = False):
 
         assert apply_liger(m) is None
     assert swiglu_down.install(m, liger=LIGER) == len(decoder_layers(m))
+    assert remade_norms.install(m) == len(decoder_layers(m))
     if checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()
     return m
 
 
-def _remade(m, k: int = 0):
+def _remade(m, k: int = 0, mlp: int = 0):
     m = copy.deepcopy(m)
-    set_recompute(m, k, remake_swiglu=True)
+    set_recompute(m, k, remake_swiglu=True, mlp_layers=mlp)
     return m
 
 
-@pytest.mark.parametrize(("dropout", "recompute"), [(0.0, 0), (0.2, 0), (0.2, 1)])
-def test_remade_product_gives_the_kept_products_loss_and_gradients(monkeypatch, dropout, recompute):
-    """Kept or remade (dropout on and off, one of the two layers recomputing): the same loss and gradients, and
-    the remade path is what ran in the stored layers."""
+def _counting(monkeypatch, cls) -> list:
+    calls, apply = [], cls.apply
+    monkeypatch.setattr(cls, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("dropout", "recompute", "mlp"),
+    [(0.0, 0, 0), (0.2, 0, 0), (0.2, 1, 0), (0.0, 0, 2), (0.2, 0, 2), (0.2, 1, 1), (0.2, 0, 1)],
+)
+def test_remade_product_gives_the_kept_products_loss_and_gradients(monkeypatch, dropout, recompute, mlp):
+    """Kept, or remade (dropout on and off, a layer recomputing, layers recomputing gate and up): the same loss and
+    gradients, and each path ran in the layers the plan gave it."""
     base = _model(dropout)
     set_recompute(base, recompute)
-    ran = []
-    apply = swiglu_down._SwiGLUDown.apply
-    monkeypatch.setattr(swiglu_down._SwiGLUDown, "apply", lambda *a: (ran.append(1), apply(*a))[1])
+    ran, ran_mlp = (
+        _counting(monkeypatch, swiglu_down._SwiGLUDown),
+        _counting(monkeypatch, swiglu_down._SwiGLUMLP),
+    )
     ids = torch.randint(0, 300, (2, 17), device=DEVICE)
     la, ga = loss_and_grads(copy.deepcopy(base), ids, seed=5)
-    assert not ran
-    lb, gb = loss_and_grads(_remade(base, recompute), ids, seed=5)
-    assert len(ran) == len(decoder_layers(base)) - recompute
+    assert not ran and not ran_mlp
+    lb, gb = loss_and_grads(_remade(base, recompute, mlp), ids, seed=5)
+    assert (len(ran), len(ran_mlp)) == (len(decoder_layers(base)) - recompute - mlp, mlp)
     torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_a_stored_layer_keeps_its_product_no_longer():
+def test_a_stored_layer_keeps_its_product_and_norm_outputs_no_longer():
     """Each stored layer keeps [tokens, intermediate] values fewer: the product the down projection reads, and on
-    the torch path also silu(gate), which torch's multiply keeps (Liger's SwiGLU remakes it in its backward)."""
+    the torch path also silu(gate), which torch's multiply keeps (Liger's SwiGLU remakes it in its backward); and
+    the two norms' outputs (mhsft.train.remade_norms), kept as their inputs, which the norms keep anyway; except
+    the first layer's input norm, whose input (the frozen embeddings' output) needs no gradient: there the norm
+    keeps nothing and the input replaces the output."""
     base = _model(0.1)
     ids = torch.randint(0, 300, (2, 33), device=DEVICE)
     kept = saved_bytes(copy.deepcopy(base), ids)
     cfg = base.get_base_model().config
     product = ids.numel() * cfg.intermediate_size * 4 * (1 if LIGER else 2)  # float32
+    norm = ids.numel() * cfg.hidden_size * 4
     layers = len(decoder_layers(base))
-    assert kept - saved_bytes(_remade(base), ids) == layers * product
+    assert kept - saved_bytes(_remade(base), ids) == layers * product + (2 * layers - 1) * norm
     one = copy.deepcopy(base)
-    set_recompute(one, 1)  # the recomputing layer keeps nothing either way: only the stored one changes
-    assert saved_bytes(one, ids) - saved_bytes(_remade(base, 1), ids) == (layers - 1) * product
+    set_recompute(
+        one, 1
+    )  # the recomputing (first) layer keeps its input either way: only the stored one changes
+    assert saved_bytes(one, ids) - saved_bytes(_remade(base, 1), ids) == (layers - 1) * (product + 2 * norm)
+
+
+def test_a_layer_recomputing_gate_and_up_keeps_no_intermediate_values():
+    """In mode "mlp" a layer keeps none of gate, up, their product (and on the torch path silu(gate)), nor the
+    norms' outputs: against the layer with its product remade, gate and up fewer."""
+    base = _model(0.1)
+    ids = torch.randint(0, 300, (2, 33), device=DEVICE)
+    cfg = base.get_base_model().config
+    gate_up = 2 * ids.numel() * cfg.intermediate_size * 4
+    product_remade = saved_bytes(_remade(base), ids)
+    assert product_remade - saved_bytes(_remade(base, mlp=1), ids) == gate_up
+    assert product_remade - saved_bytes(_remade(base, mlp=2), ids) == 2 * gate_up
 
 
 def test_off_the_model_runs_its_own_forward_and_eval_ignores_the_switch():

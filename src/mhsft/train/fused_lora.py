@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from mhsft.train import concat_update
+from mhsft.train import concat_update, remade_norms
 
 try:  # module-level names: Triton's interpreter patches `tl` in the kernels' globals
     import triton
@@ -435,11 +435,17 @@ def group_forward(x2, weights, biases, p: float, seeds, a_all, bts, keep_masks: 
         hs = dropout_matmul_group(x2, a_all, p, seeds, masks=masks)
     else:  # one skinny GEMM reads x for every member
         hs = (x2 @ a_all.flatten(0, 1).t()).split(a_all.shape[1], dim=1)
-    bufs = _concat_buffers(x2, weights, a_all.shape[1])
+    return group_outputs(x2, weights, biases, hs, bts), hs, masks
+
+
+def group_outputs(x2, weights, biases, hs, bts) -> list[torch.Tensor]:
+    """The members' outputs base_g(x2) + h_g @ bt_g from their h = dropout(x2) @ a.T: the forward's last part, and
+    what mhsft.train.swiglu_down runs again in the backward to recompute gate and up (the same values, bit for bit:
+    the same GEMMs on the same inputs)."""
+    bufs = _concat_buffers(x2, weights, hs[0].shape[1])
     if bufs is not None:  # the update inside the base GEMM (mhsft.train.concat_update)
-        return concat_update.forward(x2, bufs, biases, hs, bts), hs, masks
-    outs = [_base_plus_update(x2, w, b, h, bt) for w, b, h, bt in zip(weights, biases, hs, bts)]
-    return outs, hs, masks
+        return concat_update.forward(x2, bufs, biases, hs, bts)
+    return [_base_plus_update(x2, w, b, h, bt) for w, b, h, bt in zip(weights, biases, hs, bts)]
 
 
 def _concat_buffers(x2: torch.Tensor, weights, r: int):
@@ -479,27 +485,31 @@ class _LoRAGroup(torch.autograd.Function):
     H200, benchmarks/NOTES.md)."""
 
     @staticmethod
-    def forward(ctx, x, weights, biases, p, seeds, *ab):
+    def forward(ctx, x, weights, biases, p, seeds, source, *ab):
         a, bts = ab[0::2], ab[1::2]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         a_all = torch.stack(a)
         outs, hs, masks = group_forward(x2, weights, biases, p, seeds, a_all, bts, any(ctx.needs_input_grad))
-        ctx.save_for_backward(x2, a_all, masks, *bts, *hs)
+        # x's norm remakes it in the backward from its own input (mhsft.train.remade_norms), or x is kept
+        ctx.save_for_backward(x2 if source is None else source[0], a_all, masks, *bts, *hs)
         # frozen: kept by reference, not as saved tensors (they may be quantized weights)
         ctx.weights, ctx.p, ctx.seeds, ctx.x_shape = weights, p, seeds, x.shape
+        ctx.norm = None if source is None else source[1]
         return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x2, a_all, masks, *rest = ctx.saved_tensors
+        if ctx.norm is not None:
+            x2 = remade_norms.remake((x2, ctx.norm)).reshape(-1, ctx.x_shape[-1])
         n = len(grads)
         bts, hs = rest[:n], rest[n:]
         gs = [g.reshape(-1, g.shape[-1]) for g in grads]
-        need_bt = [ctx.needs_input_grad[6 + 2 * j] for j in range(n)]
+        need_bt = [ctx.needs_input_grad[7 + 2 * j] for j in range(n)]
         dx, da, dbts = group_backward(x2, gs, ctx.weights, ctx.p, ctx.seeds, a_all, bts, hs, masks,
                                       ctx.needs_input_grad[0], need_bt)  # fmt: skip
         dx = None if dx is None else dx.view(ctx.x_shape)
-        return (dx, None, None, None, None, *[t for j in range(n) for t in (da[j], dbts[j])])
+        return (dx, None, None, None, None, None, *[t for j in range(n) for t in (da[j], dbts[j])])
 
 
 def lora_seeds(members: int, p: float) -> tuple[int, ...]:
@@ -507,11 +517,11 @@ def lora_seeds(members: int, p: float) -> tuple[int, ...]:
     return tuple(int(s) for s in torch.randint(0, 2**31 - 1, (members,))) if p > 0 else (0,) * members
 
 
-def lora_group(x, weights, biases, a, bts, p: float) -> tuple[torch.Tensor, ...]:
-    """The outputs of the LoRA linears (frozen bases `weights`/`biases`, adapters `a`/`bts`, dropout p) reading x."""
-    return _LoRAGroup.apply(
-        x, tuple(weights), tuple(biases), p, lora_seeds(len(a), p), *[t for ab in zip(a, bts) for t in ab]
-    )
+def lora_group(x, weights, biases, a, bts, p: float, source=None) -> tuple[torch.Tensor, ...]:
+    """The outputs of the LoRA linears (frozen bases `weights`/`biases`, adapters `a`/`bts`, dropout p) reading x;
+    `source`: (input, forward) of the norm that made x, to remake x in the backward instead of keeping it."""
+    ab = [t for pair in zip(a, bts) for t in pair]
+    return _LoRAGroup.apply(x, tuple(weights), tuple(biases), p, lora_seeds(len(a), p), source, *ab)
 
 
 def lora_linear(x, weight, bias, a, bt, p: float) -> torch.Tensor:
@@ -606,12 +616,14 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     if ready is not None and ready[0]() is x:  # a sibling computed this output from this same input
         return ready[1]
     members = module.__dict__.get("_mhsft_siblings") if group_siblings else None
+    source = remade_norms.source(module, x)
     if members and all(m is module or usable(m, x) for m in members):
         bases, biases, a, bts, ps = zip(*[_parts(m, x) for m in members])
         if len(set(ps)) == 1:
-            outs = lora_group(x, bases, biases, a, bts, ps[0])
+            outs = lora_group(x, bases, biases, a, bts, ps[0], source)
             for m, out in zip(members, outs):
                 if m is not module:
                     m._mhsft_ready = (weakref.ref(x), out)
             return outs[members.index(module)]
-    return lora_linear(x, *_parts(module, x))
+    weight, bias, a, bt, p = _parts(module, x)
+    return lora_group(x, (weight,), (bias,), (a,), (bt,), p, source)[0]

@@ -22,10 +22,11 @@ micro-batch is larger) and its peak read back; a candidate that runs out of memo
 tried. The recompute share comes from two such probes: with every layer recomputing and with a few layers
 storing their activations, which gives the memory one stored layer costs; the plan then stores as many layers as
 the budget holds and checks that by a third probe (when that does not fit, fewer, bisecting between the counts
-that fitted and did not). Where layers still recompute, the plan can keep the activations
-of as many of them as the host link carries during a forward in host memory instead (mhsft.train.offload; from the
-measured link speed, the probe step's time and a stored layer's bytes, checked by one more probe): off by default,
-it measured 13% slower on the 32B (the module's docstring). Speed is predicted from the measured costs above
+that fitted and did not). Where the model's MLPs can (mhsft.train.swiglu_down's mode "mlp", with the norms'
+outputs remade, mhsft.train.remade_norms), a layer may instead recompute only its MLP's gate and up: 58% of a
+recomputed forward for about a third of a stored layer's memory, so the plan first moves as many layers as fit
+from recomputing to that mode, then as many of those as fit to storing, each count measured as above. Speed is
+predicted from the measured costs above
 (`predicted_cost`): recomputation first, then the per-micro-batch host overhead that made 2-row micro-batches 8%
 slower per token than 4-row ones on the H200.
 
@@ -38,14 +39,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from mhsft.model import parameter_count
-from mhsft.train import offload, swiglu_down
+from mhsft.train import remade_norms, swiglu_down
 
 # Per-micro-batch host overhead in units of a 7B step's per-token cost without recompute, at 3072-token rows: a
 # 2-row micro-batch cost 67.1 us a token and a 4-row one 61.9 on the H200 (NOTES), i.e. 1 + o/2 = 1.08 (1 + o/4).
@@ -55,10 +55,10 @@ HOST_OVERHEAD_7B = 0.15
 # x 3 (gate, up read; the product written) by bandwidth, ~16 ms of a 7B 8 x 3072 step of ~1.33 s on an H200 (an
 # estimate until measured; benchmarks/NOTES.md)
 REMAKE_SWIGLU = 0.012
-# Of a forward's time, the share the host link may spend carrying layers' activations to host memory: copies
-# start only once a layer has made its tensors, and the last layers' land while the loss runs. At 0.8 the 32B
-# carried 35 layers and ran 13% slower than recomputing them (session 14, H100): the copies did not overlap
-LINK_SHARE = 0.8
+# Recomputing only the MLP's gate and up, in units of a recomputed layer's forward: their two GEMMs' share of a
+# Qwen2.5 layer's multiply-adds (283M of 488M a token at 32B, 136M of 244M at 7B with 3072-token rows)
+MLP_RECOMPUTE = 0.58
+RECOMPUTE_MLP = True  # the plan may use that mode; benchmarks switch it off for the A/B (`+nomlp`)
 MIN_PARAMETERS = 1_000_000_000
 GIB = 2**30
 
@@ -69,14 +69,16 @@ class Plan:
     accumulation: int  # micro-batches per optimizer step on each rank
     recompute_layers: int  # decoder layers that recompute their activations in the backward
     layers: int  # decoder layers in the model
-    remake_swiglu: bool = (
-        False  # the layers that store remake the MLP's SwiGLU product (mhsft.train.swiglu_down)
+    # the layers that store remake the MLP's SwiGLU product and the norms' outputs (mhsft.train.swiglu_down,
+    # mhsft.train.remade_norms)
+    remake_swiglu: bool = False
+    mlp_layers: int = (
+        0  # of the layers that do not recompute, those that recompute only their MLP's gate and up
     )
-    offload_layers: int = 0  # of the layers that do not recompute, those whose activations go to host memory
 
     @property
-    def stored_layers(self) -> int:  # layers whose activations stay on the GPU
-        return self.layers - self.recompute_layers - self.offload_layers
+    def stored_layers(self) -> int:  # layers that keep their activations (the SwiGLU product aside)
+        return self.layers - self.recompute_layers - self.mlp_layers
 
     @property
     def rows_per_rank_step(self) -> int:
@@ -85,16 +87,19 @@ class Plan:
     def recompute_text(self) -> str:
         if self.recompute_layers >= self.layers:
             return "recompute"
-        remade = ", SwiGLU product remade in the backward" if self.remake_swiglu else ""
-        if self.recompute_layers == 0 and not self.offload_layers:
+        remade = ", SwiGLU product and norms remade in the backward" if self.remake_swiglu else ""
+        if self.recompute_layers == 0 and not self.mlp_layers:
             return "no recompute" + remade
-        off = f", activations of {self.offload_layers} in host memory" if self.offload_layers else ""
-        k = (
-            f"recompute {self.recompute_layers} of {self.layers} layers"
-            if self.recompute_layers
-            else "no recompute"
+        parts = (
+            [f"recompute {self.recompute_layers} of {self.layers} layers"] if self.recompute_layers else []
         )
-        return k + off + remade.replace("the backward", "the others")
+        if self.mlp_layers:
+            parts.append(f"{'only ' if self.recompute_layers else ''}the MLP's gate/up in {self.mlp_layers}"
+                         f"{'' if self.recompute_layers else f' of {self.layers} layers'}")  # fmt: skip
+        text = ", ".join(parts) if self.recompute_layers else "recompute " + parts[0]
+        if self.stored_layers and self.remake_swiglu:
+            text += ", SwiGLU product and norms remade in the others"
+        return text
 
     def split_text(self, seq_len: int) -> str:
         return f"{self.micro_batch} x {seq_len} x {self.accumulation} accumulation, {self.recompute_text()}"
@@ -106,8 +111,9 @@ class Plan:
 def predicted_cost(plan: Plan, overhead: float) -> float:
     """Time per token, relative to a step without recompute and without host overhead: a LoRA step is forward +
     input gradients (4 N T) plus the recomputed forward of the share of layers that recompute (2 N T)."""
-    share = plan.recompute_layers / max(plan.layers, 1)
-    remake = REMAKE_SWIGLU * (1 - share) if plan.remake_swiglu else 0.0
+    n = max(plan.layers, 1)
+    share = (plan.recompute_layers + MLP_RECOMPUTE * plan.mlp_layers) / n
+    remake = REMAKE_SWIGLU * plan.stored_layers / n if plan.remake_swiglu else 0.0
     return (4 + 2 * share) / 4 + remake + overhead / plan.micro_batch
 
 
@@ -125,16 +131,15 @@ def as_written(micro_batch: int, accumulation: int, recompute: bool, ratio: floa
 def retreat(p: Plan) -> Plan | None:
     """The plan that holds less memory than `p`, for a step that ran out of memory in the middle of a run (the
     probe measured the fullest rows, but the allocator's cache can outgrow its margin): a quarter more of the layers
-    recomputing, taken from those stored on the GPU; when none is stored, the layers in host memory (whose copies
-    hold memory in flight) recompute too; with every layer recomputing, the next smaller micro-batch (the same rows per optimizer step);
-    None when one row per micro-batch already recomputes everything."""
-    n = p.layers
+    recomputing, taken from those stored, then from those recomputing only their MLP's gate/up; with every layer
+    recomputing, the next smaller micro-batch (the same rows per optimizer step); None when one row per
+    micro-batch already recomputes everything."""
+    n, step = p.layers, max(1, p.layers // 4)
     if p.stored_layers > 0:
-        return dataclasses.replace(
-            p, recompute_layers=p.recompute_layers + min(p.stored_layers, max(1, n // 4))
-        )
-    if p.offload_layers:  # the copies' transient memory: recompute those layers instead
-        return dataclasses.replace(p, recompute_layers=n, offload_layers=0)
+        return dataclasses.replace(p, recompute_layers=p.recompute_layers + min(p.stored_layers, step))
+    if p.mlp_layers > 0:
+        j = min(p.mlp_layers, step)
+        return dataclasses.replace(p, recompute_layers=p.recompute_layers + j, mlp_layers=p.mlp_layers - j)
     smaller = micro_batch_options(p.micro_batch)[1:]
     if not smaller:
         return None
@@ -159,10 +164,8 @@ class Search:
     overhead: float
     probe: Callable[[Plan], int | None]
     remake: bool = False  # the model's MLPs can remake their SwiGLU product (mhsft.train.swiglu_down)
+    mlp: bool = False  # ... and recompute only their gate and up (swiglu_down's mode "mlp")
     tried: list = dataclasses.field(default_factory=list)
-    per_layer: dict = dataclasses.field(
-        default_factory=dict
-    )  # rows per micro-batch: bytes a stored layer holds
 
     def fits(self, plan: Plan) -> tuple[bool, int | None]:
         peak = self.probe(plan)
@@ -191,8 +194,10 @@ def _cost(plan: Plan, s: Search) -> float:
 
 def _best_recompute(s: Search, b: int, acc: int) -> Plan | None:
     """At b rows per micro-batch: no recompute if it fits (with the SwiGLU product remade if it fits only so), else
-    as few recomputing layers as fit (from the memory of a stored layer, measured between two probes, the product
-    remade in the stored ones), else None."""
+    as few layer-forwards recomputed as fit, else None. Where the MLPs can (`s.mlp`): as many layers as fit
+    recompute only their MLP's gate/up instead of everything, and where all of them fit so, as many of those as fit
+    store; else as many stored layers as fit, the others recomputing. Each count from the memory one more layer
+    costs (measured between two probes), checked by a probe and bisected (`_most_that_fit`)."""
     n, remake = s.asked.layers, s.remake
     for plan in [Plan(b, acc, 0, n)] + ([Plan(b, acc, 0, n, True)] if remake else []):
         if s.fits(plan)[0]:
@@ -200,31 +205,45 @@ def _best_recompute(s: Search, b: int, acc: int) -> Plan | None:
     full_ok, full_peak = s.fits(Plan(b, acc, n, n))
     if not full_ok:
         return None
-    stored, ok = max(1, n // 8), False
-    # a second point for the memory of a stored layer: n/8 stored layers, fewer when they do not fit
-    while not ok:
-        ok, peak = s.fits(Plan(b, acc, n - stored, n, remake))
-        if not ok and stored == 1:
-            return Plan(b, acc, n, n)
-        if not ok:
-            stored //= 2
-    per_layer = s.per_layer[b] = max((peak - full_peak) / stored, 1.0)
-    k = min(n - 1, math.floor((s.budget - s.extra - full_peak) / per_layer))
-    lo, hi = stored, None  # the most stored layers known to fit, the fewest known not to
+    if not s.mlp:
+        stored, _ = _most_that_fit(s, lambda j: Plan(b, acc, n - j, n, remake), full_peak, n - 1)
+        return Plan(b, acc, n - stored, n, remake)
+    m, mlp_peak = _most_that_fit(s, lambda j: Plan(b, acc, n - j, n, remake, j), full_peak, n)
+    if m < n:
+        return Plan(b, acc, n - m, n, remake, m) if m else Plan(b, acc, n, n)
+    stored, _ = _most_that_fit(s, lambda j: Plan(b, acc, 0, n, remake, n - j), mlp_peak, n - 1)
+    return Plan(b, acc, 0, n, remake, n - stored)
+
+
+def _most_that_fit(
+    s: Search, make: Callable[[int], Plan], base_peak: int, cap: int
+) -> tuple[int, int | None]:
+    """(the largest j <= cap whose plan `make(j)` fits, 0 when none does; that plan's peak, base_peak at 0). The
+    first probe moves an eighth of the layers (halved until they fit) to measure what one costs over `base_peak`; the count the
+    budget then holds is probed, stepping down by an eighth while it does not fit, then bisected between the count
+    that fitted and the one that did not (steps alone left the 32B at 80 GB two 0.56 GiB layers short, session 14)."""
+    j = max(1, s.asked.layers // 8)
+    while not (probed := s.fits(make(j)))[0]:
+        if j == 1:
+            return 0, base_peak
+        j //= 2
+    lo, peaks, hi = j, {j: probed[1]}, None  # the most known to fit, their peaks, the fewest known not to
+    per = max((probed[1] - base_peak) / j, 1.0)
+    k = min(cap, math.floor((s.budget - s.extra - base_peak) / per))
     while k > lo:
-        if s.fits(Plan(b, acc, n - k, n, remake))[0]:
-            lo = k
+        ok, peak = s.fits(make(k))
+        if ok:
+            lo, peaks[k] = k, peak
             break
         hi, k = k, k - max(1, k // 8)
-    # the steps down skip counts (the 32B on an 80 GB card kept 1.2 GiB, two 0.56 GiB layers, of its budget
-    # unused, session 14): bisect between what fitted and what did not
     while hi is not None and hi - lo > 1:
         mid = (lo + hi) // 2
-        if s.fits(Plan(b, acc, n - mid, n, remake))[0]:
-            lo = mid
+        ok, peak = s.fits(make(mid))
+        if ok:
+            lo, peaks[mid] = mid, peak
         else:
             hi = mid
-    return Plan(b, acc, n - lo, n, remake)
+    return lo, peaks[lo]
 
 
 # ------------------------------------------------------------------------------------------- on the model
@@ -233,13 +252,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(base.get_decoder().layers)
 
 
-def set_recompute(
-    model: torch.nn.Module, k: int, remake_swiglu: bool = False, offload_layers: int = 0
-) -> None:
-    """Make k of the decoder layers, evenly spread, recompute their activations in the backward; the others keep
-    them (remaking their SwiGLU product with `remake_swiglu`), `offload_layers` of them, evenly spread, in host
-    memory (mhsft.train.offload, installed by `choose`). Turns transformers' (non-reentrant) checkpointing on when
-    k > 0 and it was off."""
+def set_recompute(model: torch.nn.Module, k: int, remake_swiglu: bool = False, mlp_layers: int = 0) -> None:
+    """Make k of the decoder layers, evenly spread, recompute their activations in the backward, `mlp_layers` of
+    the others, evenly spread, only their MLP's gate and up (with their norms' outputs remade); the rest keep them
+    (remaking their SwiGLU product and norms' outputs with `remake_swiglu`). Turns transformers' (non-reentrant)
+    checkpointing on when k > 0 and it was off."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
     if k > 0 and not all(hasattr(m, "_gradient_checkpointing_func") for m in layers):
@@ -251,19 +268,12 @@ def set_recompute(
     n = len(layers)
     keep = {i * n // k for i in range(k)} if k else set()
     others = [i for i in range(n) if i not in keep]
-    carried = (
-        {others[i * len(others) // offload_layers] for i in range(offload_layers)}
-        if offload_layers
-        else set()
-    )
-    hooks = getattr(model, "mhsft_offload", None)
-    if carried and hooks is None:
-        raise RuntimeError("set_recompute: offload_layers needs mhsft.train.offload.install(model) first")
-    if hooks is not None:
-        hooks.layers = {layers[i] for i in carried}
+    mlp = {others[i * len(others) // mlp_layers] for i in range(mlp_layers)} if mlp_layers else set()
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in keep
-        swiglu_down.set_remake(layer, remake_swiglu and i not in keep)
+        mode = None if i in keep else "mlp" if i in mlp else "product" if remake_swiglu else None
+        swiglu_down.set_mode(layer, mode)
+        remade_norms.set_remade(layer, mode is not None)
 
 
 def probe_peak(run_step: Callable[[], None], model: torch.nn.Module, device) -> int | None:
@@ -295,7 +305,6 @@ def undo_step(model: torch.nn.Module, device, rng: tuple) -> None:
     """Drop a tried step's gradients, free what it held and put the generators back to `rng`, so that the step
     run next is the one it would have been without the try."""
     model.zero_grad(set_to_none=True)
-    offload.reset(model)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -352,7 +361,7 @@ def keep_as_written(args, device, parameters: int) -> str | None:
 
 
 def choose(
-    args, model, fullest: Callable[[int], dict], wrapped, device, agree, extra: int, world: int = 1
+    args, model, fullest: Callable[[int], dict], wrapped, device, agree, extra: int
 ) -> tuple[Plan, str]:
     """(the plan, why) for this model and data. `fullest(b)` is a device batch of the b fullest rows of the epoch,
     `wrapped` the model with its loss, `agree(peak)` makes every rank see the same probe result (the largest peak,
@@ -363,25 +372,17 @@ def choose(
     parameters = sum(parameter_count(p) for p in model.parameters())
     if reason := keep_as_written(args, device, parameters):
         return asked, reason
-    if may_offload := offload.available(device, world, args.fp8):
-        offload.install(model, [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")])
-    seconds: dict[Plan, float] = {}
 
     def probe(plan: Plan) -> int | None:
-        set_recompute(model, plan.recompute_layers, plan.remake_swiglu, plan.offload_layers)
+        set_recompute(model, plan.recompute_layers, plan.remake_swiglu, plan.mlp_layers)
         batch = fullest(plan.micro_batch)
-
-        def step():
-            t = time.perf_counter()
-            wrapped(**batch).backward()
-            torch.cuda.synchronize(device)
-            seconds[plan] = time.perf_counter() - t
-
-        return agree(probe_peak(step, model, device))
+        return agree(probe_peak(lambda: wrapped(**batch).backward(), model, device))
 
     budget = memory_budget(device, args.plan_memory_gib)
     overhead = host_overhead(parameters, layers, args.max_length)
-    s = Search(asked, budget, extra, overhead, probe, remake=swiglu_down.installed(model))
+    # the modes run on the fused LoRA path only (mhsft.train.speedups names it where it runs)
+    remake = swiglu_down.installed(model) and "fused LoRA" in getattr(model, "mhsft_kernels", ())
+    s = Search(asked, budget, extra, overhead, probe, remake=remake, mlp=remake and RECOMPUTE_MLP)
     chosen = search(s)
     if chosen is None:
         set_recompute(model, asked.recompute_layers)
@@ -390,33 +391,6 @@ def choose(
             f"no split fits the plan's {budget / GIB:.1f} GiB (the card's memory less a margin), "
             "not even as written: running as written"
         )
-    basis = ""
-    if may_offload and chosen.recompute_layers and chosen.micro_batch in s.per_layer and chosen in seconds:
-        chosen, basis = offload_some(
-            s, chosen, seconds[chosen], offload.host_bandwidth(device), offload.host_memory_free()
-        )
-    set_recompute(model, chosen.recompute_layers, chosen.remake_swiglu, chosen.offload_layers)
+    set_recompute(model, chosen.recompute_layers, chosen.remake_swiglu, chosen.mlp_layers)
     peak = next(p for plan, p, ok in s.tried if plan == chosen and ok)
-    why = f"measured peak {(peak + extra) / GIB:.1f} of {budget / GIB:.1f} GiB, {len(s.tried)} tries"
-    return chosen, why + (f"; {basis}" if basis else "")
-
-
-def offload_some(
-    s: Search, p: Plan, step_seconds: float, bandwidth: float, host_bytes: int
-) -> tuple[Plan, str]:
-    """Of p's recomputing layers, as many as the host link carries while a forward runs keep their activations in
-    host memory instead (mhsft.train.offload), each sparing a recomputed forward; at most half the host's free
-    memory. A forward is 2 of the probe step's 4 + 2 x (recomputing share) units (`predicted_cost`). Checked by a
-    probe, halved until one fits. Returns (plan, what the number came from)."""
-    k, n, per_layer = p.recompute_layers, p.layers, s.per_layer[p.micro_batch]
-    forward = step_seconds * 2 / (4 + 2 * k / n)
-    j = min(k, int(LINK_SHARE * bandwidth * forward // per_layer), int(host_bytes / 2 // per_layer))
-    basis = (
-        f"host link {bandwidth / 1e9:.0f} GB/s x {forward:.2f} s forward / {per_layer / GIB:.2f} GiB a layer"
-    )
-    while j > 0:
-        candidate = dataclasses.replace(p, recompute_layers=k - j, offload_layers=j)
-        if s.fits(candidate)[0]:
-            return candidate, basis
-        j //= 2
-    return p, basis + ": no layer in host memory fitted"
+    return chosen, f"measured peak {(peak + extra) / GIB:.1f} of {budget / GIB:.1f} GiB, {len(s.tried)} tries"

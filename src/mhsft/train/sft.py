@@ -594,7 +594,7 @@ def decide_plan(
     # AdamW's two states per trainable parameter, and DDP's gradient buckets, exist only from the first real step
     extra = sum(p.numel() * p.element_size() for p in trainable) * (2 + (world > 1))
     model.train()
-    chosen, why = plan.choose(args, model, fullest, training_loss(model, args), device, agree, extra, world)
+    chosen, why = plan.choose(args, model, fullest, training_loss(model, args), device, agree, extra)
     kernels = " + ".join(getattr(model, "mhsft_kernels", [])) or "no fused kernels"
     asked = plan.as_written(args.per_device_train_batch_size, args.gradient_accumulation_steps,
                             args.gradient_checkpointing, args.gradient_checkpointing_ratio, chosen.layers)  # fmt: skip
@@ -841,7 +841,7 @@ def guarded_step(
         # out of the except block: its traceback held the failed step's tensors
         plan.undo_step(model, accelerator.device, rng)
         new = plan.retreat(current)
-        set_recompute(model, new.recompute_layers, new.remake_swiglu, new.offload_layers)
+        set_recompute(model, new.recompute_layers, new.remake_swiglu, new.mlp_layers)
         said = (
             f"plan: out of memory in step {step} under {current.split_text(seq_len)}; the step runs again, and the "
             f"rest of the run, as {new.split_text(seq_len)} (the same {new.rows_per_rank_step} rows per step)"

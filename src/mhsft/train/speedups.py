@@ -7,8 +7,8 @@ benchmarks/train_throughput.py (notes and numbers in benchmarks/NOTES.md).
   (`--use_liger_kernel`, ms-swift's flag; on by default where it works). The loss stays ours (chunked,
   labelled tokens only);
 - `fp8_base`: the frozen base weights' matmuls in FP8 (`--fp8`, mhsft.train.fp8);
-- `swiglu_down.install`: the MLPs' SwiGLU product remade in the backward, for the execution plan to turn on where
-  memory limits the step;
+- `swiglu_down.install`, `remade_norms.install`: the MLPs' SwiGLU product (or their gate and up too) and the norms'
+  outputs remade in the backward, for the execution plan to turn on where memory limits the step;
 - `compile_layers`: regional torch.compile of each decoder layer (`--torch_compile`);
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from mhsft.lora_forward import fast_lora_forward
-from mhsft.train import fp8, fused_lora, loss, swiglu_down
+from mhsft.train import fp8, fused_lora, loss, remade_norms, swiglu_down
 from mhsft.utils import UserError
 
 
@@ -99,8 +99,9 @@ def speedups(model: torch.nn.Module, args, notices: list[str]) -> torch.nn.Modul
             if loss.FUSED_LOSS and not any(hasattr(p, "ds_id") for p in model.parameters()):
                 model.mhsft_fused_loss = loss.liger_fused_loss  # ChunkedLMLoss takes it (sft.py)
                 kernels.append("Liger fused loss")
-    if "fused LoRA" in kernels:
+    if args.train_type == "lora" and not args.torch_compile:  # on the fused LoRA path wherever it runs
         swiglu_down.install(model, liger="Liger" in kernels)  # off until the plan turns it on
+        remade_norms.install(model)
     if args.torch_compile:
         compile_layers(model)
         kernels.append("torch.compile")
