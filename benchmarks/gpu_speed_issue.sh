@@ -42,7 +42,7 @@ for step in $STEPS; do
     7b_on) timeout 130 $U --models 7b --stacks mhsft_cli+concat --out "$OUT/uc_7b_on.json" 2>&1 | quiet 5 ;;
     32b_mlp)  # the users' 32B at 80 GB, layers recomputing only their MLP's gate/up (the default since session 15),
       # against the plan without that mode, side by side; the CLI's plan lines and last steps come back
-      timeout 420 $U --models 32b --stacks_32b mhsft_cli_80gb,mhsft_cli_80gb+nomlp --out "$OUT/uc_32b_mlp.json" \
+      timeout "${T32:-420}" $U --models 32b --stacks_32b mhsft_cli_80gb,mhsft_cli_80gb+nomlp --out "$OUT/uc_32b_mlp.json" \
         2>&1 | grep -e "plan:" -e Error -e "^32b" | cut -c1-400 | tail -12
       for f in /tmp/uc/*32b*.log; do grep -v -e Warning -e warnings.warn "$f" | tail -40 > "$OUT/$(basename "$f" | tr + _)"; done ;;
     32b_on) timeout 300 $U --models 32b --stacks_32b mhsft_cli_80gb+concat --out "$OUT/uc_32b_on.json" 2>&1 | quiet 5 ;;
