@@ -22,8 +22,8 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
   A stack may name switches still off by default after a `+`, set in the CLI's process before it parses its
   arguments: `mhsft_cli+concat` (the LoRA update inside gate/up's base GEMM, mhsft.train.concat_update),
   `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention; the default since
-  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+nomlp` (the plan without
-  layers that recompute only their MLP's gate/up, the default since session 15).
+  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+mlp` (session 15's memory
+  modes, off until measured: layers recomputing only their MLP's gate/up, norms' outputs remade).
   The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
   random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
@@ -80,9 +80,9 @@ SWITCHES = {
     "gqanative": "import mhsft.packed_attention as m; m._gqa_native[0] = True",
     # the default before session 13, for the A/B: k/v expanded to the query heads before varlen
     "expandkv": "import mhsft.packed_attention as m; m._gqa_native[0] = False",
-    # the plan without layers recomputing only their MLP's gate/up (mhsft.train.swiglu_down's mode "mlp"), as before
-    # session 15
-    "nomlp": "import mhsft.train.plan as m; m.RECOMPUTE_MLP = False",
+    # session 15's memory modes, off until measured: layers recomputing only their MLP's gate/up (mhsft.train.swiglu_down's
+    # mode "mlp") and the norms' outputs remade in the layers that remake their product (mhsft.train.remade_norms)
+    "mlp": "import mhsft.train.plan as m; m.RECOMPUTE_MLP = True; m.REMAKE_NORMS = True",
 }
 
 

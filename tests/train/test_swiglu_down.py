@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mhsft import lora_forward
-from mhsft.train import fused_lora, remade_norms, swiglu_down
+from mhsft.train import fused_lora, plan, remade_norms, swiglu_down
 from mhsft.train.plan import decoder_layers, set_recompute
 from tiny import loss_and_grads, saved_bytes, tiny_lora
 
@@ -26,6 +26,9 @@ LIGER = DEVICE == "cuda" and importlib.util.find_spec("liger_kernel") is not Non
 @pytest.fixture(autouse=True)
 def triton_mode(monkeypatch):
     monkeypatch.setattr(fused_lora, "on_cpu", DEVICE == "cpu")  # conftest switched Triton's interpreter on
+    monkeypatch.setattr(
+        plan, "REMAKE_NORMS", True
+    )  # session 15's memory modes, off by default until measured
 
 
 def _model(dropout: float, checkpointing: bool = False):
@@ -97,6 +100,16 @@ def test_a_stored_layer_keeps_its_product_and_norm_outputs_no_longer():
         one, 1
     )  # the recomputing (first) layer keeps its input either way: only the stored one changes
     assert saved_bytes(one, ids) - saved_bytes(_remade(base, 1), ids) == (layers - 1) * (product + 2 * norm)
+
+
+def test_by_default_a_stored_layer_keeps_its_norm_outputs(monkeypatch):
+    """plan.REMAKE_NORMS off (the default until measured on a card): only the product is remade."""
+    monkeypatch.setattr(plan, "REMAKE_NORMS", False)
+    base = _model(0.1)
+    ids = torch.randint(0, 300, (2, 33), device=DEVICE)
+    product = ids.numel() * base.get_base_model().config.intermediate_size * 4 * (1 if LIGER else 2)
+    kept = saved_bytes(copy.deepcopy(base), ids)
+    assert kept - saved_bytes(_remade(base), ids) == len(decoder_layers(base)) * product
 
 
 def test_a_layer_recomputing_gate_and_up_keeps_no_intermediate_values():

@@ -23,9 +23,10 @@ tried. The recompute share comes from two such probes: with every layer recomput
 storing their activations, which gives the memory one stored layer costs; the plan then stores as many layers as
 the budget holds and checks that by a third probe (when that does not fit, fewer, bisecting between the counts
 that fitted and did not). Where the model's MLPs can (mhsft.train.swiglu_down's mode "mlp", with the norms'
-outputs remade, mhsft.train.remade_norms), a layer may instead recompute only its MLP's gate and up: 58% of a
-recomputed forward for about a third of a stored layer's memory, so the plan first moves as many layers as fit
-from recomputing to that mode, then as many of those as fit to storing, each count measured as above. Speed is
+outputs remade, mhsft.train.remade_norms) and `RECOMPUTE_MLP` is on (off until measured on a card), a layer may
+instead recompute only its MLP's gate and up: 58% of a recomputed forward for about a quarter of a stored layer's
+memory, so the plan first moves as many layers as fit from recomputing to that mode, then as many of those as fit
+to storing, each count measured as above. Speed is
 predicted from the measured costs above
 (`predicted_cost`): recomputation first, then the per-micro-batch host overhead that made 2-row micro-batches 8%
 slower per token than 4-row ones on the H200.
@@ -58,7 +59,12 @@ REMAKE_SWIGLU = 0.012
 # Recomputing only the MLP's gate and up, in units of a recomputed layer's forward: their two GEMMs' share of a
 # Qwen2.5 layer's multiply-adds (283M of 488M a token at 32B, 136M of 244M at 7B with 3072-token rows)
 MLP_RECOMPUTE = 0.58
-RECOMPUTE_MLP = True  # the plan may use that mode; benchmarks switch it off for the A/B (`+nomlp`)
+# Session 15's memory modes, built and tested on the CPU but neither run nor timed on a card yet (no device could be
+# started): the plan may make layers recompute only their MLP's gate/up, and the layers that remake their SwiGLU
+# product also remake their norms' outputs. Off until measured; benchmarks switch both on with `+mlp`
+# (benchmarks/NOTES.md: predicted +6 to +8% on the users' 32B command at 80 GB)
+RECOMPUTE_MLP = False
+REMAKE_NORMS = False
 MIN_PARAMETERS = 1_000_000_000
 GIB = 2**30
 
@@ -69,8 +75,8 @@ class Plan:
     accumulation: int  # micro-batches per optimizer step on each rank
     recompute_layers: int  # decoder layers that recompute their activations in the backward
     layers: int  # decoder layers in the model
-    # the layers that store remake the MLP's SwiGLU product and the norms' outputs (mhsft.train.swiglu_down,
-    # mhsft.train.remade_norms)
+    # the layers that store remake the MLP's SwiGLU product (mhsft.train.swiglu_down), with REMAKE_NORMS also the
+    # norms' outputs (mhsft.train.remade_norms)
     remake_swiglu: bool = False
     mlp_layers: int = (
         0  # of the layers that do not recompute, those that recompute only their MLP's gate and up
@@ -87,7 +93,8 @@ class Plan:
     def recompute_text(self) -> str:
         if self.recompute_layers >= self.layers:
             return "recompute"
-        remade = ", SwiGLU product and norms remade in the backward" if self.remake_swiglu else ""
+        what = "SwiGLU product and norms" if REMAKE_NORMS else "SwiGLU product"
+        remade = f", {what} remade in the backward" if self.remake_swiglu else ""
         if self.recompute_layers == 0 and not self.mlp_layers:
             return "no recompute" + remade
         parts = (
@@ -98,7 +105,7 @@ class Plan:
                          f"{'' if self.recompute_layers else f' of {self.layers} layers'}")  # fmt: skip
         text = ", ".join(parts) if self.recompute_layers else "recompute " + parts[0]
         if self.stored_layers and self.remake_swiglu:
-            text += ", SwiGLU product and norms remade in the others"
+            text += f", {what} remade in the others"
         return text
 
     def split_text(self, seq_len: int) -> str:
@@ -273,7 +280,7 @@ def set_recompute(model: torch.nn.Module, k: int, remake_swiglu: bool = False, m
         layer.gradient_checkpointing = i in keep
         mode = None if i in keep else "mlp" if i in mlp else "product" if remake_swiglu else None
         swiglu_down.set_mode(layer, mode)
-        remade_norms.set_remade(layer, mode is not None)
+        remade_norms.set_remade(layer, mode == "mlp" or (mode == "product" and REMAKE_NORMS))
 
 
 def probe_peak(run_step: Callable[[], None], model: torch.nn.Module, device) -> int | None:
