@@ -133,3 +133,47 @@ def test_off_the_model_runs_its_own_forward_and_eval_ignores_the_switch():
     set_recompute(m, 0, remake_swiglu=False)
     with torch.no_grad():
         torch.testing.assert_close(m(input_ids=ids).logits, out)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on the card Liger's own kernels run in the tests above")
+def test_the_modes_call_ligers_swiglu_as_its_kernels_need(monkeypatch):
+    """Liger's SwiGLU kernels do not run under Triton's interpreter; stand-ins with their contract (contiguous gate,
+    up and product gradient of one shape; the backward writes the gradients into gate and up and returns them)
+    check that both modes call them so, and give the kept path's loss and gradients."""
+    ops = pytest.importorskip("liger_kernel.ops.swiglu", reason="liger-kernel is not installed")
+
+    calls = []
+
+    def contract(*ts):
+        calls.append(len(ts))
+        assert all(t.is_contiguous() and t.shape == ts[0].shape for t in ts), [
+            (t.shape, t.stride()) for t in ts
+        ]
+
+    def forward(a, b):
+        contract(a, b)
+        return a, b, torch.nn.functional.silu(a) * b
+
+    def backward(a, b, dc):
+        contract(a, b, dc)
+        sig = torch.sigmoid(a)
+        da, db = dc * b * sig * (1 + a * (1 - sig)), dc * a * sig
+        return a.copy_(da), b.copy_(db)
+
+    monkeypatch.setattr(ops, "swiglu_forward", forward)
+    monkeypatch.setattr(ops, "swiglu_backward", backward)
+    base = _model(0.2)
+    for mlp in base.modules():
+        if hasattr(mlp, "_mhsft_liger"):
+            mlp._mhsft_liger = True
+    ids = torch.randint(0, 300, (2, 17), device=DEVICE)
+    la, ga = loss_and_grads(copy.deepcopy(base), ids, seed=5)
+    assert not calls  # the kept path runs the model's own MLP
+    for mlp_layers in (0, 2):
+        calls.clear()
+        lb, gb = loss_and_grads(_remade(base, 0, mlp_layers), ids, seed=5)
+        # per layer: the product in the forward and again in the backward, then its gradients
+        assert sorted(calls) == [2, 2, 2, 2, 3, 3]
+        torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
