@@ -26,6 +26,16 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def fused_on_device(monkeypatch):
+    """The fused LoRA path where the tests run: on the CPU under Triton's interpreter (switched on above), else
+    compiled on MHSFT_TEST_DEVICE."""
+    from mhsft.train import fused_lora
+    from tiny import DEVICE
+
+    monkeypatch.setattr(fused_lora, "on_cpu", DEVICE == "cpu")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

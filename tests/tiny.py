@@ -3,7 +3,15 @@ samples."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
+
+# MHSFT_TEST_DEVICE=cuda runs the fused-kernel tests compiled on a GPU (with Liger's kernels where installed); on the
+# CPU they run under Triton's interpreter (tests/conftest.py), float32, with torch's RMSNorm and SwiGLU
+DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
+LIGER = DEVICE == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
 def tiny_qwen2(attn: str | None = None):
@@ -65,3 +73,18 @@ def saved_bytes(m, ids) -> int:
         loss = m(input_ids=ids, labels=ids).loss
     loss.backward()
     return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def fused_tiny_lora(dropout: float):
+    """tiny_lora on DEVICE with its LoRA linears on the fused path (mhsft.train.fused_lora) and, where LIGER, Liger's
+    kernels; tests that run it use the `fused_on_device` fixture."""
+    from mhsft import lora_forward
+    from mhsft.train import fused_lora
+
+    m = tiny_lora(dropout).to(DEVICE)
+    lora_forward.fast_lora_forward(m, fused=fused_lora)
+    if LIGER:
+        from mhsft.train.speedups import apply_liger
+
+        assert apply_liger(m) is None
+    return m

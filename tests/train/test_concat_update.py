@@ -5,7 +5,6 @@ LoRA kernels run in Triton's interpreter on the CPU (float32); MHSFT_TEST_DEVICE
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -13,15 +12,10 @@ import torch
 from mhsft import lora_forward
 from mhsft.train import concat_update, fused_lora
 from mhsft.train.plan import set_recompute
-from tiny import loss_and_grads, tiny_lora
+from tiny import DEVICE, loss_and_grads, tiny_lora
 
 pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
-DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
-
-
-@pytest.fixture(autouse=True)
-def triton_mode(monkeypatch):
-    monkeypatch.setattr(fused_lora, "on_cpu", DEVICE == "cpu")  # conftest switched Triton's interpreter on
+pytestmark = pytest.mark.usefixtures("fused_on_device")
 
 
 def _model(dropout: float):

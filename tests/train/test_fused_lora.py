@@ -4,25 +4,19 @@ kernels run in Triton's interpreter (float32); MHSFT_TEST_DEVICE=cuda runs the s
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 from mhsft import lora_forward
 from mhsft.train import fused_lora
+from tiny import DEVICE, saved_bytes, tiny_lora
 from tiny import loss_and_grads as _loss_and_grads
-from tiny import saved_bytes, tiny_lora
 
 pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
-DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
+pytestmark = pytest.mark.usefixtures("fused_on_device")
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 TOL = {"rtol": 2e-2, "atol": 2e-2} if DEVICE == "cuda" else {"rtol": 1e-4, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def triton_mode(monkeypatch):
-    monkeypatch.setattr(fused_lora, "on_cpu", DEVICE == "cpu")  # conftest switched Triton's interpreter on
 
 
 def _mask(seed: int, m: int, k: int, p: float) -> torch.Tensor:

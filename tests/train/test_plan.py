@@ -183,6 +183,20 @@ def test_set_recompute_spreads_the_layers_and_keeps_the_gradients():
     assert not any(layer.gradient_checkpointing for layer in layers)
 
 
+def assert_same_run(written, planned, steps: int, tol: float = 1e-5, grad_norm: bool = False) -> None:
+    """Two runs logged the same steps 1..steps with the same losses (and gradient norms), and saved the same
+    adapter, within tol."""
+    la, lb = read_log(written), read_log(planned)
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, steps + 1))
+    for a, b in zip(la, lb):
+        assert abs(a["loss"] - b["loss"]) < tol
+        assert not grad_norm or abs(a["grad_norm"] - b["grad_norm"]) < tol
+    wa = load_file(str(written / f"checkpoint-{steps}" / "adapter_model.safetensors"))
+    wb = load_file(str(planned / f"checkpoint-{steps}" / "adapter_model.safetensors"))
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("packing", ["true", "false"])
 def test_a_planned_run_equals_the_as_written_one(tmp_path, monkeypatch, packing):
     """The as-written run (4 rows x 2 accumulation, every layer recomputing) against the plan a large card would
@@ -198,14 +212,7 @@ def test_a_planned_run_equals_the_as_written_one(tmp_path, monkeypatch, packing)
 
     monkeypatch.setattr(plan, "choose", forced)
     planned = run_sft(tmp_path / "b", *extra)
-    la, lb = read_log(written), read_log(planned)
-    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3, 4]
-    for a, b in zip(la, lb):
-        assert abs(a["loss"] - b["loss"]) < 1e-5
-    wa = load_file(str(written / "checkpoint-4" / "adapter_model.safetensors"))
-    wb = load_file(str(planned / "checkpoint-4" / "adapter_model.safetensors"))
-    for n in wa:
-        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=1e-5)
+    assert_same_run(written, planned, 4)
     args = json.loads((planned / "args.json").read_text(encoding="utf-8"))
     assert args["plan"]["micro_batch"] == 1 and args["plan"]["accumulation"] == 8
     assert args["per_device_train_batch_size"] == 4  # what the user typed is kept beside the plan
@@ -240,12 +247,7 @@ def test_a_run_with_layers_recomputing_only_their_mlp_equals_the_as_written_one(
     monkeypatch.setattr(plan, "choose", forced)
     planned = run_sft(tmp_path / "b", *extra)
     assert ran  # the mode ran (once per micro-batch)
-    for a, b in zip(read_log(written), read_log(planned), strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-5
-    wa = load_file(str(written / "checkpoint-3" / "adapter_model.safetensors"))
-    wb = load_file(str(planned / "checkpoint-3" / "adapter_model.safetensors"))
-    for n in wa:
-        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=1e-5)
+    assert_same_run(written, planned, 3)
     args = json.loads((planned / "args.json").read_text(encoding="utf-8"))
     assert args["plan"]["mlp_layers"] == 1
     assert (
@@ -414,14 +416,8 @@ def test_a_step_out_of_memory_mid_run_runs_again_under_a_plan_that_holds_less(tm
     with caplog.at_level("INFO", logger="mhsft"):
         retreated = run_sft(tmp_path / "b", *extra)
     assert len(calls) == 10  # 4 steps x 2 micro-batches, the one that failed and the one before it again
-    la, lb = read_log(whole), read_log(retreated)
-    assert [r["step"] for r in lb] == [1, 2, 3, 4]
-    for a, b in zip(la, lb):  # the gradient norm too: the failed try's gradients must not count
-        assert abs(a["loss"] - b["loss"]) < tol and abs(a["grad_norm"] - b["grad_norm"]) < tol
-    wa = load_file(str(whole / "checkpoint-4" / "adapter_model.safetensors"))
-    wb = load_file(str(retreated / "checkpoint-4" / "adapter_model.safetensors"))
-    for n in wa:
-        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=tol)
+    # the gradient norm too: the failed try's gradients must not count
+    assert_same_run(whole, retreated, 4, tol, grad_norm=True)
     said = [r.getMessage() for r in caplog.records if "out of memory in step" in r.getMessage()]
     assert said == [
         "plan: out of memory in step 2 under 4 x 128 x 2 accumulation, no recompute; the step runs again, and the "

@@ -5,34 +5,20 @@ Triton's interpreter on the CPU (float32); MHSFT_TEST_DEVICE=cuda runs them comp
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
 
-from mhsft import lora_forward
-from mhsft.train import fused_lora, remade_norms
+from mhsft.train import remade_norms
 from mhsft.train.plan import decoder_layers
-from tiny import loss_and_grads, saved_bytes, tiny_lora
+from tiny import DEVICE, fused_tiny_lora, loss_and_grads, saved_bytes
 
 pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
-DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
-LIGER = DEVICE == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-
-
-@pytest.fixture(autouse=True)
-def triton_mode(monkeypatch):
-    monkeypatch.setattr(fused_lora, "on_cpu", DEVICE == "cpu")  # conftest switched Triton's interpreter on
+pytestmark = pytest.mark.usefixtures("fused_on_device")
 
 
 def _model(dropout: float):
-    m = tiny_lora(dropout).to(DEVICE)
-    lora_forward.fast_lora_forward(m, fused=fused_lora)
-    if LIGER:
-        from mhsft.train.speedups import apply_liger
-
-        assert apply_liger(m) is None
+    m = fused_tiny_lora(dropout)
     assert remade_norms.install(m) == len(decoder_layers(m))
     return m
 

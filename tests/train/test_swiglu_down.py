@@ -7,37 +7,27 @@ SwiGLU kernels where liger-kernel is installed."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
 
-from mhsft import lora_forward
-from mhsft.train import fused_lora, plan, remade_norms, swiglu_down
+from mhsft.train import plan, remade_norms, swiglu_down
 from mhsft.train.plan import decoder_layers, set_recompute
-from tiny import loss_and_grads, saved_bytes, tiny_lora
+from tiny import DEVICE, LIGER, fused_tiny_lora, loss_and_grads, saved_bytes
 
 pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
-DEVICE = os.environ.get("MHSFT_TEST_DEVICE", "cpu")
-LIGER = DEVICE == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+pytestmark = pytest.mark.usefixtures("fused_on_device")
 
 
 @pytest.fixture(autouse=True)
-def triton_mode(monkeypatch):
-    monkeypatch.setattr(fused_lora, "on_cpu", DEVICE == "cpu")  # conftest switched Triton's interpreter on
+def memory_modes(monkeypatch):
     monkeypatch.setattr(
         plan, "REMAKE_NORMS", True
-    )  # session 15's memory modes, off by default until measured
+    )  # session 15's memory modes: off by default until measured
 
 
 def _model(dropout: float, checkpointing: bool = False):
-    m = tiny_lora(dropout).to(DEVICE)
-    lora_forward.fast_lora_forward(m, fused=fused_lora)
-    if LIGER:
-        from mhsft.train.speedups import apply_liger
-
-        assert apply_liger(m) is None
+    m = fused_tiny_lora(dropout)
     assert swiglu_down.install(m, liger=LIGER) == len(decoder_layers(m))
     assert remade_norms.install(m) == len(decoder_layers(m))
     if checkpointing:
