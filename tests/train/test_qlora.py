@@ -160,3 +160,39 @@ def test_a_random_weight_folder_loads_quantized_as_its_saved_weights_would(tmp_p
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_memory_modes_on_a_4bit_base_equal_the_kept_path(monkeypatch):
+    """The plan's memory modes (on by default since session 16) on bitsandbytes' 4-bit layers: a layer recomputing
+    only its MLP's gate/up (its 4-bit base GEMMs run again in the backward) and one remaking its SwiGLU product and
+    norms give the kept path's loss and gradients (float32 on the CPU, dropout on)."""
+    from peft import LoraConfig, get_peft_model
+
+    from mhsft.train import remade_norms, swiglu_down
+    from mhsft.train.plan import decoder_layers, set_recompute
+    from tiny import loss_and_grads
+
+    monkeypatch.setattr(fused_lora, "on_cpu", True)
+    torch.manual_seed(0)
+    base = load_model("builtin:tiny", dtype="float32", quant=QUANT4)
+    kept = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear"))
+    for n, p in kept.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    assert lora_forward.fast_lora_forward(kept, fused=fused_lora) > 0
+    layers = len(decoder_layers(kept))
+    assert swiglu_down.install(kept, liger=False) == layers and remade_norms.install(kept) == layers
+    kept.train()
+    modes = copy.deepcopy(kept)
+    set_recompute(modes, 0, remake_swiglu=True, mlp_layers=1)
+    ran = []
+    apply = swiglu_down._SwiGLUMLP.apply
+    monkeypatch.setattr(swiglu_down._SwiGLUMLP, "apply", lambda *a: (ran.append(1), apply(*a))[1])
+    ids = torch.randint(0, 2000, (2, 24))
+    la, ga = loss_and_grads(kept, ids, seed=3)
+    assert not ran
+    lb, gb = loss_and_grads(modes, ids, seed=3)
+    assert len(ran) == 1
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
