@@ -6,9 +6,10 @@
 #   bash benchmarks/gpu_speed_issue.sh            # all steps
 #   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
 #   CHECK_K="mid_run or host_memory_equals" STEPS="check" ...   # only some of the card tests
-# Next (session 16; session 15 got no device): CHECK_K="remade or gate_and_up or stored_layer or note" STEPS="check
-# 32b_mlp" (the card tests of session 15's memory modes, then the users' 32B at 80 GB with them against the
-# defaults, side by side), then "7b fp8 hf".
+# Next (session 17): CHECK_K="remade or gate_and_up or stored_layer or note" STEPS="check 7b fp8 hf" (session 15's
+# memory modes' card tests, not run yet: session 16 had device time for one 32B A/B only; then the 7B numbers, on an
+# H200 if one comes: none since session 6), then "32b_mlp" (the 32B at 80 GB, the modes on by default since session
+# 16, against `+nomlp`; ~350 s). DEADLINE=560 trims 32b_mlp's limit to what is left of a 600 s call.
 # Each call may run 600 s: "check ab 7b 7b_on", then "32b_80gb", then "32b_on", then "fp8 hf" on the same warm machine
 # (the *_on steps: the users' commands with the switch still off by default turned on, concat; session 13's H100 took
 # 168 s for 32b_80gb, and 32b_on did not finish in 180).
@@ -42,9 +43,11 @@ for step in $STEPS; do
     32b_80gb) timeout 280 $U --models 32b --stacks_32b mhsft_cli_80gb --out "$OUT/uc_32b_80gb.json" 2>&1 | quiet 5 ;;
     7b_on) timeout 130 $U --models 7b --stacks mhsft_cli+concat --out "$OUT/uc_7b_on.json" 2>&1 | quiet 5 ;;
     32b_mlp)  # the users' 32B at 80 GB with session 15's memory modes (layers recomputing only their MLP's gate/up,
-      # norms remade; off until measured) against the defaults, side by side; the CLI's plan lines and last steps
-      timeout "${T32:-420}" $U --models 32b --stacks_32b mhsft_cli_80gb+mlp,mhsft_cli_80gb --out "$OUT/uc_32b_mlp.json" \
-        2>&1 | grep -e "plan:" -e Error -e "^32b" | cut -c1-400 | tail -12
+      # norms remade; the default since session 16) against them off (`+nomlp`), side by side; the CLI's plan lines
+      # (its limit: T32, or what is left before DEADLINE seconds since the script began, whichever is less)
+      t=${T32:-420}; [ -n "${DEADLINE:-}" ] && t=$(( DEADLINE - SECONDS < t ? DEADLINE - SECONDS : t ))
+      timeout "$t" $U --models 32b --stacks_32b mhsft_cli_80gb,mhsft_cli_80gb+nomlp --out "$OUT/uc_32b_mlp.json" \
+        2>&1 | grep -e "plan:" -e Error -e "^32b" -e '"model"' | cut -c1-400 | tail -12
       for f in /tmp/uc/*32b*.log; do grep -v -e Warning -e warnings.warn "$f" | tail -40 > "$OUT/$(basename "$f" | tr + _)"; done ;;
     32b_on) timeout 300 $U --models 32b --stacks_32b mhsft_cli_80gb+concat --out "$OUT/uc_32b_on.json" 2>&1 | quiet 5 ;;
     fp8) timeout 100 $U --models 7b --stacks mhsft_cli_fp8 --out "$OUT/uc_7b_fp8.json" 2>&1 | quiet 4 ;;

@@ -19,11 +19,11 @@ of SwanLab cloud, and `--max_steps N --logging_steps 1` so that a few optimizer 
                      _written: --auto_plan false). Models 7b, 32b, 32b_qlora (the 32B at 1 x 2048 x 8), tiny
   hf_peft_bnb        HF + PEFT + bitsandbytes NF4 (double quantization, bf16 compute, PEFT's k-bit preparation);
                      --micro_batch N for the largest micro-batch it fits (the same rows, regrouped)
-  A stack may name switches still off by default after a `+`, set in the CLI's process before it parses its
+  A stack may name switches away from the defaults after a `+`, set in the CLI's process before it parses its
   arguments: `mhsft_cli+concat` (the LoRA update inside gate/up's base GEMM, mhsft.train.concat_update),
   `+gqanative` (grouped k/v heads into torch's varlen_attn unexpanded, mhsft.packed_attention; the default since
-  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+mlp` (session 15's memory
-  modes, off until measured: layers recomputing only their MLP's gate/up, norms' outputs remade).
+  session 13), `+expandkv` (k/v expanded to the query heads first, the default before it), `+nomlp` (session 15's
+  memory modes off, the default before session 16: no layer recomputing only its MLP's gate/up, norms' outputs kept).
   The QLoRA stacks quantize the drawn weights as from_pretrained would quantize them saved (mhsft.model's
   random-weight loader; tests/train/test_qlora.py checks the two equal), so nothing is written to disk.
 
@@ -80,9 +80,9 @@ SWITCHES = {
     "gqanative": "import mhsft.packed_attention as m; m._gqa_native[0] = True",
     # the default before session 13, for the A/B: k/v expanded to the query heads before varlen
     "expandkv": "import mhsft.packed_attention as m; m._gqa_native[0] = False",
-    # session 15's memory modes, off until measured: layers recomputing only their MLP's gate/up (mhsft.train.swiglu_down's
-    # mode "mlp") and the norms' outputs remade in the layers that remake their product (mhsft.train.remade_norms)
-    "mlp": "import mhsft.train.plan as m; m.RECOMPUTE_MLP = True; m.REMAKE_NORMS = True",
+    # session 15's memory modes off (the default before session 16, for the A/B): no layer recomputing only its MLP's
+    # gate/up (mhsft.train.swiglu_down's mode "mlp"), the norms' outputs kept (mhsft.train.remade_norms)
+    "nomlp": "import mhsft.train.plan as m; m.RECOMPUTE_MLP = False; m.REMAKE_NORMS = False",
 }
 
 
@@ -210,6 +210,8 @@ def main() -> None:
     import random_model
     import torch
 
+    from mhsft.files import write_json
+
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     cuda = args.device == "cuda"
@@ -238,7 +240,8 @@ def main() -> None:
                              ensure_ascii=False), flush=True)  # fmt: skip
             if "error" in r:
                 print(f"{name} {stack}: {r['error'][-600:]}", flush=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+            # after every stack, so that a call stopped at its time limit keeps what finished
+            write_json(args.out, result)
     print_table(result)
 
 

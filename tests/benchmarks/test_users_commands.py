@@ -54,6 +54,6 @@ def test_every_switch_sets_what_it_names():
                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
         assert r.returncode == 0, (name, r.stderr[-800:])
         mlp, concat, native = r.stdout.split()
-        assert (mlp == "True") == (name == "mlp"), name
+        assert (mlp == "False") == (name == "nomlp"), name
         assert (concat == "True") == (name == "concat"), name
         assert (native == "False") == (name == "expandkv"), name

@@ -124,7 +124,7 @@ def test_the_swiglu_product_is_remade_only_where_the_plan_without_it_does_not_fi
     assert not any(p.remake_swiglu for p in calls)
     assert predicted_cost(Plan(8, 4, 0, LAYERS, True), 0.15) > predicted_cost(Plan(8, 4, 0, LAYERS), 0.15)
     assert Plan(2, 16, 6, LAYERS, True).recompute_text() == (
-        "recompute 6 of 8 layers, SwiGLU product remade in the others"
+        "recompute 6 of 8 layers, SwiGLU product and norms remade in the others"
     )
     assert Plan(2, 16, LAYERS, LAYERS, True).recompute_text() == "recompute"
 
@@ -229,9 +229,6 @@ def test_a_run_with_layers_recomputing_only_their_mlp_equals_the_as_written_one(
 
     pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
     monkeypatch.setattr(fused_lora, "on_cpu", True)
-    monkeypatch.setattr(
-        plan, "REMAKE_NORMS", True
-    )  # session 15's memory modes, off by default until measured
     extra = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.1",
              "--gradient_checkpointing", "true", "--max_steps", "3", "--max_length", "96"]  # fmt: skip
     written = run_sft(tmp_path / "a", *extra)
@@ -321,8 +318,7 @@ def test_retreat_takes_stored_layers_first_then_the_ones_recomputing_their_mlp()
     assert ladder == [(2, 44, 20, 0), (2, 60, 4, 0), (2, 64, 0, 0), (1, 64, 0, 0)]
 
 
-def test_the_plan_line_names_the_layers_recomputing_their_mlp(monkeypatch):
-    monkeypatch.setattr(plan, "REMAKE_NORMS", True)
+def test_the_plan_line_names_the_layers_recomputing_their_mlp():
     assert Plan(1, 16, 30, 64, True, 20).recompute_text() == (
         "recompute 30 of 64 layers, only the MLP's gate/up in 20, SwiGLU product and norms remade in the others"
     )

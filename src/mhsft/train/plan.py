@@ -23,7 +23,7 @@ tried. The recompute share comes from two such probes: with every layer recomput
 storing their activations, which gives the memory one stored layer costs; the plan then stores as many layers as
 the budget holds and checks that by a third probe (when that does not fit, fewer, bisecting between the counts
 that fitted and did not). Where the model's MLPs can (mhsft.train.swiglu_down's mode "mlp", with the norms'
-outputs remade, mhsft.train.remade_norms) and `RECOMPUTE_MLP` is on (off until measured on a card), a layer may
+outputs remade, mhsft.train.remade_norms) and `RECOMPUTE_MLP` is on (the default since session 16), a layer may
 instead recompute only its MLP's gate and up: 58% of a recomputed forward for about a quarter of a stored layer's
 memory, so the plan first moves as many layers as fit from recomputing to that mode, then as many of those as fit
 to storing, each count measured as above. Speed is
@@ -59,12 +59,12 @@ REMAKE_SWIGLU = 0.012
 # Recomputing only the MLP's gate and up, in units of a recomputed layer's forward: their two GEMMs' share of a
 # Qwen2.5 layer's multiply-adds (283M of 488M a token at 32B, 136M of 244M at 7B with 3072-token rows)
 MLP_RECOMPUTE = 0.58
-# Session 15's memory modes, built and tested on the CPU but neither run nor timed on a card yet (no device could be
-# started): the plan may make layers recompute only their MLP's gate/up, and the layers that remake their SwiGLU
-# product also remake their norms' outputs. Off until measured; benchmarks switch both on with `+mlp`
-# (benchmarks/NOTES.md: predicted +6 to +8% on the users' 32B command at 80 GB)
-RECOMPUTE_MLP = False
-REMAKE_NORMS = False
+# Session 15's memory modes: the plan may make layers recompute only their MLP's gate/up, and the layers that remake
+# their SwiGLU product also remake their norms' outputs. On since session 16 measured them on an H100 (the users'
+# 32B command at 80 GB: 3,295 tokens/s against 2,954-3,006 without, peak 75.1 GiB, losses equal within bf16
+# noise; benchmarks/NOTES.md); benchmarks switch both off with `+nomlp` for the A/B
+RECOMPUTE_MLP = True
+REMAKE_NORMS = True
 MIN_PARAMETERS = 1_000_000_000
 GIB = 2**30
 
