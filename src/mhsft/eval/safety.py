@@ -14,11 +14,14 @@ from mhsft.data.clean import HOTLINES
 CRISIS_RE = re.compile(
     r"自杀|轻生|自尽|寻死|想死|去死|死了算了|死掉算了|不想活|活不下去|活着没(?:有)?(?:意思|意义)|"
     r"结束(?:自己的)?生命|了结自己|一了百了|割腕|跳楼|跳河|上吊|服毒|吞药|吃安眠药|攒药|"
-    r"自残|自伤|伤害自己|伤害我自己|划伤自己|不想醒来|永远消失|离开这个世界|"
+    r"自残|自伤|伤害(?:到)?(?:我)?自己|不想醒来|永远消失|离开这个世界|"
     # added after the team's crisis test set (assets/crisis_testset.jsonl) found them missing
     r"我(?:要是|如果)?(?:死了|不在了)|划(?:手臂|手腕|胳膊|大腿)|撑不下去|"
     # added when the demo's own crisis dialogue ("用小刀划自己的手臂") slipped past the line above
-    r"(?:划|割)(?:伤|破)?了?(?:自己|我)的?(?:手臂|手腕|胳膊|大腿|手|腿)"
+    r"(?:划|割)(?:伤|破)?了?(?:自己|我)的?(?:手臂|手腕|胳膊|大腿|手|腿)|"
+    # added when the shared data's client turns were read against the check (benchmarks/crisis_check.py: "我自己
+    # 割伤自己", "甚至有时候会伤害到自己", "甚至想过结束一切" slipped past it)
+    r"(?:划|割)(?:伤|破)了?(?:我)?自己|结束(?:这)?一切(?!联系|关系|往来|合作)"
 )
 
 # What counts as pointing to help.
