@@ -1,4 +1,4 @@
-"""The lexical crisis check (mhsft/eval/safety.py) against the team's crisis test set (mhsft/assets/
+"""The lexical crisis check (mhsft/data/crisis.py; mhsft/eval/safety.py applies it to replies) against the team's crisis test set (mhsft/assets/
 crisis_testset.jsonl): client utterances of three kinds (suicide, non-suicidal self-injury, existential distress)
 and non-crisis controls, and for each crisis utterance six replies: one that meets all five criteria of the crisis
 rubric and five that each miss one. Two questions, each with precision and recall:
@@ -79,7 +79,7 @@ def sha1(text: str) -> str:
 
 def shared_data_check(root: Path, labels_path: Path) -> dict:
     """The check on the shared data's client turns against the labels (see the module's docstring)."""
-    from mhsft.eval import safety
+    from mhsft.data import crisis
 
     lines = labels_path.read_text(encoding="utf-8").splitlines()
     labels = {(r["source"], r["dialogue"], r["turn"]): r for r in map(json.loads, filter(str.strip, lines))}
@@ -90,27 +90,27 @@ def shared_data_check(root: Path, labels_path: Path) -> dict:
         sys.exit(
             f"{labels_path}: {len(stale)} labelled turn(s) missing or changed under {root}, e.g. {stale[0]}"
         )
-    flagged = {t["key"] for t in turns if safety.signals_crisis(t["text"])}
-    crisis = {k for k, r in labels.items() if r["label"] != "none"}
+    flagged = {t["key"] for t in turns if crisis.signals_crisis(t["text"])}
+    crises = {k for k, r in labels.items() if r["label"] != "none"}
     name = "{}#{}.{}".format
     return {
         "data": Path(os.path.relpath(root, ROOT)).as_posix(), "sources": list(SOURCES),
         "client_turns": len(turns), "rejected_records": rejected,
         "labelled": len(labels), "labels": dict(Counter(r["label"] for r in labels.values())),
         "flagged": len(flagged),
-        "flagged_by_label": dict(Counter(labels[k]["label"] for k in flagged if k in labels)),
-        "signal": precision_recall([(k in flagged, k in crisis) for k in labels]),
+        "flagged_by_label": dict(Counter(labels[k]["label"] for k in sorted(flagged) if k in labels)),
+        "signal": precision_recall([(k in flagged, k in crises) for k in labels]),
         "unlabelled_flags": sorted(name(*k) for k in flagged - labels.keys()),
-        "missed": sorted(name(*k) for k in crisis - flagged),
-        "false_flags": sorted(name(*k) for k in flagged & labels.keys() - crisis),
+        "missed": sorted(name(*k) for k in crises - flagged),
+        "false_flags": sorted(name(*k) for k in flagged & labels.keys() - crises),
         # how often the dataset's own counselors point to help after a crisis turn
-        "reference_replies_pointing_to_help": [sum(safety.points_to_help(by_key[k]["reply"]) for k in crisis),
-                                               len(crisis)],
+        "reference_replies_pointing_to_help": [sum(crisis.points_to_help(by_key[k]["reply"]) for k in crises),
+                                               len(crises)],
     }  # fmt: skip
 
 
 def main() -> None:
-    from mhsft.eval import safety
+    from mhsft.data import crisis
     from mhsft.files import write_json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -120,12 +120,12 @@ def main() -> None:
     ap.add_argument("--labels", default=str(LABELS))
     a = ap.parse_args()
     rows = load()
-    signal = precision_recall([(safety.signals_crisis(r["client"]), r["kind"] != "control") for r in rows])
+    signal = precision_recall([(crisis.signals_crisis(r["client"]), r["kind"] != "control") for r in rows])
     replies = [rep for r in rows for rep in r["replies"]]
     referral = precision_recall(
-        [(safety.points_to_help(rep["text"]), bool(rep["labels"]["Referral"])) for rep in replies]
+        [(crisis.points_to_help(rep["text"]), bool(rep["labels"]["Referral"])) for rep in replies]
     )
-    missed = [r["id"] for r in rows if r["kind"] != "control" and not safety.signals_crisis(r["client"])]
+    missed = [r["id"] for r in rows if r["kind"] != "control" and not crisis.signals_crisis(r["client"])]
     res = {"test_set": "mhsft/assets/crisis_testset.jsonl", "utterances": len(rows), "replies": len(replies),
            "crisis_signal": signal, "points_to_help_vs_referral": referral, "missed_utterances": missed}  # fmt: skip
     shared = Path(a.shared_data)

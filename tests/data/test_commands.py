@@ -77,8 +77,11 @@ def test_inspect_counts_real_corpora(shared_data, capsys):
     assert set(emo["characters"]) >= {"total", "p50", "p90", "p99", "max"}
     assert emo["characters"]["p50"] <= emo["characters"]["p90"] <= emo["characters"]["p99"]
     assert emo["characters"]["p99"] <= emo["characters"]["max"]
+    # the crisis turns (benchmarks/crisis_check.py labels them) and how few of the counselors' replies refer
+    assert emo["crisis"] == {"client_turns": 12, "replies_pointing_to_help": 3}
     cp = inspect_json(capsys, str(train / "cpsycound_sample"))
     assert (cp["dialogues"], cp["files"], cp["rejected"]) == (400, 400, 0)
+    assert cp["crisis"] == {"client_turns": 6, "replies_pointing_to_help": 0}
     one = sorted((shared_data / "eval" / "cpsycoune").glob("*/1.json"))[0]
     assert inspect_json(capsys, str(one))["dialogues"] == 1
 

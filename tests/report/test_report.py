@@ -138,13 +138,13 @@ def report_dir(tmp_path_factory) -> Path:
     ]
     log += [{"step": s, "eval_loss": v} for s, v in ((5, 1.9), (10, 2.3), (15, 2.6))]
     (run / "logging.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n", encoding="utf-8")
+    # `mhsft data inspect --json` of the training data, as `mhsft run`'s data stage writes it
+    stats = root / "stats.json"
+    stats.write_text(json.dumps({"dialogues": 3, "turns": 6, "crisis": {"client_turns": 2,
+                                                                        "replies_pointing_to_help": 0}}))  # fmt: skip
     out = root / "report"
-    assert (
-        main(
-            ["report", str(run), str(ft), "--baseline", str(base), "--output", str(out), "--max_samples", "4"]
-        )
-        == 0
-    )
+    argv = ["report", str(run), str(ft), "--baseline", str(base), "--output", str(out), "--max_samples", "4"]
+    assert main(argv + ["--data_stats", str(stats)]) == 0
     return out
 
 
@@ -175,6 +175,8 @@ def test_report_warnings_a_reviewer_needs(report_dir):
     assert "1 of 4 judge verdicts could not be parsed" in warn
     assert "crisis turn(s) answered without pointing to help" in warn
     assert "validation loss rose" in warn and "lost 1 early turn pairs" in warn
+    assert "data: 2 training client turn(s) signal self-harm or suicide and 0 of the replies" in warn
+    assert "| client turns signalling a crisis | 2, 0 of the replies to them point to help |" in md
     assert "different settings" not in warn
     safety_part = md[md.index("## Crisis safety") :]
     assert "finetuned / talks talks#1@1" in safety_part and CLIENT[1] in safety_part

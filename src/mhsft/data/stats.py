@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mhsft.data.binpack import pack_bfd
+from mhsft.data.crisis import points_to_help, signals_crisis
 from mhsft.data.render import render_dialogue
 from mhsft.data.schema import DataError, Dialogue
 
@@ -61,6 +62,10 @@ class Stats:
     truncated_dialogues: int = 0
     dropped_turn_pairs: int = 0
     cut_dialogues: int = 0
+    # client turns that signal self-harm or suicide, and how many of the replies to them point to help: what a
+    # model fine-tuned on this data sees counselors do in a crisis (mhsft.data.crisis)
+    crisis_turns: int = 0
+    crisis_replies_to_help: int = 0
 
     def add(self, item: Dialogue | DataError, tokenizer=None) -> None:
         if tokenizer is not None and not isinstance(item, DataError):
@@ -81,6 +86,7 @@ class Stats:
         self.assistant_turns += d.num_assistant_turns
         self.chars.append(d.num_chars())
         self.turns_per_dialogue.append(len(d.turns))
+        self._count_crises(d)
         if tokenizer is not None:
             full, fitted, labels, dropped, cut = lengths
             self.tokens.append(full)
@@ -90,6 +96,12 @@ class Stats:
                 self.truncated_dialogues += bool(dropped or cut)
                 self.dropped_turn_pairs += dropped
                 self.cut_dialogues += cut
+
+    def _count_crises(self, d: Dialogue) -> None:
+        for t, reply in zip(d.turns, d.turns[1:]):
+            if t.role == "user" and reply.role == "assistant" and signals_crisis(t.content):
+                self.crisis_turns += 1
+                self.crisis_replies_to_help += points_to_help(reply.content)
 
     def _render(self, d: Dialogue, tokenizer) -> tuple[int, int, int, int, bool]:
         """(full tokens, tokens after fitting max_length, trained tokens after fitting, dropped pairs, cut)."""
@@ -126,6 +138,10 @@ class Stats:
             "assistant_turns": self.assistant_turns,
             "turns_per_dialogue": percentiles(self.turns_per_dialogue),
             "characters": {"total": int(sum(self.chars)), **percentiles(self.chars)},
+            "crisis": {
+                "client_turns": self.crisis_turns,
+                "replies_pointing_to_help": self.crisis_replies_to_help,
+            },
         }
         if self.tokens:
             out["tokens"] = {"total": int(sum(self.tokens)), **percentiles(self.tokens)}
@@ -177,6 +193,9 @@ def format_table(d: dict, title: str) -> str:
     t.add_row("turns per dialogue", pct(d["turns_per_dialogue"]))
     t.add_row("characters per dialogue", pct(d["characters"]))
     t.add_row("characters total", f"{d['characters']['total']:,}")
+    if c := d.get("crisis"):
+        t.add_row("client turns signalling a crisis", f"{c['client_turns']:,}")
+        t.add_row("  replies to them pointing to help", f"{c['replies_pointing_to_help']:,}")
     if "tokens" in d:
         t.add_row("tokens per dialogue", pct(d["tokens"]))
         t.add_row("tokens total", f"{d['tokens']['total']:,}")

@@ -242,6 +242,7 @@ def collect_warnings(rep: Report) -> list[tuple[str, str]]:
         w += _eval_warnings(ev)
     w += _comparability(rep)
     w += _training_warnings(rep)
+    w += _data_crisis_warnings(rep.data_stats or {})
     w += _overlap_warnings(rep)
     w += _review_warnings(rep)
     w += _judge_warnings(rep)
@@ -438,6 +439,18 @@ def _comparability(rep: Report) -> list[tuple[str, str]]:
                     ("high", f"{d['name']}: {ev.name} and the baseline read different files of that name.")
                 )
     return w
+
+
+def _data_crisis_warnings(ds: dict) -> list[tuple[str, str]]:
+    """The training data's own counselors rarely point to help when a client signals a crisis (the shared data's
+    did after 4 of 16 such turns: benchmarks/crisis_check.py), so the model has few referrals to learn from."""
+    c = ds.get("crisis") or {}
+    n, helped = c.get("client_turns", 0), c.get("replies_pointing_to_help", 0)
+    if not n or helped >= n / 2:
+        return []
+    return [("medium", f"data: {n} training client turn(s) signal self-harm or suicide and {helped} of the replies "
+                       "to them point to help (a hotline, a professional, emergency care): the model has few "
+                       "referrals to learn from; read Crisis safety.")]  # fmt: skip
 
 
 def _training_warnings(rep: Report) -> list[tuple[str, str]]:

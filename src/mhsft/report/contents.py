@@ -435,6 +435,9 @@ def data_rows(rep: Report) -> list[tuple[str, str]]:
             )
         if pk := d.get("packing"):
             rows.append(("packing efficiency", f"{pk['efficiency']:.1%} in {pk['rows']:,} rows"))
+        if (c := d.get("crisis")) and c["client_turns"]:
+            rows.append(("client turns signalling a crisis", f"{c['client_turns']:,}, "
+                         f"{c['replies_pointing_to_help']:,} of the replies to them point to help"))  # fmt: skip
     ra = rep.run_args
     if "train_samples" in ra:
         rows.append(

@@ -20,8 +20,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from mhsft.data.crisis import CRISIS_RE
 from mhsft.eval import judge as judge_mod
-from mhsft.eval.safety import CRISIS_RE
 from mhsft.files import fsync_tree
 from mhsft.review import store
 from mhsft.utils import UserError
