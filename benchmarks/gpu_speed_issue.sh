@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, the speed issue's measurements in order of need, each under its own time limit, so that
 # one call of the device tool brings back whatever fitted (carry .whl's ijson + liger-kernel wheels and .gpu/ with
-# EmoLLM's data). Everything lands in $OUT: the kernel sweep (and fused_lora.py as --adopt rewrote it), the users'
+# EmoLLM's data: `bash benchmarks/gpu_carry.sh` makes both here). Everything lands in $OUT: the kernel sweep (and fused_lora.py as --adopt rewrote it), the users'
 # commands through the CLI, and the A/Bs of the switches that are not yet defaults.
 #   bash benchmarks/gpu_speed_issue.sh            # all steps
 #   STEPS="kernels 7b 32b_80gb" bash benchmarks/gpu_speed_issue.sh
