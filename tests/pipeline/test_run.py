@@ -201,11 +201,12 @@ def test_users_examples_plan(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- resume
 def test_kill_during_sft_resumes_without_redoing_data(tmp_path, monkeypatch):
+    N = 16  # steps: the kill comes right after the first checkpoint (step 2)
     exp = write_yaml(
         tmp_path / "exp.yaml",
         "exp_dir: exp\nmodel: builtin:tiny\n"
         "data: {dataset: [DATA/demo_sharegpt.jsonl]}\n"
-        "sft: {max_steps: 40, save_steps: 2, logging_steps: 2, max_length: 256, per_device_train_batch_size: 2,\n"
+        f"sft: {{max_steps: {N}, save_steps: 2, logging_steps: 2, max_length: 256, per_device_train_batch_size: 2,\n"
         "      gradient_accumulation_steps: 1, gradient_checkpointing: false, report_to: [none],\n"
         "      learning_rate: 1.0e-3}\n",
     )
@@ -222,6 +223,10 @@ def test_kill_during_sft_resumes_without_redoing_data(tmp_path, monkeypatch):
         assert proc.poll() is None, "mhsft run ended before its first checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # stopped (alive, holding its lock) so that the rest of its N steps cannot finish while this test looks
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.suspend()
     # a second `mhsft run` of the same experiment while the first runs: one line naming it, nothing written
     state_before = (X / ".mhsft" / "state.json").read_bytes()
     monkeypatch.chdir(tmp_path)  # exp_dir is relative to the working directory
@@ -230,7 +235,7 @@ def test_kill_during_sft_resumes_without_redoing_data(tmp_path, monkeypatch):
     ):
         pipeline.main([str(exp)])
     assert (X / ".mhsft" / "state.json").read_bytes() == state_before
-    children = psutil.Process(proc.pid).children(recursive=True)
+    children = tree[1:]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     # the trainer dies with `mhsft run` (no orphan keeps writing checkpoints behind the rerun)
@@ -239,7 +244,7 @@ def test_kill_during_sft_resumes_without_redoing_data(tmp_path, monkeypatch):
     state = json.loads((X / ".mhsft" / "state.json").read_text())
     assert state["stages"]["sft"]["status"] == "running" and state["stages"]["data"]["status"] == "done"
     ckpts = sorted(int(p.name.split("-")[1]) for p in X.glob("sft/v*/checkpoint-*"))
-    assert ckpts and ckpts[-1] < 40, "the kill came too late to test anything"
+    assert ckpts and ckpts[-1] < N, "the kill came too late to test anything"
     train_mtime = (X / "data" / "train.jsonl").stat().st_mtime_ns
 
     p = run(exp, cwd=tmp_path)
@@ -250,27 +255,27 @@ def test_kill_during_sft_resumes_without_redoing_data(tmp_path, monkeypatch):
     assert m and int(m.group(2)) >= ckpts[-1] > 0, p.stderr[-2000:]
     assert (X / "data" / "train.jsonl").stat().st_mtime_ns == train_mtime
     (run_dir,) = X.glob("sft/v*")  # the same run continued, no second one
-    assert (run_dir / "checkpoint-40" / "adapter_model.safetensors").is_file()
+    assert (run_dir / f"checkpoint-{N}" / "adapter_model.safetensors").is_file()
     rows = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(2, 41, 2))  # one uninterrupted log
-    assert rows[-1]["last_checkpoint"] == "checkpoint-40" and rows[-1]["best_checkpoint"] is None
+    assert [r["step"] for r in rows if "loss" in r] == list(range(2, N + 1, 2))  # one uninterrupted log
+    assert rows[-1]["last_checkpoint"] == f"checkpoint-{N}" and rows[-1]["best_checkpoint"] is None
     assert (
-        f"{run_dir}: no best checkpoint recorded (no validation): taking the newest, checkpoint-40"
+        f"{run_dir}: no best checkpoint recorded (no validation): taking the newest, checkpoint-{N}"
         in p.stdout
     )
     state = json.loads((X / ".mhsft" / "state.json").read_text())
     assert state["stages"]["sft"]["status"] == "done"
-    assert state["stages"]["sft"]["outputs"]["checkpoint"] == str(run_dir / "checkpoint-40")
+    assert state["stages"]["sft"]["outputs"]["checkpoint"] == str(run_dir / f"checkpoint-{N}")
 
     # A changed setting reruns sft afresh (the old run is kept aside); the data stage is still skipped.
-    exp.write_text(exp.read_text().replace("max_steps: 40", "max_steps: 4"))
+    exp.write_text(exp.read_text().replace(f"max_steps: {N}", "max_steps: 4"))
     p = run(exp, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"\] data: .*skipped", p.stdout) and "previous sft outputs moved to" in p.stdout
     assert "resumed from" not in p.stderr
     (new_run,) = X.glob("sft/v*")
-    assert (new_run / "checkpoint-4").is_dir() and not (new_run / "checkpoint-40").exists()
-    assert list((X / ".mhsft" / "stale").glob("sft-*/v*/checkpoint-40"))
+    assert (new_run / "checkpoint-4").is_dir() and not (new_run / f"checkpoint-{N}").exists()
+    assert list((X / ".mhsft" / "stale").glob(f"sft-*/v*/checkpoint-{N}"))
 
 
 # ----------------------------------------------------------------------------------------------- whole demo

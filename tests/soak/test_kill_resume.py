@@ -1,6 +1,7 @@
-"""benchmarks/soak/kill_resume.py --quick: `mhsft sft` (three kill points, two inside a checkpoint save), `mhsft
-export` (two, inside the export) and `mhsft run` (one) SIGKILLed and rerun; each ends equal to its uninterrupted
-run, and no kill leaves anything in sight that looks complete and is not."""
+"""benchmarks/soak/kill_resume.py --quick: `mhsft sft` (three kill points, two inside a checkpoint save) and `mhsft
+export` (two, inside the export) SIGKILLed and rerun; each ends equal to its uninterrupted run, and no kill leaves
+anything in sight that looks complete and is not. (`mhsft run` killed: tests/pipeline/test_run.py, and the full
+campaign.)"""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def test_quick_kill_campaign(tmp_path):
     r = json.loads(out.read_text(encoding="utf-8"))
     assert r["passed"] and r["quick"]
     by = {c["campaign"]: c for c in r["results"]}
-    for name, n in (("sft", 3), ("export", 2), ("run", 1)):
+    assert by.keys() == {"sft", "export"}
+    for name, n in (("sft", 3), ("export", 2)):
         c = by[name]
         assert c["kill_points"] >= n and c["resumed_and_equal"] == c["kill_points"] and c["problems"] == []
         assert all(p["killed"] for p in c["points"])

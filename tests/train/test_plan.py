@@ -224,13 +224,16 @@ def test_a_planned_run_equals_the_as_written_one(tmp_path, monkeypatch, packing)
 def test_a_run_with_layers_recomputing_only_their_mlp_equals_the_as_written_one(tmp_path, monkeypatch):
     """Through the CLI with the fused LoRA path (Triton's interpreter on the CPU) and LoRA dropout: the as-written
     run (every layer recomputing) against one layer recomputing only its MLP's gate/up and the other storing with
-    its SwiGLU product and norms remade: the same losses and adapter (float32, 1e-5), and the plan in args.json."""
+    its SwiGLU product and norms remade: the same losses and adapter (float32, 1e-5), and the plan in args.json.
+    LoRA on the MLP's projections only: the modes change nothing else, and each kernel launch costs ~0.7 s in
+    Triton's interpreter (7 targets x 3 steps took 2 minutes)."""
     from mhsft.train import fused_lora, swiglu_down
 
     pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
     monkeypatch.setattr(fused_lora, "on_cpu", True)
     extra = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.1",
-             "--gradient_checkpointing", "true", "--max_steps", "3", "--max_length", "96"]  # fmt: skip
+             "--gradient_checkpointing", "true", "--max_steps", "2", "--max_length", "64",
+             "--target_modules", "gate_proj", "up_proj", "down_proj"]  # fmt: skip
     written = run_sft(tmp_path / "a", *extra)
     ran = []
     apply = swiglu_down._SwiGLUMLP.apply
@@ -244,7 +247,7 @@ def test_a_run_with_layers_recomputing_only_their_mlp_equals_the_as_written_one(
     monkeypatch.setattr(plan, "choose", forced)
     planned = run_sft(tmp_path / "b", *extra)
     assert ran  # the mode ran (once per micro-batch)
-    assert_same_run(written, planned, 3)
+    assert_same_run(written, planned, 2)
     args = json.loads((planned / "args.json").read_text(encoding="utf-8"))
     assert args["plan"]["mlp_layers"] == 1
     assert (
