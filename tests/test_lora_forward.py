@@ -10,6 +10,7 @@ from peft import LoraConfig
 
 from mhsft import lora_forward
 from mhsft.lora_forward import fast_lora_forward, fast_lora_inference
+from mhsft.train.plan import checkpointing_on
 from tiny import loss_and_grads as _loss_and_grads
 from tiny import tiny_lora as _model
 
@@ -23,7 +24,7 @@ def test_fast_lora_forward_matches_peft(checkpointing, monkeypatch):
     assert fast_lora_forward(fast) == 14  # 7 linears x 2 layers, lm_head excluded
     if checkpointing:
         for m in (peft_model, fast):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointing_on(m)
             m.enable_input_require_grads()
     in_place = []
     apply = lora_forward._AddLowRankInPlace.apply

@@ -10,6 +10,7 @@ import torch
 
 from mhsft import lora_forward
 from mhsft.train import fused_lora
+from mhsft.train.plan import checkpointing_on
 from tiny import DEVICE, saved_bytes, tiny_lora
 from tiny import loss_and_grads as _loss_and_grads
 
@@ -164,7 +165,7 @@ def test_checkpointing_regenerates_the_same_masks():
     plain = _model(0.2)
     lora_forward.fast_lora_forward(plain, fused=fused_lora)
     ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing_on(ckpt)
     ckpt.enable_input_require_grads()
     ids = torch.randint(0, 300, (2, 17), device=DEVICE)
     la, ga = _loss_and_grads(plain, ids, seed=3)
@@ -181,7 +182,7 @@ def _fused_model_and_ids(checkpointing: bool):
     base = _model(0.2)
     lora_forward.fast_lora_forward(base, fused=fused_lora)
     if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(base)
         base.enable_input_require_grads()
     return base, torch.randint(0, 300, (2, 17), device=DEVICE)
 

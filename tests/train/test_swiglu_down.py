@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mhsft.train import plan, remade_norms, swiglu_down
-from mhsft.train.plan import decoder_layers, set_recompute
+from mhsft.train.plan import checkpointing_on, decoder_layers, set_recompute
 from tiny import DEVICE, LIGER, fused_tiny_lora, loss_and_grads, saved_bytes
 
 pytest.importorskip("triton", reason="the fused LoRA kernels need Triton (pip install triton)")
@@ -24,7 +24,7 @@ def _model(dropout: float, checkpointing: bool = False):
     assert swiglu_down.install(m, liger=LIGER) == len(decoder_layers(m))
     assert remade_norms.install(m) == len(decoder_layers(m))
     if checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(m)
         m.enable_input_require_grads()
     return m
 

@@ -259,19 +259,24 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(base.get_decoder().layers)
 
 
+def checkpointing_on(model: torch.nn.Module) -> None:
+    """transformers' non-reentrant activation checkpointing on, for every decoder layer (set_recompute then picks
+    which recompute). transformers 5.2x renamed the API and warns on the old name; 5.17 (the GPU image) has only it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def set_recompute(model: torch.nn.Module, k: int, remake_swiglu: bool = False, mlp_layers: int = 0) -> None:
     """Make k of the decoder layers, evenly spread, recompute their activations in the backward, `mlp_layers` of
     the others, evenly spread, only their MLP's gate and up (with their norms' outputs remade); the rest keep them
     (remaking their SwiGLU product and norms' outputs with `remake_swiglu`). Turns transformers' (non-reentrant)
     checkpointing on when k > 0 and it was off."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
     if k > 0 and not all(hasattr(m, "_gradient_checkpointing_func") for m in layers):
-        # transformers 5.2x renamed the API; 5.17 (the GPU image) only has the old name
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(model)
     n = len(layers)
     keep = {i * n // k for i in range(k)} if k else set()
     others = [i for i in range(n) if i not in keep]
